@@ -1,0 +1,112 @@
+"""The `worker` command. Each verb is a thin layer over a module that does the work.
+
+Google's libraries are imported inside the verbs, not here: `worker dev` must set
+GCE_METADATA_HOST before google.auth is first imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from worker.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"worker: error: {message}", err=True)
+    sys.exit(code)
+
+
+def settings_or_exit(**overrides: Any) -> Any:
+    from worker.settings import load_settings
+
+    try:
+        return load_settings(**overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def configured(settings: Any) -> Any:
+    from worker.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level, settings.project)
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Run Pub/Sub jobs against private Cloud Run services with proper ID tokens."""
+
+
+@cli.command()
+@click.option("--max-in-flight", type=int, help="Jobs in flight at once (WORKER_MAX_IN_FLIGHT).")
+@click.option("--subscription", help="Subscription to pull (WORKER_JOBS_SUBSCRIPTION).")
+def run(max_in_flight: int | None, subscription: str | None) -> None:
+    """Consume jobs until SIGTERM/SIGINT, then drain in-flight work and exit 0."""
+    from worker.app import run_worker
+    from worker.consumer import StreamFailed
+
+    settings = configured(settings_or_exit(max_in_flight=max_in_flight, jobs_subscription=subscription))
+    try:
+        asyncio.run(run_worker(settings))
+    except ConfigError as exc:
+        fail(str(exc))
+    except StreamFailed as exc:
+        fail(f"the pull stream stopped: {exc}", code=1)
+
+
+@cli.command()
+@click.option("--max-delivery-attempts", type=click.IntRange(5, 100), default=5, show_default=True)
+@click.option("--min-backoff", type=click.IntRange(0, 600), default=10, show_default=True, help="Seconds.")
+@click.option("--max-backoff", type=click.IntRange(0, 600), default=600, show_default=True, help="Seconds.")
+@click.option("--ack-deadline", type=click.IntRange(10, 600), default=60, show_default=True, help="Seconds.")
+@click.option("--retention-days", type=click.IntRange(1, 7), default=7, show_default=True)
+def setup(
+    max_delivery_attempts: int, min_backoff: int, max_backoff: int, ack_deadline: int, retention_days: int
+) -> None:
+    """Create the topics and subscriptions, idempotently."""
+    from worker.app import pubsub_clients
+    from worker.provision import SetupOptions, apply_setup
+
+    settings = settings_or_exit()
+    options = SetupOptions(max_delivery_attempts, min_backoff, max_backoff, ack_deadline, retention_days)
+    credentials = None
+    publisher, subscriber = pubsub_clients(settings, credentials)
+    changes = apply_setup(publisher, subscriber, settings, options)
+    for change in changes:
+        click.echo(
+            f"{change.action:>9}  {change.resource}" + (f"  ({change.detail})" if change.detail else "")
+        )
+    if all(c.action == "unchanged" for c in changes):
+        click.echo("Nothing to change: everything already exists as configured.")
+    if any(c.action == "differs" for c in changes):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--jobs", "sample_jobs", type=int, default=20, show_default=True, help="Sample jobs to send.")
+@click.option("--max-in-flight", type=int, default=100, show_default=True)
+def dev(sample_jobs: int, max_in_flight: int) -> None:
+    """Run the whole system here: Pub/Sub emulator, local Cloud Run, the worker, sample jobs."""
+    from worker.devstack import run_dev
+
+    try:
+        run_dev(sample_jobs=sample_jobs, max_in_flight=max_in_flight)
+    except ConfigError as exc:
+        fail(str(exc))
+    except RuntimeError as exc:
+        fail(str(exc))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

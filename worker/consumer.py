@@ -1,0 +1,204 @@
+"""Pub/Sub streaming pull -> pipeline -> publish -> ack. Knows nothing of HTTP.
+
+The client library calls back on its own small thread pool; the callback only hands
+the message to the asyncio loop, so in-flight jobs are bounded by flow control
+(`WORKER_MAX_IN_FLIGHT`), not by that pool. Leases are extended by the client while
+a job runs. Acknowledgement rules (DESIGN.md): ack only after the result and any
+dead letter are published; nack a transient failure for redelivery; on shutdown
+stop pulling, let in-flight jobs finish within the grace period, nack the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from google.cloud import pubsub_v1
+
+from worker.messages import clip
+from worker.pipeline import Delivery, Outcome
+from worker.results import ResultPublisher
+
+log = structlog.get_logger("worker.consumer")
+
+
+@dataclass
+class ConsumerStats:
+    received: int = 0
+    acked: int = 0
+    nacked: int = 0
+    publish_failures: int = 0
+    last_message_at: float = 0.0
+    started_at: float = 0.0
+
+
+class StreamFailed(Exception):
+    """The pull stream ended by itself (subscription deleted, permission revoked...)."""
+
+
+class Consumer:
+    def __init__(
+        self,
+        subscriber: Any,
+        subscription: str,
+        handle: Callable[[Delivery], Awaitable[Outcome]],
+        publisher: ResultPublisher,
+        *,
+        max_in_flight: int,
+        grace_s: float,
+        max_delivery_attempts: int | None,
+    ) -> None:
+        self._subscriber = subscriber
+        self._subscription = subscription
+        self._handle = handle
+        self._publisher = publisher
+        self._max_in_flight = max_in_flight
+        self._grace_s = grace_s
+        self.max_delivery_attempts = max_delivery_attempts
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._streaming = False
+        self._future: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = ConsumerStats()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def stream_alive(self) -> bool:
+        return self._streaming and self._future is not None and not self._future.done()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then drain. Raises StreamFailed if the stream dies."""
+        self._loop = asyncio.get_running_loop()
+        failed = asyncio.Event()
+        flow = pubsub_v1.types.FlowControl(max_messages=self._max_in_flight, max_bytes=512 * 1024 * 1024)
+        self._streaming = True
+        self.stats.started_at = time.monotonic()
+        self._future = self._subscriber.subscribe(self._subscription, self._on_message, flow_control=flow)
+        self._future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(failed.set))  # type: ignore[union-attr]
+        log.info("consumer_started", subscription=self._subscription, max_in_flight=self._max_in_flight)
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        error = None if stop.is_set() else self._stream_error()
+        await self._drain()
+        if error is not None:
+            raise StreamFailed(error)
+
+    def _stream_error(self) -> str:
+        try:
+            self._future.result(timeout=0)
+        except concurrent.futures.CancelledError:
+            return "the pull stream was cancelled"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "the pull stream ended"
+
+    async def _drain(self) -> None:
+        self._streaming = False
+        self._future.cancel()
+        try:
+            await asyncio.to_thread(self._future.result, 30)
+        except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, Exception):
+            pass  # the stream is closed either way; in-flight jobs ack through unary calls
+        pending = set(self._tasks)
+        log.info("draining", in_flight=len(pending), grace_s=self._grace_s)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self._grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("grace_period_over_nacking", jobs=len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+        await asyncio.to_thread(self._publisher.flush)
+        log.info("consumer_stopped", acked=self.stats.acked, nacked=self.stats.nacked)
+
+    def _on_message(self, message: Any) -> None:
+        # Runs on the client's callback thread: hand over and return at once.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._spawn, message)
+
+    def _spawn(self, message: Any) -> None:
+        self.stats.received += 1
+        self.stats.last_message_at = time.monotonic()
+        if not self._streaming:
+            # Arrived while shutting down: give it back for another worker.
+            task = asyncio.ensure_future(self._settle(message, ack=False))
+        else:
+            task = asyncio.ensure_future(self._process(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, message: Any) -> None:
+        attempt = message.delivery_attempt
+        delivery = Delivery(
+            data=bytes(message.data),
+            attributes=dict(message.attributes),
+            message_id=message.message_id,
+            delivery_attempt=attempt,
+            final_attempt=bool(
+                self.max_delivery_attempts and attempt and attempt >= self.max_delivery_attempts
+            ),
+        )
+        context = {
+            "job_id": clip(delivery.attributes.get("job_id", ""), 128) or None,
+            "kind": clip(delivery.attributes.get("kind", ""), 64) or None,
+            "attempt": attempt,
+        }
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                outcome = await self._handle(delivery)
+                if outcome.ack:
+                    try:
+                        await self._publisher.publish(outcome)
+                    except Exception as exc:
+                        # Not published means not acked: Pub/Sub will deliver it again.
+                        self.stats.publish_failures += 1
+                        log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                        await self._settle(message, ack=False)
+                        return
+                await self._settle(message, ack=outcome.ack)
+            except asyncio.CancelledError:
+                await self._settle(message, ack=False)
+                raise
+
+    async def _settle(self, message: Any, *, ack: bool) -> None:
+        if ack:
+            self.stats.acked += 1
+        else:
+            self.stats.nacked += 1
+        if self._streaming:
+            message.ack() if ack else message.nack()
+            return
+        # The stream is closed, and with it the client's ack path: use unary RPCs.
+        try:
+            if ack:
+                await asyncio.to_thread(
+                    self._subscriber.acknowledge, subscription=self._subscription, ack_ids=[message.ack_id]
+                )
+            else:
+                await asyncio.to_thread(
+                    self._subscriber.modify_ack_deadline,
+                    subscription=self._subscription,
+                    ack_ids=[message.ack_id],
+                    ack_deadline_seconds=0,
+                )
+        except Exception as exc:  # the message will simply be redelivered
+            log.warning("settle_failed", ack=ack, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def read_max_delivery_attempts(subscriber: Any, subscription: str) -> int | None:
+    """The subscription's dead-letter `max_delivery_attempts`, or None without a policy."""
+    found = subscriber.get_subscription(subscription=subscription)
+    policy = found.dead_letter_policy
+    if policy and policy.dead_letter_topic:
+        return int(policy.max_delivery_attempts or 5)
+    return None

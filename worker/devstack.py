@@ -1,0 +1,124 @@
+"""`worker dev`: the whole system on this machine, with no Google Cloud account.
+
+Starts the Pub/Sub emulator and the local cloud (metadata server, Admin API, IAM,
+Cloud Run services), creates the topics and subscriptions, runs the worker, sends
+sample jobs and prints each result as it arrives. It prints the environment a
+second shell needs to use `worker enqueue`, `worker dead-letters` and friends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import signal
+import socket
+import threading
+import uuid
+from typing import Any
+
+import click
+
+
+def _pin_metadata_host() -> int:
+    # google-auth reads GCE_METADATA_HOST once, at import: fix it before anything imports it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    os.environ["GCE_METADATA_HOST"] = os.environ["GCE_METADATA_IP"] = f"127.0.0.1:{port}"
+    return port
+
+
+def run_dev(*, sample_jobs: int, max_in_flight: int) -> None:
+    metadata_port = _pin_metadata_host()
+    os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    from worker.localcloud import LocalCloud, PubSubEmulator
+
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or "local-project"
+    with (
+        PubSubEmulator(project=project) as emulator,
+        LocalCloud(project=project, metadata_port=metadata_port) as cloud,
+    ):
+        os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+        os.environ.update(cloud.env)
+        os.environ["WORKER_MAX_IN_FLIGHT"] = str(max_in_flight)
+        cloud.add_service("account-scoring", "account-scoring")
+        cloud.add_service("echo", "echo")
+        cloud.add_service("accounts-source", "accounts-source")
+        _print_environment(cloud.env, emulator.host)
+        asyncio.run(_run(sample_jobs))
+
+
+def _print_environment(env: dict[str, str], emulator_host: str) -> None:
+    shown = dict(env, PUBSUB_EMULATOR_HOST=emulator_host)
+    click.secho("Local cloud is up. In a second shell:", bold=True)
+    for key, value in sorted(shown.items()):
+        click.echo(f"  export {key}={shlex.quote(value)}")
+    click.echo('  .venv/bin/worker enqueue account-scoring --payload \'{"account_id": "acme"}\' --wait')
+    click.echo("Press Ctrl-C to stop.\n")
+
+
+async def _run(sample_jobs: int) -> None:
+    from worker.app import pubsub_clients, run_worker
+    from worker.logs import configure_logging
+    from worker.provision import SetupOptions, apply_setup
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    configure_logging("console", "warning", settings.project)
+    publisher, subscriber = pubsub_clients(settings, None)
+    for change in apply_setup(
+        publisher, subscriber, settings, SetupOptions(min_backoff_s=1, max_backoff_s=10)
+    ):
+        click.echo(f"{change.action:>9}  {change.resource}")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, stop))
+    results = threading.Thread(target=_print_results, args=(subscriber, settings, stop), daemon=True)
+    results.start()
+    topic = publisher.topic_path(settings.project, settings.jobs_topic)
+    for index in range(sample_jobs):
+        job = _sample_job(index)
+        publisher.publish(topic, json.dumps(job).encode(), job_id=job["job_id"], kind=job["kind"])
+    click.echo(f"Sent {sample_jobs} sample jobs.")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await worker
+    publisher.stop()
+
+
+def _sample_job(index: int) -> dict[str, Any]:
+    if index % 10 == 9:
+        return {"job_id": f"dev-{uuid.uuid4().hex[:8]}", "kind": "echo", "payload": {"hello": index}}
+    return {
+        "job_id": f"dev-{uuid.uuid4().hex[:8]}",
+        "kind": "account-scoring",
+        "payload": {
+            "account_id": f"acct-{index:04d}",
+            "employees": 10 + index * 37 % 900,
+            "annual_revenue": 250_000 * (1 + index % 17),
+            "industry": ("software", "retail", "finance", "health")[index % 4],
+        },
+    }
+
+
+def _print_results(subscriber: Any, settings: Any, stop: asyncio.Event) -> None:
+    path = subscriber.subscription_path(settings.project, settings.results_subscription)
+
+    def show(message: Any) -> None:
+        result = json.loads(message.data)
+        colour = {"succeeded": "green", "expired": "yellow"}.get(result["status"], "red")
+        answer = result.get("response") if result["status"] == "succeeded" else result.get("error")
+        click.echo(
+            click.style(f"{result['status']:>9}", fg=colour)
+            + f"  {result['job_id']}  {result['kind']}  attempts={result['attempts']}  "
+            + json.dumps(answer)[:120]
+        )
+        message.ack()
+
+    future = subscriber.subscribe(path, show)
+    try:
+        future.result()
+    except Exception:
+        pass

@@ -1,0 +1,43 @@
+"""Errors the worker names to its users.
+
+A job error is either permanent (retrying cannot help: the job gets a `failed` or
+`rejected` result and a dead letter) or transient (the job is retried in process,
+then nacked so Pub/Sub redelivers it). The `code` is what the result's
+`error.code` carries; the message names the cause and the fix.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """Bad configuration found at start-up; the message names the variable or file."""
+
+
+class JobError(Exception):
+    """A job could not be completed. `code` is stable and machine-readable."""
+
+    permanent: bool = True
+
+    def __init__(self, code: str, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+        # HTTP calls made before giving up, when the error came from the invoker.
+        self.attempts: int | None = None
+
+
+class PermanentJobError(JobError):
+    """Retrying will not help (a 403, a missing service, a 4xx from the function)."""
+
+    permanent = True
+
+
+class TransientJobError(JobError):
+    """May succeed later (a 503, a timeout, the Admin API or metadata server away)."""
+
+    permanent = False
+
+
+class InvalidJobError(PermanentJobError):
+    """The message is not a valid job: its result is `rejected`."""

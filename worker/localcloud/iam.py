@@ -1,0 +1,49 @@
+"""The local IAM table: (member, role, resource) bindings, with project-level inheritance.
+
+Resources are written as "projects/P", "serviceAccount:EMAIL" and "run.service:NAME";
+a role granted on the project applies to every resource in it, as in Google Cloud.
+"""
+
+from __future__ import annotations
+
+import threading
+
+RUN_INVOKER = "roles/run.invoker"
+RUN_VIEWER = "roles/run.viewer"
+TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
+
+
+def member_for(email: str) -> str:
+    """The IAM member string for a principal email."""
+    kind = "serviceAccount" if email.endswith(".gserviceaccount.com") else "user"
+    return f"{kind}:{email}"
+
+
+class IamPolicy:
+    """Thread-safe bindings; grant and revoke from any thread, checks from the servers."""
+
+    def __init__(self, project: str) -> None:
+        self.project_resource = f"projects/{project}"
+        self._lock = threading.Lock()
+        self._bindings: set[tuple[str, str, str]] = set()
+
+    def grant(self, member: str, role: str, resource: str) -> None:
+        with self._lock:
+            self._bindings.add((member, role, resource))
+
+    def revoke(self, member: str, role: str, resource: str) -> None:
+        with self._lock:
+            self._bindings.discard((member, role, resource))
+
+    def allowed(self, member: str, role: str, resource: str) -> bool:
+        with self._lock:
+            return (member, role, resource) in self._bindings or (
+                member,
+                role,
+                self.project_resource,
+            ) in self._bindings
+
+    def bindings(self) -> list[tuple[str, str, str]]:
+        """All (member, role, resource) bindings, sorted, for `worker doctor`-style reports."""
+        with self._lock:
+            return sorted(self._bindings)

@@ -1,0 +1,121 @@
+"""One structlog configuration: Cloud Logging JSON in production, readable in a terminal.
+
+Every line passes through `redact_secrets` last, so a bearer token, an OAuth access
+token, a JWT or a private key never reaches the output, whoever logged it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),  # JWT
+    re.compile(r"ya29\.[A-Za-z0-9._-]+"),  # OAuth access token
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
+)
+REDACTED = "[REDACTED]"
+
+# structlog level names -> Cloud Logging's LogSeverity names.
+_SEVERITY = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warning": "WARNING",
+    "warn": "WARNING",
+    "error": "ERROR",
+    "exception": "ERROR",
+    "critical": "CRITICAL",
+}
+
+
+def scrub(text: str) -> str:
+    """Replace anything that looks like a credential with [REDACTED]."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(REDACTED, text)
+    return text
+
+
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrub_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_value(v) for v in value]
+    return value
+
+
+def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in list(event.items()):
+        event[key] = _scrub_value(value)
+    return event
+
+
+class CloudLoggingFields:
+    """Rename structlog's keys to the ones Cloud Logging reads from a JSON line."""
+
+    def __init__(self, project: str | None) -> None:
+        self.project = project
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["message"] = event.pop("event", "")
+        event["severity"] = _SEVERITY.get(str(event.pop("level", "info")).lower(), "DEFAULT")
+        if "timestamp" in event:
+            event["time"] = event.pop("timestamp")
+        traceparent = event.get("traceparent")
+        if self.project and isinstance(traceparent, str) and traceparent.count("-") == 3:
+            _, trace_id, span_id, _ = traceparent.split("-")
+            event["logging.googleapis.com/trace"] = f"projects/{self.project}/traces/{trace_id}"
+            event["logging.googleapis.com/spanId"] = span_id
+        return event
+
+
+def configure_logging(
+    fmt: str = "auto", level: str = "info", project: str | None = None, stream: Any = None
+) -> None:
+    """Configure structlog and route the standard library's logging through it."""
+    stream = stream or sys.stderr
+    json_lines = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    renderer: list[Any]
+    if json_lines:
+        renderer = [CloudLoggingFields(project), redact_secrets, structlog.processors.JSONRenderer()]
+    else:
+        renderer = [redact_secrets, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    structlog.configure(
+        processors=[*shared, *renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.stdlib.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Google's client libraries are chatty at INFO; their warnings still come through.
+    root.setLevel(max(numeric, logging.WARNING))
+
+
+log = structlog.get_logger("worker")
