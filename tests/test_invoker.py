@@ -1,0 +1,165 @@
+"""The invoker against a real HTTP server on loopback; the token source is our own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from worker.catalog import JobKind
+from worker.errors import PermanentJobError, TransientJobError
+from worker.invoker import Invoker
+from worker.messages import Job
+
+
+class Tokens:
+    def __init__(self) -> None:
+        self.serial = 0
+        self.invalidated: list[str] = []
+
+    async def token(self, audience: str) -> str:
+        return f"tok{self.serial}"
+
+    def invalidate(self, audience: str, token: str) -> None:
+        self.invalidated.append(token)
+        self.serial += 1
+
+
+Handler = Callable[[web.Request, int], web.StreamResponse]
+
+
+def call(
+    handler: Handler, kind: JobKind | None = None, job: Job | None = None
+) -> tuple[Any, list[web.Request], list[float], Tokens]:
+    kind = kind or JobKind(
+        kind="k", service="svc", attempts=4, backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=0.5
+    )
+    job = job or Job(job_id="job-1", kind="k", payload={"a": 1})
+    seen: list[web.Request] = []
+    sleeps: list[float] = []
+    tokens = Tokens()
+
+    async def main() -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            seen.append(request)
+            await request.read()
+            return await handler(request, len(seen))  # type: ignore[misc]
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # test-only: the bound port
+
+        async def sleep(s: float) -> None:
+            sleeps.append(s)
+
+        try:
+            async with aiohttp.ClientSession() as session:
+                invoker = Invoker(session, tokens, sleep=sleep)
+                try:
+                    return await invoker.invoke(kind, f"http://127.0.0.1:{port}", job, "r1")
+                except Exception as exc:
+                    return exc
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main()), seen, sleeps, tokens
+
+
+async def ok(request: web.Request, n: int) -> web.Response:
+    return web.json_response({"n": n, "body": await request.json()})
+
+
+def test_sends_token_job_id_and_idempotency_key() -> None:
+    job = Job(
+        job_id="job-7", kind="k", payload={"a": 1}, traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    )
+    result, seen, _, _ = call(ok, job=job)
+    assert (
+        result.http_status == 200 and result.response == {"n": 1, "body": {"a": 1}} and result.attempts == 1
+    )
+    headers = seen[0].headers
+    assert headers["Authorization"] == "Bearer tok0"
+    assert headers["X-Job-Id"] == headers["Idempotency-Key"] == "job-7"
+    assert headers["traceparent"] == job.traceparent
+
+
+def test_retries_503_then_succeeds() -> None:
+    async def flaky(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=503) if n < 3 else web.json_response({"ok": True})
+
+    result, seen, sleeps, _ = call(flaky)
+    assert result.http_status == 200 and result.attempts == 3 and len(seen) == 3
+    assert len(sleeps) == 2 and all(0 <= s <= 0.05 for s in sleeps)
+
+
+def test_honours_retry_after() -> None:
+    async def busy(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=429, headers={"Retry-After": "2"}) if n == 1 else web.json_response({})
+
+    result, _, sleeps, _ = call(busy)
+    assert result.http_status == 200 and sleeps == [2.0]
+
+
+def test_gives_up_after_the_attempt_budget_as_transient() -> None:
+    async def down(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=502, text="bad gateway")
+
+    exc, seen, _, _ = call(down)
+    assert isinstance(exc, TransientJobError) and exc.code == "http_502" and exc.attempts == 4
+    assert len(seen) == 4
+
+
+def test_401_refreshes_the_token_once() -> None:
+    async def stale_token(request: web.Request, n: int) -> web.Response:
+        return (
+            web.Response(status=401)
+            if request.headers["Authorization"] == "Bearer tok0"
+            else web.json_response({})
+        )
+
+    result, seen, _, tokens = call(stale_token)
+    assert result.http_status == 200 and tokens.invalidated == ["tok0"] and len(seen) == 2
+
+
+def test_401_twice_is_permanent_and_explains_the_token() -> None:
+    async def deny(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=401)
+
+    exc, seen, _, _ = call(deny)
+    assert isinstance(exc, PermanentJobError) and exc.code == "unauthenticated"
+    assert "ID token" in exc.message and "audience" in exc.message and len(seen) == 2
+
+
+def test_403_is_permanent_after_one_call_and_names_the_role() -> None:
+    async def forbid(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=403)
+
+    exc, seen, _, _ = call(forbid)
+    assert isinstance(exc, PermanentJobError) and len(seen) == 1
+    assert "roles/run.invoker" in exc.message and "--region=r1" in exc.message
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 422])
+def test_other_4xx_are_permanent(status: int) -> None:
+    async def client_error(request: web.Request, n: int) -> web.Response:
+        return web.json_response({"error": "no"}, status=status)
+
+    exc, seen, _, _ = call(client_error)
+    assert isinstance(exc, PermanentJobError) and exc.http_status == status and len(seen) == 1
+
+
+def test_a_hang_times_out_and_is_retried() -> None:
+    async def hang(request: web.Request, n: int) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    exc, seen, _, _ = call(hang)
+    assert isinstance(exc, TransientJobError) and exc.code == "timeout" and len(seen) == 4

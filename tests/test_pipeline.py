@@ -1,0 +1,134 @@
+"""The pipeline on its own: collaborators are our own small objects, no Pub/Sub, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from worker.catalog import Catalog, default_catalog_dir
+from worker.errors import PermanentJobError, TransientJobError
+from worker.invoker import CallResult
+from worker.messages import JobStatus
+from worker.pipeline import Delivery, Pipeline
+
+
+class Resolver:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    async def resolve(self, service: str, region: str) -> str:
+        self.calls.append((service, region))
+        return f"https://{service}-abc-uc.a.run.app"
+
+
+class Invoker:
+    def __init__(self, outcome: object = None) -> None:
+        self.outcome = outcome
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def invoke(self, kind, url, job, region="REGION"):  # type: ignore[no-untyped-def]
+        self.calls.append((kind.kind, url, job.job_id))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return CallResult(200, {"echo": job.payload}, 1)
+
+
+def make(invoker: Invoker | None = None, max_bytes: int = 10_000) -> tuple[Pipeline, Resolver, Invoker]:
+    resolver, invoker = Resolver(), invoker or Invoker()
+    catalog = Catalog.load(default_catalog_dir())
+    return (
+        Pipeline(catalog, resolver, invoker, region="europe-west1", max_payload_bytes=max_bytes),
+        resolver,
+        invoker,
+    )
+
+
+def run(pipeline: Pipeline, body: object, **kw: object):  # type: ignore[no-untyped-def]
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return asyncio.run(pipeline.handle(Delivery(data=data, attributes={}, **kw)))  # type: ignore[arg-type]
+
+
+def test_success_calls_the_catalog_service_at_the_resolved_url() -> None:
+    pipeline, resolver, invoker = make()
+    out = run(pipeline, {"job_id": "j1", "kind": "account-scoring", "payload": {"account_id": "a"}})
+    assert out.ack and out.dead_letter is None
+    assert out.result is not None and out.result.status is JobStatus.SUCCEEDED
+    assert out.result.response == {"echo": {"account_id": "a"}}
+    assert resolver.calls == [("account-scoring", "europe-west1")]
+    assert invoker.calls == [("account-scoring", "https://account-scoring-abc-uc.a.run.app", "j1")]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"\xff\xfe", "invalid_encoding"),
+        (b"{not json", "invalid_json"),
+        (b"[1,2]", "invalid_job"),
+        ({"kind": "echo"}, "invalid_job"),
+        ({"job_id": "bad id!", "kind": "echo"}, "invalid_job"),
+        ({"job_id": "j", "kind": "nope"}, "unknown_kind"),
+        ({"job_id": "j", "kind": "echo", "url": "https://evil.example"}, "invalid_job"),
+        ({"job_id": "j", "kind": "account-scoring", "payload": {"account_id": 7}}, "invalid_payload"),
+        ({"job_id": "j", "kind": "echo", "payload": "x" * 20_000}, "payload_too_large"),
+    ],
+)
+def test_invalid_jobs_are_rejected_with_a_dead_letter_and_acked(body: object, code: str) -> None:
+    pipeline, resolver, invoker = make()
+    out = run(pipeline, body)
+    assert out.ack
+    assert out.result is not None and out.result.status is JobStatus.REJECTED
+    assert out.result.error is not None and out.result.error.code == code
+    assert out.dead_letter is not None and out.dead_letter.attributes["error_code"] == code
+    assert out.dead_letter.data == (body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert invoker.calls == [] and resolver.calls == []
+
+
+def test_rejection_keeps_the_job_id_and_kind_it_can_read() -> None:
+    pipeline, _, _ = make()
+    out = run(pipeline, {"job_id": "j9", "kind": "nope"})
+    assert out.result is not None and (out.result.job_id, out.result.kind) == ("j9", "nope")
+    assert "known kinds: account-scoring" in out.result.error.message  # type: ignore[union-attr]
+
+
+def test_transient_failure_is_nacked_without_result_until_the_last_attempt() -> None:
+    pipeline, _, _ = make(Invoker(TransientJobError("http_503", "503")))
+    body = {"job_id": "j", "kind": "echo"}
+    out = run(pipeline, body, delivery_attempt=2, final_attempt=False)
+    assert not out.ack and out.result is None and out.dead_letter is None
+    out = run(pipeline, body, delivery_attempt=5, final_attempt=True)
+    assert out.ack and out.result is not None and out.result.status is JobStatus.FAILED
+    assert out.dead_letter is not None and out.dead_letter.attributes["delivery_attempt"] == "5"
+
+
+def test_permanent_failure_fails_with_dead_letter() -> None:
+    pipeline, _, _ = make(Invoker(PermanentJobError("forbidden", "needs roles/run.invoker", http_status=403)))
+    out = run(pipeline, {"job_id": "j", "kind": "echo"})
+    assert out.ack and out.result is not None and out.result.status is JobStatus.FAILED
+    assert out.result.http_status == 403 and "roles/run.invoker" in out.result.error.message  # type: ignore[union-attr]
+    assert out.dead_letter is not None and out.dead_letter.attributes["status"] == "failed"
+
+
+def test_expired_job_is_not_run() -> None:
+    pipeline, _, invoker = make()
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    out = run(pipeline, {"job_id": "j", "kind": "echo", "not_after": past})
+    assert out.ack and out.result is not None and out.result.status is JobStatus.EXPIRED
+    assert out.dead_letter is None and invoker.calls == []
+
+
+def test_a_bug_in_a_collaborator_never_escapes() -> None:
+    pipeline, _, _ = make(Invoker(ZeroDivisionError("boom")))
+    out = run(pipeline, {"job_id": "j", "kind": "echo"})
+    assert not out.ack
+    out = run(pipeline, {"job_id": "j", "kind": "echo"}, final_attempt=True)
+    assert out.result is not None and out.result.error.code == "internal_error"  # type: ignore[union-attr]
+
+
+def test_batch_fields_travel_to_the_result() -> None:
+    pipeline, _, _ = make()
+    out = run(pipeline, {"job_id": "b:3", "kind": "echo", "batch": {"id": "b", "index": 3, "total": 10}})
+    assert out.result is not None and out.result.batch is not None and out.result.batch.index == 3
+    assert out.result.attributes()["batch_id"] == "b"
