@@ -19,6 +19,7 @@ import structlog
 from worker.catalog import Catalog, default_catalog_dir
 from worker.consumer import Consumer, read_max_delivery_attempts
 from worker.errors import ConfigError
+from worker.health import serve_health
 from worker.identity import IdentityTokenSource, build_token_source
 from worker.invoker import Invoker
 from worker.pipeline import Pipeline
@@ -162,7 +163,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         except (NotImplementedError, RuntimeError):
             pass  # not the main thread (worker dev runs it beside the local cloud)
     async with AsyncExitStack() as stack:
+        health = await serve_health(settings, stack)  # None unless $PORT is set
         worker = await build_worker(settings, stack)
+        if health is not None:
+            health.watch(worker.consumer, worker.subscriber_client, stack)
         log.info(
             "worker_ready",
             identity=worker.tokens.principal.describe(),

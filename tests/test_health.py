@@ -1,0 +1,173 @@
+"""Liveness and readiness as Cloud Run's probes see them: HTTP status and JSON body.
+
+The subscriber here is a stand-in object passed to the probe (the real client is
+exercised by tests/e2e/test_health.py against the emulator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from google.api_core import exceptions
+
+from worker.consumer import ConsumerStats
+from worker.health import Health, PubSubProbe, serve_health
+from worker.localcloud import free_port
+from worker.settings import Settings
+
+
+@dataclass
+class StubSubscriber:
+    """Answers get_subscription the way the test says; records the calls' options."""
+
+    error: Exception | None = None
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def subscription_path(self, project: str, subscription: str) -> str:
+        return f"projects/{project}/subscriptions/{subscription}"
+
+    def get_subscription(self, **kwargs: Any) -> object:
+        self.calls.append(kwargs)
+        if self.error is not None:
+            raise self.error
+        return object()
+
+
+@dataclass
+class StubConsumer:
+    stream_alive: bool = True
+    in_flight: int = 0
+    stats: ConsumerStats = field(default_factory=ConsumerStats)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def settings(**fields: Any) -> Settings:
+    return Settings(project="p", **fields)
+
+
+@pytest.mark.parametrize(
+    ("error", "answered"),
+    [
+        (None, True),
+        (exceptions.PermissionDenied("no pubsub.subscriptions.get"), True),
+        (exceptions.NotFound("gone"), True),
+        (exceptions.ServiceUnavailable("connection refused"), False),
+        (exceptions.DeadlineExceeded("slow"), False),
+        (ValueError("Cannot invoke RPC on closed channel!"), False),
+    ],
+)
+def test_the_probe_counts_any_answer_from_pubsub(error: Exception | None, answered: bool) -> None:
+    subscriber = StubSubscriber(error)
+    probe = PubSubProbe(subscriber, "projects/p/subscriptions/s", interval_s=1, timeout_s=0.5)
+    assert (probe.probe_once() is None) is answered
+    # One short attempt: the client's own retry would hide an outage for a minute.
+    assert subscriber.calls == [{"subscription": "projects/p/subscriptions/s", "retry": None, "timeout": 0.5}]
+
+
+async def watched(health: Health, consumer: StubConsumer, subscriber: StubSubscriber) -> AsyncExitStack:
+    stack = AsyncExitStack()
+    health.watch(consumer, subscriber, stack)  # type: ignore[arg-type]
+    return stack
+
+
+def test_not_ready_nor_live_until_the_worker_is_built() -> None:
+    async def scenario() -> None:
+        health = Health(settings())
+        assert (health.readiness().ok, health.readiness().status) == (False, "starting")
+        assert (health.liveness().ok, health.liveness().status) == (False, "starting")
+        async with await watched(health, StubConsumer(), StubSubscriber()):
+            assert health.readiness().ok
+            assert health.liveness().status == "ok"
+
+    asyncio.run(scenario())
+
+
+def test_silence_from_pubsub_longer_than_the_stall_window_fails_liveness() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        health = Health(settings(health_stall_s=60), clock)
+        consumer = StubConsumer()
+        async with await watched(health, consumer, StubSubscriber(exceptions.ServiceUnavailable("down"))):
+            clock.now += 59
+            assert health.liveness().ok
+            clock.now += 2
+            verdict = health.liveness()
+            assert (verdict.ok, verdict.status) == (False, "stalled")
+            assert verdict.detail["pubsub_silent_s"] == 61 and verdict.detail["stream_alive"] is True
+            # A message arriving proves the stream works, whatever the probe says.
+            consumer.stats.last_message_at = clock.now
+            assert health.liveness().ok
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_stream_fails_liveness_at_once() -> None:
+    async def scenario() -> None:
+        health = Health(settings())
+        async with await watched(health, StubConsumer(stream_alive=False), StubSubscriber()):
+            assert health.liveness().status == "stream_down"
+
+    asyncio.run(scenario())
+
+
+def test_the_probe_runs_in_the_background_and_logs_the_outage_once() -> None:
+    async def scenario() -> None:
+        health = Health(settings(health_stall_s=0.3))
+        subscriber = StubSubscriber(exceptions.ServiceUnavailable("connection refused"))
+        with structlog.testing.capture_logs() as logs:
+            async with await watched(health, StubConsumer(), subscriber):
+                await asyncio.sleep(0.6)
+                assert health.liveness().status == "stalled"
+                assert health.liveness().status == "stalled"
+                subscriber.error = None
+                await asyncio.sleep(0.3)
+                assert health.liveness().ok
+        assert len(subscriber.calls) >= 3  # every stall_s / 3
+        events = [e["event"] for e in logs]
+        assert events.count("pubsub_unreachable") == 1
+        assert events.count("liveness_failing") == 1
+        assert "pubsub_reachable_again" in events
+
+    asyncio.run(scenario())
+
+
+def test_the_endpoints_answer_on_port_with_json() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        async with AsyncExitStack() as stack:
+            health = await serve_health(settings(port=port), stack)
+            assert health is not None
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    assert response.status == 503
+                    assert (await response.json())["status"] == "starting"
+                health.watch(StubConsumer(), StubSubscriber(), stack)  # type: ignore[arg-type]
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    assert response.status == 200
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    assert response.status == 200
+                    body = await response.json()
+                    assert body["status"] == "ok" and body["received"] == 0 and body["in_flight"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_without_port_nothing_is_served() -> None:
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            assert await serve_health(settings(), stack) is None
+
+    asyncio.run(scenario())
