@@ -151,7 +151,7 @@ class TokenAuthority:
             raise ValueError("Bad Request: unknown refresh token or client")
         return grant
 
-    def verify_signed_by_key_file(self, token: str, audience: str | None) -> dict:
+    def verify_signed_by_key_file(self, token: str, audience: str | list[str] | None) -> dict:
         """Claims of a JWT signed with a registered service-account key; ValueError if not."""
         header = jwt.decode_header(token)
         with self._lock:

@@ -122,7 +122,8 @@ class Recorder:
         return RecordedRequest(
             component=component,
             method=request.method,
-            path=request.path_qs,
+            # Decoded, so "@" in a service-account path reads as itself.
+            path=request.path + (f"?{request.query_string}" if request.query_string else ""),
             service=request.match_info.get("service"),
             headers=headers,
             token_sha=sha,
