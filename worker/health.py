@@ -162,9 +162,7 @@ class Health:
 
 
 def _respond(verdict: Verdict) -> web.Response:
-    return web.json_response(
-        {"status": verdict.status, **verdict.detail}, status=200 if verdict.ok else 503
-    )
+    return web.json_response({"status": verdict.status, **verdict.detail}, status=200 if verdict.ok else 503)
 
 
 async def serve_health(settings: Settings, stack: AsyncExitStack) -> Health | None:
