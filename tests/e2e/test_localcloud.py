@@ -20,7 +20,8 @@ from google.auth import exceptions as auth_exceptions
 from google.auth import impersonated_credentials, jwt
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import Request
-from google.cloud import iam_credentials_v1, pubsub_v1, run_v2
+from google.cloud import iam_credentials_v1, run_v2
+from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import id_token, service_account
 
@@ -354,7 +355,9 @@ def test_metadata_server_protocol_and_counts(local_cloud: LocalCloud) -> None:
     tokens, accesses = local_cloud.id_tokens_minted[audience], local_cloud.access_tokens_minted
     first = id_token.fetch_id_token(Request(), audience)
     id_token.fetch_id_token(Request(), audience)
-    vm = google.auth.compute_engine.Credentials()
+    vm, project = google.auth.default(scopes=CLOUD_PLATFORM)
+    assert isinstance(vm, google.auth.compute_engine.Credentials)
+    assert project == local_cloud.project
     vm.refresh(Request())
     assert vm.service_account_email == local_cloud.worker_email
     assert local_cloud.id_tokens_minted[audience] == tokens + 2
@@ -396,8 +399,8 @@ def test_emulator_dead_letters_after_max_delivery_attempts(
     pubsub_emulator: Any, names: Any
 ) -> None:
     project = pubsub_emulator.project
-    publisher = pubsub_v1.PublisherClient()
-    subscriber = pubsub_v1.SubscriberClient()
+    publisher = PublisherClient()
+    subscriber = SubscriberClient()
     topic = publisher.topic_path(project, names.jobs_topic)
     dead_topic = publisher.topic_path(project, names.dead_letter_topic)
     subscription = subscriber.subscription_path(project, names.jobs_subscription)

@@ -144,7 +144,7 @@ class Recorder:
             with self._lock:
                 self._requests.append(entry)
             if service is not None:
-                service._record(entry)
+                service.note_request(entry)
             status = 500
             try:
                 response = await handler(request)
@@ -160,6 +160,6 @@ class Recorder:
                 with self._lock:
                     entry.status = status
                 if service is not None:
-                    service._answered(status)
+                    service.note_answer(status)
 
         return record

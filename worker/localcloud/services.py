@@ -90,11 +90,13 @@ class LocalService:
         urls = [self.url] + ([self.uri_override] if self.uri_override else [])
         return [variant for url in urls for variant in (url, url.rstrip("/") + "/")]
 
-    def _record(self, entry: RecordedRequest) -> None:
+    def note_request(self, entry: RecordedRequest) -> None:
+        """Called by the request log when a request arrives."""
         with self._lock:
             self._requests.append(entry)
 
-    def _answered(self, status: int) -> None:
+    def note_answer(self, status: int) -> None:
+        """Called by the request log once a request is answered."""
         with self._lock:
             self._status[status] += 1
 
