@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,8 @@ def test_emulator_without_gcloud_names_the_packages(
     assert "google-cloud-cli-pubsub-emulator" in message
     assert "openjdk-17-jre-headless" in message
     assert str(emulator.log_path) in message
+    assert "gcloud is not on PATH" in emulator.log_path.read_text()
+    shutil.rmtree(emulator.log_path.parent)
     assert emulator.pgid is None
 
 

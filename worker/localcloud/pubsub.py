@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 from worker.localcloud.ports import free_port
@@ -56,9 +57,11 @@ class PubSubEmulator:
         self.project = project
         self.port = port or free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self._workdir = Path(tempfile.mkdtemp(prefix="pubsub-emulator-"))
+        # Named now (the log path goes in error messages), created only by start().
+        self._workdir = Path(tempfile.gettempdir()) / f"pubsub-emulator-{uuid.uuid4().hex[:12]}"
         self.log_path = self._workdir / "emulator.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self._answered = False
 
     @property
     def pgid(self) -> int | None:
@@ -66,6 +69,10 @@ class PubSubEmulator:
         return self._process.pid if self._process is not None else None
 
     def _fail(self, reason: str) -> RuntimeError:
+        # Also into the log, so the file the message names exists and tells the same.
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as log:
+            log.write(f"local cloud: {reason}\n")
         return RuntimeError(
             f"Pub/Sub emulator unavailable: {reason}. Install the Debian packages "
             f"{PACKAGES} (apt-get install -y {PACKAGES}). Log: {self.log_path}"
@@ -91,7 +98,8 @@ class PubSubEmulator:
             raise RuntimeError("emulator already started")
         gcloud = self._gcloud()
         data_dir = self._workdir / "data"
-        data_dir.mkdir(exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._answered = False
         env = dict(os.environ)
         env.update(
             # Its own gcloud config: no user settings, prompts or update checks.
@@ -118,6 +126,7 @@ class PubSubEmulator:
                 self.stop()
                 raise self._fail(f"it did not answer on {self.host} within {timeout:.0f} s")
             time.sleep(0.2)
+        self._answered = True
         return self
 
     def _log_tail(self) -> str:
@@ -125,11 +134,21 @@ class PubSubEmulator:
         return " | ".join(tail) or "no output"
 
     def stop(self) -> None:
-        """Terminate the whole process group: SIGTERM, then SIGKILL after 5 s."""
+        """Terminate the whole process group: SIGTERM, then SIGKILL after 5 s.
+
+        The work dir (log, data) is removed only after an emulator that had answered,
+        so a failed start keeps the log its error message points to."""
         process, self._process = self._process, None
         atexit.unregister(self.stop)
         if process is None:
             return
+        try:
+            self._terminate(process)
+        finally:
+            if self._answered:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def _terminate(self, process: subprocess.Popen[bytes]) -> None:
         pgid = process.pid
         for sig, grace in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, _STOP_GRACE_S)):
             try:
