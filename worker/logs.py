@@ -116,6 +116,12 @@ def configure_logging(
     root.handlers[:] = [handler]
     # Google's client libraries are chatty at INFO; their warnings still come through.
     root.setLevel(max(numeric, logging.WARNING))
+    # google-api-core detaches the "google" logger from the root (propagate=False) when
+    # the first client is built, unless that logger is already configured; detached, its
+    # warnings would reach stderr as plain, unredacted text. Configure it, and re-attach.
+    google = logging.getLogger("google")
+    google.setLevel(max(numeric, logging.WARNING))
+    google.propagate = True
 
 
 log = structlog.get_logger("worker")

@@ -64,6 +64,10 @@ def test_healthz_turns_503_when_pubsub_stops_answering(
             alive = wait_for(port, "/healthz", 200)
             assert alive["status"] == "ok" and alive["stream_alive"] is True
             assert listening_ports(worker.proc.pid) == {port}
+            # Longer than the stall window: only answered probes keep it at 200.
+            time.sleep(4)
+            assert probe(port, "/healthz")[0] == 200
+            assert "pubsub_unreachable" not in worker.logs()
 
             emulator.stop()
             stalled = wait_for(port, "/healthz", 503, timeout=30)
