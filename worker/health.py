@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from google.api_core import exceptions
 
 from worker.consumer import Consumer
 from worker.errors import ConfigError
@@ -63,7 +64,7 @@ class PubSubProbe:
     ) -> None:
         self._subscriber = subscriber
         self._subscription = subscription
-        self.interval_s = interval_s
+        self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._clock = clock
         self.last_answer = clock()
@@ -80,12 +81,10 @@ class PubSubProbe:
             elif self._reachable:
                 log.warning("pubsub_unreachable", error=error)
             self._reachable = error is None
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self._interval_s)
 
     def probe_once(self) -> str | None:
         """None if Pub/Sub answered, else why not. Runs on a thread: the call blocks."""
-        from google.api_core import exceptions
-
         try:
             self._subscriber.get_subscription(
                 subscription=self._subscription, retry=None, timeout=self._timeout_s
