@@ -67,15 +67,30 @@ def run(max_in_flight: int | None, subscription: str | None) -> None:
 @click.option("--max-backoff", type=click.IntRange(0, 600), default=600, show_default=True, help="Seconds.")
 @click.option("--ack-deadline", type=click.IntRange(10, 600), default=60, show_default=True, help="Seconds.")
 @click.option("--retention-days", type=click.IntRange(1, 7), default=7, show_default=True)
+@click.option("--print-gcloud", is_flag=True, help="Print the gcloud commands (IAM included) instead.")
+@click.option("--worker-sa", help="Worker service account for --print-gcloud [worker@PROJECT...].")
+@click.option("--webapp-sa", help="Web app service account for --print-gcloud [webapp@PROJECT...].")
 def setup(
-    max_delivery_attempts: int, min_backoff: int, max_backoff: int, ack_deadline: int, retention_days: int
+    max_delivery_attempts: int,
+    min_backoff: int,
+    max_backoff: int,
+    ack_deadline: int,
+    retention_days: int,
+    print_gcloud: bool,
+    worker_sa: str | None,
+    webapp_sa: str | None,
 ) -> None:
     """Create the topics and subscriptions, idempotently."""
+    from worker import ops_cli
     from worker.app import pubsub_clients
     from worker.provision import SetupOptions, apply_setup
 
     settings = settings_or_exit()
     options = SetupOptions(max_delivery_attempts, min_backoff, max_backoff, ack_deadline, retention_days)
+    if print_gcloud:
+        ops_cli.run_verb(
+            lambda: ops_cli.print_gcloud(settings, worker_sa=worker_sa, webapp_sa=webapp_sa, options=options)
+        )
     credentials = None
     publisher, subscriber = pubsub_clients(settings, credentials)
     changes = apply_setup(publisher, subscriber, settings, options)
@@ -84,7 +99,7 @@ def setup(
             f"{change.action:>9}  {change.resource}" + (f"  ({change.detail})" if change.detail else "")
         )
     if all(c.action == "unchanged" for c in changes):
-        click.echo("Nothing to change: everything already exists as configured.")
+        click.echo("No change: everything already exists as configured.")
     if any(c.action == "differs" for c in changes):
         sys.exit(1)
 
@@ -102,6 +117,59 @@ def dev(sample_jobs: int, max_in_flight: int) -> None:
         fail(str(exc))
     except RuntimeError as exc:
         fail(str(exc))
+
+
+@cli.command()
+@click.argument("kind")
+@click.option("--payload", required=True, help="The job's payload, as JSON.")
+@click.option("--job-id", help="The job's id, its idempotency key [a new UUID].")
+@click.option("--wait", is_flag=True, help="Print the result: exit 0 if it succeeded, 1 if not, 3 timed out.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Seconds --wait waits.")
+def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: float) -> None:
+    """Publish one job (checked against the catalog first) and print its id."""
+    from worker import ops_cli
+
+    settings = settings_or_exit()
+    ops_cli.run_verb(lambda: ops_cli.enqueue(settings, kind, payload, job_id, wait=wait, timeout_s=timeout))
+
+
+@cli.command("dead-letters")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", type=click.IntRange(min=1), help="List at most this many.")
+def dead_letters(as_json: bool, limit: int | None) -> None:
+    """List dead-lettered jobs without consuming them."""
+    from worker import ops_cli
+
+    settings = settings_or_exit()
+    ops_cli.run_verb(lambda: ops_cli.dead_letters(settings, as_json=as_json, limit=limit))
+
+
+@cli.command()
+@click.option("--kind", help="Only jobs of this kind.")
+@click.option("--job-id", help="Only this job.")
+@click.option("--limit", type=click.IntRange(min=1), help="Replay at most this many.")
+@click.option("--dry-run", is_flag=True, help="List what would be replayed; change nothing.")
+def replay(kind: str | None, job_id: str | None, limit: int | None, dry_run: bool) -> None:
+    """Move dead-lettered jobs back to the jobs topic (each acked only once republished)."""
+    from worker import ops_cli
+
+    settings = settings_or_exit()
+    ops_cli.run_verb(
+        lambda: ops_cli.replay(settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run)
+    )
+
+
+@cli.command()
+@click.argument("service", required=False)
+@click.option("--audience", help="Mint the token for this audience instead of the service URL.")
+@click.option("--worker-sa", help="The service account to impersonate, for the fix commands.")
+def doctor(service: str | None, audience: str | None, worker_sa: str | None) -> None:
+    """Diagnose the identity chain (credentials, ID token, URL, call) and print the fix."""
+    from worker import ops_cli
+
+    settings = settings_or_exit()
+    ops_cli.run_verb(lambda: ops_cli.doctor(settings, service, audience=audience, worker_sa=worker_sa))
 
 
 def main() -> None:

@@ -1,0 +1,116 @@
+"""`worker setup --print-gcloud`: the least-privilege bindings and the commands printed from them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from worker.catalog import Catalog, JobKind
+from worker.gcloud import Binding, gcloud_commands, gcloud_script, iam_bindings
+from worker.provision import SetupOptions
+from worker.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = "worker@acme.iam.gserviceaccount.com"
+WEBAPP = "webapp@acme.iam.gserviceaccount.com"
+
+
+def settings() -> Settings:
+    return Settings(project="acme", region="us-central1", catalog_dir=None)
+
+
+def catalog() -> Catalog:
+    return Catalog(
+        {
+            "account-scoring": JobKind(kind="account-scoring", service="account-scoring"),
+            "echo": JobKind(kind="echo", service="echo", region="europe-west1"),
+        }
+    )
+
+
+def roles_of(bindings: list[Binding], member: str) -> set[tuple[str, str]]:
+    return {(b.role, b.resource) for b in bindings if b.member == member}
+
+
+def test_each_principal_gets_only_what_it_uses() -> None:
+    bindings = iam_bindings(settings(), catalog(), WORKER, WEBAPP, project_number="123")
+    assert roles_of(bindings, f"serviceAccount:{WORKER}") == {
+        ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-worker"),
+        ("roles/pubsub.viewer", "projects/acme/subscriptions/jobs-worker"),
+        ("roles/pubsub.publisher", "projects/acme/topics/job-results"),
+        ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
+        ("roles/run.viewer", "projects/acme"),
+        ("roles/run.invoker", "projects/acme/locations/us-central1/services/account-scoring"),
+        ("roles/run.invoker", "projects/acme/locations/europe-west1/services/echo"),
+    }
+    assert roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com") == {
+        ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
+        ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-worker"),
+    }
+    assert roles_of(bindings, f"serviceAccount:{WEBAPP}") == {
+        ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
+        ("roles/pubsub.subscriber", "projects/acme/subscriptions/job-results-webapp"),
+    }
+    assert all(b.why for b in bindings)
+
+
+def test_commands_create_resources_as_setup_does_then_bind() -> None:
+    options = SetupOptions(max_delivery_attempts=7, min_backoff_s=5, max_backoff_s=300, ack_deadline_s=90)
+    commands = gcloud_commands(settings(), catalog(), WORKER, WEBAPP, options, project_number="123")
+    assert commands[0] == "gcloud pubsub topics create jobs --project=acme"
+    assert (
+        "gcloud pubsub subscriptions create jobs-worker --project=acme --topic=jobs --ack-deadline=90 "
+        "--message-retention-duration=7d --dead-letter-topic=jobs-dead-letter --max-delivery-attempts=7 "
+        "--min-retry-delay=5s --max-retry-delay=300s"
+    ) in commands
+    assert (
+        "gcloud run services add-iam-policy-binding echo --region=europe-west1 --project=acme "
+        f"--member=serviceAccount:{WORKER} --role=roles/run.invoker"
+    ) in commands
+    assert (
+        "gcloud pubsub topics add-iam-policy-binding jobs-dead-letter --project=acme "
+        "--member=serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com "
+        "--role=roles/pubsub.publisher"
+    ) in commands
+    assert (
+        f"gcloud projects add-iam-policy-binding acme --member=serviceAccount:{WORKER} "
+        "--role=roles/run.viewer --condition=None"
+    ) in commands
+    bindings = iam_bindings(settings(), catalog(), WORKER, WEBAPP)
+    assert len([c for c in commands if "add-iam-policy-binding" in c]) == len(bindings)
+
+
+def test_project_number_is_looked_up_when_unknown_and_extensions_come_last() -> None:
+    extra = "gcloud scheduler jobs create pubsub nightly-scoring --schedule='0 3 * * *'"
+    commands = gcloud_commands(settings(), catalog(), WORKER, WEBAPP, extra_commands=[extra])
+    assert commands[0].startswith('PROJECT_NUMBER="$(gcloud projects describe acme')
+    assert '--member="serviceAccount:service-${PROJECT_NUMBER}@gcp-sa-pubsub.iam.gserviceaccount.com"' in (
+        "\n".join(commands)
+    )
+    assert commands[-1] == extra
+
+
+def test_printed_script_is_valid_shell_with_a_reason_per_binding(tmp_path: Path) -> None:
+    script = gcloud_script(settings(), catalog(), WORKER, WEBAPP)
+    path = tmp_path / "setup.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    assert f"# {WORKER} roles/run.invoker: call the service with an ID token minted for its URL" in script
+
+
+def test_setup_print_gcloud_prints_without_touching_pubsub() -> None:
+    env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "setup", "--print-gcloud", "--worker-sa", WORKER,
+         "--max-delivery-attempts", "10"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--max-delivery-attempts=10" in done.stdout
+    assert f"--member=serviceAccount:{WORKER} --role=roles/pubsub.subscriber" in done.stdout
+    assert "--member=serviceAccount:webapp@acme.iam.gserviceaccount.com --role=roles/pubsub.publisher" in (
+        done.stdout
+    )
+    assert "created" not in done.stdout
