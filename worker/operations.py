@@ -23,7 +23,8 @@ from worker.messages import salvage_identity
 PUBSUB_SOURCE_PREFIX = "CloudPubSubDeadLetterSource"
 EXHAUSTED = "delivery attempts exhausted"
 _HOLD_S = 600  # lease held on scanned messages, so a long scan never sees one twice
-_ACK_CHUNK = 500  # ack ids per acknowledge/modify call, well under the API's limit
+_ACK_CHUNK = 500  # ack ids per modify call, well under the API's limit
+_ACK_BATCH = 100  # republished dead letters acked per call: small, so a crash repeats few
 _MAX_SCAN = 10_000
 _PUBLISH_TIMEOUT_S = 60.0
 
@@ -169,9 +170,9 @@ class DeadLetterScan:
         self.entries = sorted(by_id.values(), key=_sort_key)
         return self.entries
 
-    def ack(self, entry: DeadLetterEntry) -> None:
-        ack_id = self._held.pop(entry.message_id)
-        self._subscriber.acknowledge(subscription=self.subscription, ack_ids=[ack_id])
+    def ack(self, entries: list[DeadLetterEntry]) -> None:
+        ack_ids = [self._held.pop(e.message_id) for e in entries]
+        self._subscriber.acknowledge(subscription=self.subscription, ack_ids=ack_ids)
 
     def give_back(self, entries: Iterable[DeadLetterEntry]) -> None:
         ack_ids = [self._held.pop(e.message_id) for e in entries if e.message_id in self._held]
@@ -249,21 +250,37 @@ def replay_dead_letters(
             publisher.publish(jobs_topic, entry.data, **entry.replay_attributes()): entry
             for entry in report.selected
         }
+        published: list[DeadLetterEntry] = []
+
+        def ack_published() -> None:
+            # Acks go in batches: one RPC per dead letter would make a big replay crawl.
+            error = None
+            try:
+                scan.ack(published)
+            except exceptions.GoogleAPICallError as exc:
+                # Republished but still dead-lettered: a later replay would run them twice.
+                error = f"republished, but the dead letter was not acked: {exc.message}"
+            for entry in published:
+                _settle(report, entry, error, on_settled)
+            published.clear()
+
         try:
             for future in concurrent.futures.as_completed(futures, timeout=_PUBLISH_TIMEOUT_S):
                 entry = futures.pop(future)
                 error = _publish_error(future)
-                if error is None:
-                    try:
-                        scan.ack(entry)
-                    except exceptions.GoogleAPICallError as exc:
-                        # Republished but still dead-lettered: a later replay would run it twice.
-                        error = f"republished, but the dead letter was not acked: {exc.message}"
-                _settle(report, entry, error, on_settled)
+                if error is not None:
+                    _settle(report, entry, error, on_settled)
+                    continue
+                published.append(entry)
+                if len(published) >= _ACK_BATCH:
+                    ack_published()
         except concurrent.futures.TimeoutError:
             for entry in futures.values():
                 error = "republish did not resolve in time; it stays dead-lettered (it may run twice)"
                 _settle(report, entry, error, on_settled)
+        finally:
+            if published:
+                ack_published()
     return report
 
 

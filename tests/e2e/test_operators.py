@@ -19,7 +19,7 @@ from google.cloud import pubsub_v1
 from google.protobuf import field_mask_pb2
 
 from tests.e2e.harness import REPO, WorkerProcess, drain, provision, uid, worker_env, write_kind
-from worker.localcloud import RUN_INVOKER, TOKEN_CREATOR, member_for
+from worker.localcloud import RUN_INVOKER, RUN_VIEWER, TOKEN_CREATOR, member_for
 
 pytestmark = pytest.mark.e2e
 
@@ -298,6 +298,31 @@ def test_doctor_401_story_for_user_credentials(ops: dict[str, Any], tmp_path: Pa
     assert f"fix: export WORKER_IMPERSONATE_SERVICE_ACCOUNT={WORKER_SA}" in out
     assert "The identity chain is broken at: ID token." in out
     assert "services not checked" in out
+
+
+def test_doctor_walks_a_key_file_identity_from_admin_api_403_to_working(
+    ops: dict[str, Any], tmp_path: Path
+) -> None:
+    cloud, service = ops["cloud"], ops["service"]
+    email = f"reporting-{uid()}@local-project.iam.gserviceaccount.com"
+    key = cloud.create_service_account_key(tmp_path / "key.json", email)
+    env = {**ops["env"], "GOOGLE_APPLICATION_CREDENTIALS": str(key)}
+
+    no_viewer = worker_cli(env, "doctor", service.name)
+    assert no_viewer.returncode == 1
+    assert f"credentials: service account key {key} as {email}" in no_viewer.stdout
+    assert "service URL: the Admin API did not give a URL (permission_denied)" in no_viewer.stdout
+    assert (f"fix: gcloud projects add-iam-policy-binding local-project --member=serviceAccount:{email} "
+            "--role=roles/run.viewer --condition=None") in no_viewer.stdout
+    cloud.iam.grant(member_for(email), RUN_VIEWER, cloud.iam.project_resource)
+
+    no_invoker = worker_cli(env, "doctor", service.name)
+    assert no_invoker.returncode == 1
+    assert f"ID token: aud={service.url} email={email}" in no_invoker.stdout
+    assert f"403 Forbidden: {email} may not invoke {service.name}" in no_invoker.stdout
+    cloud.iam.grant(member_for(email), RUN_INVOKER, f"run.service:{service.name}")
+
+    assert worker_cli(env, "doctor", service.name).returncode == 0
 
 
 def test_doctor_names_a_service_the_admin_api_does_not_know(ops: dict[str, Any]) -> None:
