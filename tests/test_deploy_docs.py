@@ -9,16 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
+from worker import gcloud
 from worker.catalog import Catalog
 from worker.settings import Settings
-
-gcloud = pytest.importorskip(
-    "worker.gcloud",
-    reason="worker/gcloud.py (operator verbs, iam_bindings) has not landed yet",
-    exc_type=ModuleNotFoundError,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = (REPO / "docs" / "deploy.md").read_text()
