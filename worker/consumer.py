@@ -1,8 +1,16 @@
 """Pub/Sub streaming pull -> pipeline -> publish -> ack. Knows nothing of HTTP.
 
 The client library calls back on its own small thread pool; the callback only hands
-the message to the asyncio loop, so in-flight jobs are bounded by flow control
-(`WORKER_MAX_IN_FLIGHT`), not by that pool. Leases are extended by the client while
+the message to the asyncio loop, so in-flight jobs are bounded by a semaphore
+(`WORKER_MAX_IN_FLIGHT`), not by that pool. The client's flow control lets through
+twice that, so a small buffer waits here.
+
+At shutdown, jobs not yet started are nacked while the pull stream is still open,
+then the stream closes and running jobs finish within the grace period (acked by
+unary RPCs, since the client's ack path closes with the stream). Jobs still running
+after the grace period are released: their leases lapse and Pub/Sub redelivers them.
+Nacks are not sent after the stream closed: the emulator (528) then never hands the
+message to a streaming pull again. Leases are extended by the client while
 a job runs. Acknowledgement rules (DESIGN.md): ack only after the result and any
 dead letter are published; nack a transient failure for redelivery; on shutdown
 stop pulling, let in-flight jobs finish within the grace period, nack the rest.
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +35,9 @@ from worker.results import ResultPublisher
 
 log = structlog.get_logger("worker.consumer")
 
+# Time for the client to send the shutdown nacks before its stream closes.
+_NACK_FLUSH_S = 0.3
+
 
 @dataclass
 class ConsumerStats:
@@ -33,6 +45,7 @@ class ConsumerStats:
     acked: int = 0
     nacked: int = 0
     publish_failures: int = 0
+    released: int = 0
     last_message_at: float = 0.0
     started_at: float = 0.0
 
@@ -61,7 +74,10 @@ class Consumer:
         self._grace_s = grace_s
         self.max_delivery_attempts = max_delivery_attempts
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._waiting: set[asyncio.Task[Any]] = set()
         self._streaming = False
+        self._draining = False
         self._future: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = ConsumerStats()
@@ -77,8 +93,11 @@ class Consumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain. Raises StreamFailed if the stream dies."""
         self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self._max_in_flight)
         failed = asyncio.Event()
-        flow = pubsub_v1.types.FlowControl(max_messages=self._max_in_flight, max_bytes=512 * 1024 * 1024)
+        flow = pubsub_v1.types.FlowControl(
+            max_messages=2 * self._max_in_flight, max_bytes=1024 * 1024 * 1024
+        )
         self._streaming = True
         self.stats.started_at = time.monotonic()
         self._future = self._subscriber.subscribe(self._subscription, self._on_message, flow_control=flow)
@@ -103,12 +122,16 @@ class Consumer:
         return "the pull stream ended"
 
     async def _drain(self) -> None:
+        # Give back what has not started while the stream is still open: a nack sent then
+        # is redelivered at once, to another worker (see the module docstring).
+        self._draining = True
+        for task in list(self._waiting):
+            task.cancel()
+        await asyncio.sleep(_NACK_FLUSH_S)
         self._streaming = False
         self._future.cancel()
-        try:
+        with contextlib.suppress(Exception):
             await asyncio.to_thread(self._future.result, 30)
-        except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, Exception):
-            pass  # the stream is closed either way; in-flight jobs ack through unary calls
         pending = set(self._tasks)
         log.info("draining", in_flight=len(pending), grace_s=self._grace_s)
         if pending:
@@ -116,10 +139,15 @@ class Consumer:
             for task in late:
                 task.cancel()
             if late:
-                log.warning("grace_period_over_nacking", jobs=len(late))
+                log.warning("grace_period_over_releasing", jobs=len(late))
                 await asyncio.gather(*late, return_exceptions=True)
         await asyncio.to_thread(self._publisher.flush)
-        log.info("consumer_stopped", acked=self.stats.acked, nacked=self.stats.nacked)
+        log.info(
+            "consumer_stopped",
+            acked=self.stats.acked,
+            nacked=self.stats.nacked,
+            released=self.stats.released,
+        )
 
     def _on_message(self, message: Any) -> None:
         # Runs on the client's callback thread: hand over and return at once.
@@ -129,15 +157,35 @@ class Consumer:
     def _spawn(self, message: Any) -> None:
         self.stats.received += 1
         self.stats.last_message_at = time.monotonic()
-        if not self._streaming:
-            # Arrived while shutting down: give it back for another worker.
-            task = asyncio.ensure_future(self._settle(message, ack=False))
-        else:
-            task = asyncio.ensure_future(self._process(message))
+        if self._draining:
+            # Arrived while shutting down: nack on the open stream, else let the lease lapse.
+            if self._streaming:
+                self.stats.nacked += 1
+                message.nack()
+            else:
+                self.stats.released += 1
+            return
+        task = asyncio.ensure_future(self._process(message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _process(self, message: Any) -> None:
+        assert self._slots is not None
+        task = asyncio.current_task()
+        try:
+            self._waiting.add(task)  # type: ignore[arg-type]
+            async with self._slots:
+                self._waiting.discard(task)  # type: ignore[arg-type]
+                await self._run_one(message)
+        except asyncio.CancelledError:
+            if self._streaming:
+                self.stats.nacked += 1
+                message.nack()
+            else:
+                self.stats.released += 1
+            raise
+
+    async def _run_one(self, message: Any) -> None:
         attempt = message.delivery_attempt
         delivery = Delivery(
             data=bytes(message.data),
@@ -154,21 +202,17 @@ class Consumer:
             "attempt": attempt,
         }
         with structlog.contextvars.bound_contextvars(**context):
-            try:
-                outcome = await self._handle(delivery)
-                if outcome.ack:
-                    try:
-                        await self._publisher.publish(outcome)
-                    except Exception as exc:
-                        # Not published means not acked: Pub/Sub will deliver it again.
-                        self.stats.publish_failures += 1
-                        log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-                        await self._settle(message, ack=False)
-                        return
-                await self._settle(message, ack=outcome.ack)
-            except asyncio.CancelledError:
-                await self._settle(message, ack=False)
-                raise
+            outcome = await self._handle(delivery)
+            if outcome.ack:
+                try:
+                    await self._publisher.publish(outcome)
+                except Exception as exc:
+                    # Not published means not acked: Pub/Sub will deliver it again.
+                    self.stats.publish_failures += 1
+                    log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                    await self._settle(message, ack=False)
+                    return
+            await self._settle(message, ack=outcome.ack)
 
     async def _settle(self, message: Any, *, ack: bool) -> None:
         if ack:

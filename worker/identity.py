@@ -84,7 +84,7 @@ class IamIdTokenCredentials(auth_credentials.Credentials):
                 include_email=True,
                 timeout=15.0,
             )
-        except api_exceptions.PermissionDenied as exc:
+        except api_exceptions.Forbidden as exc:  # REST transport: 403 -> Forbidden
             raise auth_exceptions.RefreshError(
                 f"not allowed to impersonate {self._target}: the caller needs {TOKEN_CREATOR} "
                 f"on it ({exc.message})"

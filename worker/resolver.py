@@ -91,7 +91,7 @@ class ServiceResolver:
                 f"region {region!r} (Admin API 404 for {name}); fix the catalog's service/region "
                 "or deploy the service",
             ) from None
-        except api_exceptions.PermissionDenied:
+        except api_exceptions.Forbidden:  # REST raises Forbidden; gRPC its subclass PermissionDenied
             raise PermanentJobError(
                 "permission_denied",
                 f"the worker's identity may not read Cloud Run service {service!r} (Admin API 403 "
