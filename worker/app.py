@@ -148,8 +148,8 @@ def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None
         ) from None
     except exceptions.PermissionDenied:
         raise ConfigError(
-            f"the worker may not read subscription {subscription}; grant it roles/pubsub.subscriber "
-            "on it (see `worker setup --print-gcloud`)"
+            f"the worker may not read subscription {subscription}; grant it roles/pubsub.viewer "
+            "on it, or set WORKER_MAX_DELIVERY_ATTEMPTS (see `worker setup --print-gcloud`)"
         ) from None
 
 

@@ -158,12 +158,9 @@ class Consumer:
         self.stats.received += 1
         self.stats.last_message_at = time.monotonic()
         if self._draining:
-            # Arrived while shutting down: nack on the open stream, else let the lease lapse.
-            if self._streaming:
-                self.stats.nacked += 1
-                message.nack()
-            else:
-                self.stats.released += 1
+            # Arrived while shutting down (perhaps our own nack coming straight back): a
+            # second nack would only loop it back again, so let its lease lapse instead.
+            self.stats.released += 1
             return
         task = asyncio.ensure_future(self._process(message))
         self._tasks.add(task)

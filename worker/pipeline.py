@@ -102,8 +102,8 @@ class Pipeline:
             kind.check_payload(job.payload)
             if job.not_after is not None and started > job.not_after:
                 return self._finish(delivery, job, started, JobStatus.EXPIRED, ack_only=True)
-            with structlog.contextvars.bound_contextvars(traceparent=job.traceparent):
-                call = await self._run(job, kind)
+            structlog.contextvars.bind_contextvars(traceparent=job.traceparent)
+            call = await self._run(job, kind)
             return self._finish(delivery, job, started, JobStatus.SUCCEEDED, call=call)
         except InvalidJobError as exc:
             return self._finish(delivery, job, started, JobStatus.REJECTED, error=exc)
