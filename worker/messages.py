@@ -136,7 +136,8 @@ def clip(text: str, limit: int = MAX_ATTRIBUTE_BYTES) -> str:
     """Cut a string to fit a Pub/Sub attribute value (1024 bytes), on a character boundary."""
     data = text.encode("utf-8", "replace")
     if len(data) <= limit:
-        return text
+        # Decoded back, so a lone surrogate becomes "?" rather than an unpublishable value.
+        return data.decode("utf-8")
     return data[: limit - 3].decode("utf-8", "ignore") + "..."
 
 
