@@ -189,7 +189,10 @@ def test_unicode_control_and_surrogate_job_ids_are_rejected(job_id: str, attrs: 
 
 @fast(400)
 @given(
-    extra=st.dictionaries(any_text.filter(lambda k: k not in FIELDS), json_values, min_size=1, max_size=3),
+    # Keys without lone surrogates: pydantic cannot name a surrogate key (still rejected, above).
+    extra=st.dictionaries(
+        st.text(max_size=50).filter(lambda k: k not in FIELDS), json_values, min_size=1, max_size=3
+    ),
     job_id=valid_job_ids,
 )
 def test_extra_fields_are_rejected_naming_the_field(extra: dict[str, Any], job_id: str) -> None:
