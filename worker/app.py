@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from worker.batch import BatchFanOut
 from worker.catalog import Catalog, default_catalog_dir
 from worker.consumer import Consumer, read_max_delivery_attempts
 from worker.errors import ConfigError
@@ -115,12 +116,21 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         publisher_client.topic_path(settings.project, settings.results_topic),
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
     )
+    invoker = Invoker(session, tokens)
+    fan_out = BatchFanOut(
+        publisher_client,
+        publisher_client.topic_path(settings.project, settings.jobs_topic),
+        invoker,
+        resolver,
+        region=settings.region,
+    )
     pipeline = Pipeline(
         catalog,
         resolver,
-        Invoker(session, tokens),
+        invoker,
         region=settings.region,
         max_payload_bytes=settings.max_payload_bytes,
+        batch_handler=fan_out,
     )
     consumer = Consumer(
         subscriber_client,
