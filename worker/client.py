@@ -115,6 +115,90 @@ class SeenResults:
             self._status.popitem(last=False)
 
 
+# A child's state in BatchProgress: 0 while no result has arrived.
+_STATUS_CODES = {JobStatus.SUCCEEDED: 1, JobStatus.FAILED: 2, JobStatus.REJECTED: 3, JobStatus.EXPIRED: 4}
+
+
+class BatchProgress:
+    """How far one batch has got, from its children's results, each child counted once.
+
+    A child is known by its index in the batch (its id is `{batch_id}:{index}`), so
+    the state is one byte per child: 50,000 children cost 50 kB. A child's last
+    status counts, except that `succeeded` is final: a replayed child that failed
+    and then succeeds moves from failed to succeeded, and a stale failure delivered
+    after its success changes nothing.
+    """
+
+    def __init__(self, batch_id: str, total: int | None = None) -> None:
+        self.batch_id = batch_id
+        self.total = total
+        self._states = bytearray(total or 0)
+        self._counts = [0, 0, 0, 0, 0]
+        self.parent: Result | None = None  # the batch job's own result, once it arrives
+
+    def update(self, result: Result) -> bool:
+        """Count `result` if it belongs to this batch; True if the counts changed."""
+        batch = result.batch
+        if batch is None:
+            if self.batch_id in (result.job_id, _parent_batch_id(result)):
+                self.parent = result
+            return False
+        if batch.id != self.batch_id:
+            return False
+        if self.total is None:
+            self.total = batch.total
+            self._states = bytearray(batch.total)
+        if batch.index >= self.total:
+            return False  # a result from a differently sized run of the same batch id
+        old, new = self._states[batch.index], _STATUS_CODES[result.status]
+        if old == new or old == _STATUS_CODES[JobStatus.SUCCEEDED]:
+            return False
+        self._counts[old] -= 1
+        self._counts[new] += 1
+        self._states[batch.index] = new
+        return True
+
+    @property
+    def succeeded(self) -> int:
+        return self._counts[1]
+
+    @property
+    def failed(self) -> int:
+        return self._counts[2]
+
+    @property
+    def rejected(self) -> int:
+        return self._counts[3]
+
+    @property
+    def expired(self) -> int:
+        return self._counts[4]
+
+    @property
+    def finished(self) -> int:
+        return sum(self._counts[1:])
+
+    @property
+    def outstanding(self) -> int | None:
+        return None if self.total is None else self.total - self.finished
+
+    @property
+    def done(self) -> bool:
+        return self.total is not None and self.outstanding == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "total": self.total,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "expired": self.expired,
+            "outstanding": self.outstanding,
+            "done": self.done,
+        }
+
+
 class ResultsReader:
     """Iterates over the web app's results subscription, each job's result once.
 
@@ -132,6 +216,7 @@ class ResultsReader:
         seen_capacity: int = 10_000,
         max_messages: int = 100,
         pull_timeout_s: float = 10.0,
+        batch_capacity: int = 100,
     ) -> None:
         settings = settings or load_settings()
         self._subscriber = subscriber or pubsub_v1.SubscriberClient()
@@ -143,9 +228,31 @@ class ResultsReader:
         self._pull_timeout_s = pull_timeout_s
         self._stop = threading.Event()
         self.duplicates = 0
+        # Progress of the batches seen lately, oldest forgotten first, so a reader
+        # running for months holds a bounded number of them.
+        self._batches: OrderedDict[str, BatchProgress] = OrderedDict()
+        self._batch_capacity = batch_capacity
 
     def stop(self) -> None:
         self._stop.set()
+
+    def progress(self, batch_id: str) -> BatchProgress:
+        """The progress of a batch, from the results this reader has handed out so far.
+
+        Every batch whose results pass through is tracked (the last `batch_capacity`
+        of them), so asking late loses nothing unless the batch was forgotten.
+        """
+        progress = self._batches.get(batch_id)
+        if progress is None:
+            progress = self._batches[batch_id] = BatchProgress(batch_id)
+            while len(self._batches) > self._batch_capacity:
+                self._batches.popitem(last=False)
+        return progress
+
+    def _track(self, result: Result) -> None:
+        batch_id = result.batch.id if result.batch else _parent_batch_id(result) or result.job_id
+        if batch_id is not None and (result.batch or batch_id in self._batches):
+            self.progress(batch_id).update(result)
 
     def __iter__(self) -> Iterator[Result]:
         while not self._stop.is_set():
@@ -167,6 +274,7 @@ class ResultsReader:
             for received in response.received_messages:
                 result = _parse(received.message.data)
                 if result is not None and self._seen.is_new(result):
+                    self._track(result)
                     yield result
                     self._seen.add(result)
                 elif result is not None:
@@ -181,6 +289,13 @@ class ResultsReader:
                 self._subscriber.modify_ack_deadline(
                     subscription=self.subscription, ack_ids=unhandled, ack_deadline_seconds=0
                 )
+
+
+def _parent_batch_id(result: Result) -> str | None:
+    # A batch job's response names its batch, which differs from its job id when daily.
+    response = result.response
+    batch_id = response.get("batch_id") if isinstance(response, dict) else None
+    return batch_id if isinstance(batch_id, str) else None
 
 
 def _parse(data: bytes) -> Result | None:

@@ -84,6 +84,15 @@ def iam_bindings(
             worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"
         ),
     ]
+    if any(kind.batch for kind in catalog.values()):
+        bindings.append(
+            Binding(
+                worker,
+                "roles/pubsub.publisher",
+                topic(settings.jobs_topic),
+                "publish the child jobs of batch kinds (batch-scoring)",
+            )
+        )
     for service, region in sorted(catalog.services(settings.region)):
         bindings.append(
             Binding(
