@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +17,7 @@ from worker.batch import batch_id_for
 from worker.client import BatchProgress
 from worker.messages import BatchRef, Job, JobStatus, Result
 
+REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -95,3 +102,45 @@ def test_an_index_beyond_the_known_total_is_not_counted() -> None:
 def test_a_daily_batch_id_carries_the_utc_date(payload: Any, expected: str) -> None:
     job = Job(job_id="nightly", kind="batch-scoring", payload=payload)
     assert batch_id_for(job, datetime(2026, 1, 1, 23, 30, tzinfo=UTC)) == expected
+
+
+def run_worker_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_print_gcloud_schedules_the_nightly_batch_with_the_given_cron_and_zone(tmp_path: Path) -> None:
+    done = run_worker_cli("setup", "--print-gcloud", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    line = next(c for c in done.stdout.splitlines() if c.startswith("gcloud scheduler jobs create pubsub"))
+    words = shlex.split(line)
+    assert "nightly-batch-scoring" in words and "--topic=jobs" in words
+    assert "--attributes=job_id=nightly-batch-scoring,kind=batch-scoring" in words
+    assert {"--schedule=0 2 * * *", "--time-zone=Etc/UTC", "--location=us-central1"} <= set(words)
+    body = json.loads(next(w for w in words if w.startswith("--message-body=")).split("=", 1)[1])
+    job = Job.model_validate(body)
+    assert job.kind == "batch-scoring" and job.payload == {"source": True, "daily": True}
+    assert "--role=roles/pubsub.publisher" in done.stdout.split("topics add-iam-policy-binding jobs ", 1)[1]
+    other = run_worker_cli("setup", "--print-gcloud", "--schedule", "30 1 * * 1-5", "--time-zone",
+                           "Europe/Paris", tmp_path=tmp_path)
+    assert "--schedule='30 1 * * 1-5' --time-zone=Europe/Paris" in other.stdout
+
+
+def test_batch_status_counts_a_results_file(tmp_path: Path) -> None:
+    results = tmp_path / "results.jsonl"
+    lines = [child(0), child(1, "failed"), child(1), child(2, "failed"), child(0, batch_id="b2")]
+    results.write_text("\n".join(r.model_dump_json() for r in lines) + "\nnot json\n")
+    done = run_worker_cli("batch-status", "b1", "--from-file", str(results), "--json", tmp_path=tmp_path)
+    assert done.returncode == 1, done.stderr  # one child outstanding
+    assert json.loads(done.stdout) == {
+        "batch_id": "b1", "total": 4, "succeeded": 2, "failed": 1, "rejected": 0, "expired": 0,
+        "outstanding": 1, "done": False, "unreadable_lines": 1,
+    }
+    results.write_text("\n".join(r.model_dump_json() for r in [*lines, child(3)]) + "\n")
+    done = run_worker_cli("batch-status", "b1", "--from-file", str(results), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "4/4" in done.stdout and "succeeded" in done.stdout
+    missing = run_worker_cli("batch-status", "b1", "--from-file", str(tmp_path / "nope"), tmp_path=tmp_path)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -70,6 +71,10 @@ def run(max_in_flight: int | None, subscription: str | None) -> None:
 @click.option("--print-gcloud", is_flag=True, help="Print the gcloud commands (IAM included) instead.")
 @click.option("--worker-sa", help="Worker service account for --print-gcloud [worker@PROJECT...].")
 @click.option("--webapp-sa", help="Web app service account for --print-gcloud [webapp@PROJECT...].")
+@click.option("--schedule", default="0 2 * * *", show_default=True,
+              help="Cron schedule of the nightly batch-scoring job, for --print-gcloud.")
+@click.option("--time-zone", default="Etc/UTC", show_default=True,
+              help="Time zone of --schedule (tz database name), for --print-gcloud.")
 def setup(
     max_delivery_attempts: int,
     min_backoff: int,
@@ -79,6 +84,8 @@ def setup(
     print_gcloud: bool,
     worker_sa: str | None,
     webapp_sa: str | None,
+    schedule: str,
+    time_zone: str,
 ) -> None:
     """Create the topics and subscriptions, idempotently."""
     from worker import ops_cli
@@ -89,7 +96,14 @@ def setup(
     options = SetupOptions(max_delivery_attempts, min_backoff, max_backoff, ack_deadline, retention_days)
     if print_gcloud:
         ops_cli.run_verb(
-            lambda: ops_cli.print_gcloud(settings, worker_sa=worker_sa, webapp_sa=webapp_sa, options=options)
+            lambda: ops_cli.print_gcloud(
+                settings,
+                worker_sa=worker_sa,
+                webapp_sa=webapp_sa,
+                options=options,
+                schedule=schedule,
+                time_zone=time_zone,
+            )
         )
     credentials = None
     publisher, subscriber = pubsub_clients(settings, credentials)
@@ -107,12 +121,14 @@ def setup(
 @cli.command()
 @click.option("--jobs", "sample_jobs", type=int, default=20, show_default=True, help="Sample jobs to send.")
 @click.option("--max-in-flight", type=int, default=100, show_default=True)
-def dev(sample_jobs: int, max_in_flight: int) -> None:
+@click.option("--fire-batch", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Also send one batch-scoring job over N accounts of the accounts-source service.")
+def dev(sample_jobs: int, max_in_flight: int, fire_batch: int) -> None:
     """Run the whole system here: Pub/Sub emulator, local Cloud Run, the worker, sample jobs."""
     from worker.devstack import run_dev
 
     try:
-        run_dev(sample_jobs=sample_jobs, max_in_flight=max_in_flight)
+        run_dev(sample_jobs=sample_jobs, max_in_flight=max_in_flight, fire_batch=fire_batch)
     except ConfigError as exc:
         fail(str(exc))
     except RuntimeError as exc:
@@ -158,6 +174,19 @@ def replay(kind: str | None, job_id: str | None, limit: int | None, dry_run: boo
     ops_cli.run_verb(
         lambda: ops_cli.replay(settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run)
     )
+
+
+@cli.command("batch-status")
+@click.argument("batch_id")
+@click.option("--from-file", "results_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Results as JSON lines, e.g. what the web app stored.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def batch_status(batch_id: str, results_file: Path, as_json: bool) -> None:
+    """Show a batch's progress; exit 0 once every child has a result, 1 before."""
+    from worker import ops_cli
+    from worker.batch_cli import batch_status as show
+
+    ops_cli.run_verb(lambda: show(batch_id, results_file, as_json=as_json))
 
 
 @cli.command()

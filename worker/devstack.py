@@ -30,7 +30,7 @@ def _pin_metadata_host() -> int:
     return port
 
 
-def run_dev(*, sample_jobs: int, max_in_flight: int) -> None:
+def run_dev(*, sample_jobs: int, max_in_flight: int, fire_batch: int = 0) -> None:
     metadata_port = _pin_metadata_host()
     os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
     from worker.localcloud import LocalCloud, PubSubEmulator
@@ -45,9 +45,10 @@ def run_dev(*, sample_jobs: int, max_in_flight: int) -> None:
         os.environ["WORKER_MAX_IN_FLIGHT"] = str(max_in_flight)
         cloud.add_service("account-scoring", "account-scoring")
         cloud.add_service("echo", "echo")
-        cloud.add_service("accounts-source", "accounts-source")
+        source = cloud.add_service("accounts-source", "accounts-source")
+        source.total_accounts = fire_batch
         _print_environment(cloud.env, emulator.host)
-        asyncio.run(_run(sample_jobs))
+        asyncio.run(_run(sample_jobs, fire_batch))
 
 
 def _print_environment(env: dict[str, str], emulator_host: str) -> None:
@@ -59,7 +60,7 @@ def _print_environment(env: dict[str, str], emulator_host: str) -> None:
     click.echo("Press Ctrl-C to stop.\n")
 
 
-async def _run(sample_jobs: int) -> None:
+async def _run(sample_jobs: int, fire_batch: int) -> None:
     from worker.app import pubsub_clients, run_worker
     from worker.logs import configure_logging
     from worker.provision import SetupOptions, apply_setup
@@ -81,6 +82,11 @@ async def _run(sample_jobs: int) -> None:
         job = _sample_job(index)
         publisher.publish(topic, json.dumps(job).encode(), job_id=job["job_id"], kind=job["kind"])
     click.echo(f"Sent {sample_jobs} sample jobs.")
+    if fire_batch:
+        batch_id = f"dev-batch-{uuid.uuid4().hex[:8]}"
+        batch = {"job_id": batch_id, "kind": "batch-scoring", "payload": {"source": True}}
+        publisher.publish(topic, json.dumps(batch).encode(), job_id=batch["job_id"], kind=batch["kind"])
+        click.echo(f"Sent batch {batch['job_id']} over {fire_batch} source accounts.")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -104,10 +110,23 @@ def _sample_job(index: int) -> dict[str, Any]:
 
 
 def _print_results(subscriber: Any, settings: Any, stop: asyncio.Event) -> None:
+    from worker.client import BatchProgress
+    from worker.messages import Result
+
     path = subscriber.subscription_path(settings.project, settings.results_subscription)
+    batches: dict[str, BatchProgress] = {}
 
     def show(message: Any) -> None:
         result = json.loads(message.data)
+        if result.get("batch"):
+            # One line per tenth of a batch, not one per child.
+            progress = batches.setdefault(result["batch"]["id"], BatchProgress(result["batch"]["id"]))
+            step = max(1, result["batch"]["total"] // 10)
+            counted = progress.update(Result.model_validate(result))
+            if counted and (progress.finished % step == 0 or progress.done):
+                click.echo(f"    batch  {progress.batch_id}  " + json.dumps(progress.as_dict()))
+            message.ack()
+            return
         colour = {"succeeded": "green", "expired": "yellow"}.get(result["status"], "red")
         answer = result.get("response") if result["status"] == "succeeded" else result.get("error")
         click.echo(

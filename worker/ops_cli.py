@@ -230,8 +230,17 @@ def doctor(settings: Settings, service: str | None, *, audience: str | None, wor
     return EXIT_OK if diagnosis.ok else EXIT_FAILED
 
 
-def print_gcloud(settings: Settings, *, worker_sa: str | None, webapp_sa: str | None, options: Any) -> int:
+def print_gcloud(
+    settings: Settings,
+    *,
+    worker_sa: str | None,
+    webapp_sa: str | None,
+    options: Any,
+    schedule: str,
+    time_zone: str,
+) -> int:
     from worker.app import load_catalog
+    from worker.batch_cli import scheduler_commands
     from worker.gcloud import default_webapp_sa, default_worker_sa, gcloud_script
 
     try:
@@ -245,8 +254,10 @@ def print_gcloud(settings: Settings, *, worker_sa: str | None, webapp_sa: str | 
             worker_sa or default_worker_sa(settings.project),
             webapp_sa or default_webapp_sa(settings.project),
             options,
-            # Extension point: a feature that needs more gcloud commands (batch scoring's
-            # Cloud Scheduler job) passes them here as extra_commands=[...].
+            # The nightly batch only where the catalog has the kind it publishes.
+            extra_commands=(
+                scheduler_commands(settings, schedule, time_zone) if "batch-scoring" in catalog else ()
+            ),
         ),
         nl=False,
     )
