@@ -133,7 +133,7 @@ def dumps(body: Any) -> bytes:
 # -- properties ------------------------------------------------------------------
 
 
-@fast(600)
+@fast(500)
 @given(data=st.binary(max_size=2000), attrs=attributes)
 def test_random_bytes_never_escape_and_are_rejected(data: bytes, attrs: dict[str, str]) -> None:
     outcome, invoker = handle(data, attrs)
@@ -175,7 +175,7 @@ def test_a_wrong_type_in_any_field_is_rejected(
     assert_rejected(outcome, invoker)
 
 
-@fast(500)
+@fast(400)
 @given(job_id=bad_job_ids, attrs=attributes)
 def test_unicode_control_and_surrogate_job_ids_are_rejected(job_id: str, attrs: dict[str, str]) -> None:
     outcome, invoker = handle(
