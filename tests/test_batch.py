@@ -1,7 +1,8 @@
-"""BatchProgress: each child counted once, succeeded final, the parent recognised."""
+"""Batch scoring units: BatchProgress, BatchFanOut with fakes, batch-status and the schedule."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -13,12 +14,19 @@ from typing import Any
 
 import pytest
 
-from worker.batch import batch_id_for
+from worker.batch import BatchFanOut, batch_id_for
+from worker.catalog import JobKind
 from worker.client import BatchProgress
+from worker.errors import PermanentJobError
+from worker.invoker import CallResult
 from worker.messages import BatchRef, Job, JobStatus, Result
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def make_job(**fields: Any) -> Job:
+    return Job.model_validate(fields)
 
 
 def child(index: int, status: str = "succeeded", *, batch_id: str = "b1", total: int = 4) -> Result:
@@ -30,13 +38,14 @@ def child(index: int, status: str = "succeeded", *, batch_id: str = "b1", total:
         finished_at=T0,
         duration_ms=1,
         batch=BatchRef(id=batch_id, index=index, total=total),
+        truncated=False,
     )
 
 
 def parent(job_id: str, response: Any) -> Result:
     return Result(
         job_id=job_id, kind="batch-scoring", status=JobStatus.SUCCEEDED, response=response,
-        started_at=T0, finished_at=T0, duration_ms=1,
+        started_at=T0, finished_at=T0, duration_ms=1, truncated=False,
     )
 
 
@@ -100,7 +109,7 @@ def test_an_index_beyond_the_known_total_is_not_counted() -> None:
     [({"daily": True}, "nightly-20260101"), ({"source": True}, "nightly"), (None, "nightly")],
 )
 def test_a_daily_batch_id_carries_the_utc_date(payload: Any, expected: str) -> None:
-    job = Job(job_id="nightly", kind="batch-scoring", payload=payload)
+    job = make_job(job_id="nightly", kind="batch-scoring", payload=payload)
     assert batch_id_for(job, datetime(2026, 1, 1, 23, 30, tzinfo=UTC)) == expected
 
 
@@ -144,3 +153,83 @@ def test_batch_status_counts_a_results_file(tmp_path: Path) -> None:
     assert "4/4" in done.stdout and "succeeded" in done.stdout
     missing = run_worker_cli("batch-status", "b1", "--from-file", str(tmp_path / "nope"), tmp_path=tmp_path)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+class FakeFuture:
+    def result(self, timeout: float | None = None) -> str:
+        return "id"
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def publish(self, topic: str, data: bytes, **attributes: str) -> FakeFuture:
+        job = Job.model_validate_json(data)
+        assert attributes == {"job_id": job.job_id, "kind": job.kind} and topic == "topic"
+        self.jobs.append(job)
+        return FakeFuture()
+
+
+class FakeSource:
+    """Pages `ids`; `shrink_after` pages into the second pass, the source loses ids."""
+
+    def __init__(self, ids: list[str], shrink_after: int | None = None) -> None:
+        self.ids = ids
+        self.bodies: list[Any] = []
+        self.shrink_after = shrink_after
+
+    async def resolve(self, service: str, region: str) -> str:
+        return f"https://{service}.run.app"
+
+    async def invoke(self, kind: Any, url: str, job: Job, region: str = "r") -> CallResult:
+        assert kind.handler == "call" and kind.service == "accounts-source"
+        self.bodies.append(job.payload)
+        if self.shrink_after is not None and len(self.bodies) > self.shrink_after:
+            self.ids = self.ids[: len(self.ids) // 2]
+        start = int(job.payload["page_token"] or 0)
+        end = min(len(self.ids), start + job.payload["page_size"])
+        token = str(end) if end < len(self.ids) else None
+        return CallResult(200, {"account_ids": self.ids[start:end], "next_page_token": token}, 1)
+
+
+def batch_kind(page_size: int = 3) -> JobKind:
+    return JobKind.model_validate(
+        {
+            "kind": "batch-scoring",
+            "handler": "batch",
+            "service": "accounts-source",
+            "batch": {"child_kind": "account-scoring", "page_size": page_size, "max_ids": 100},
+        }
+    )
+
+
+def fan_out(source: FakeSource, publisher: FakePublisher) -> BatchFanOut:
+    return BatchFanOut(publisher, "topic", source, source, region="r", clock=lambda: T0)
+
+
+def test_fan_out_from_the_source_numbers_children_and_knows_the_total() -> None:
+    source, publisher = FakeSource([f"a{i}" for i in range(7)]), FakePublisher()
+    job = make_job(job_id="b1", kind="batch-scoring", payload={"source": True})
+    call = asyncio.run(fan_out(source, publisher)(job, batch_kind()))
+    assert call.response == {"batch_id": "b1", "children_published": 7, "total": 7}
+    assert [(j.job_id, j.payload, j.batch) for j in publisher.jobs] == [
+        (f"b1:{i}", {"account_id": f"a{i}"}, BatchRef(id="b1", index=i, total=7)) for i in range(7)
+    ]
+    assert [b["page_token"] for b in source.bodies] == [None, "3", "6"] * 2  # count, then publish
+    assert {b["page_size"] for b in source.bodies} == {3}
+
+
+def test_explicit_ids_need_no_source_and_a_daily_batch_gets_the_date() -> None:
+    source, publisher = FakeSource([]), FakePublisher()
+    job = make_job(job_id="n", kind="batch-scoring", payload={"account_ids": ["x", "y"], "daily": True})
+    call = asyncio.run(fan_out(source, publisher)(job, batch_kind()))
+    assert call.response == {"batch_id": "n-20260101", "children_published": 2, "total": 2}
+    assert [j.job_id for j in publisher.jobs] == ["n-20260101:0", "n-20260101:1"] and not source.bodies
+
+
+def test_a_source_that_shrinks_between_the_passes_fails_the_batch() -> None:
+    source, publisher = FakeSource([f"a{i}" for i in range(8)], shrink_after=3), FakePublisher()
+    job = make_job(job_id="b1", kind="batch-scoring")
+    with pytest.raises(PermanentJobError, match="when counted"):
+        asyncio.run(fan_out(source, publisher)(job, batch_kind()))

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -84,7 +85,7 @@ class BatchFanOut:
         source = _SourcePager(kind, job, self._invoker, self._resolver, self._region)
         if ids is None:
             total = await source.count(spec.max_ids)
-            pages: AsyncIterator[Sequence[str]] = source.pages()
+            pages: AsyncGenerator[Sequence[str], None] = source.pages()
         else:
             total = len(ids)
             pages = _chunks(ids, spec.page_size)
@@ -96,14 +97,15 @@ class BatchFanOut:
                 f"batch id {batch_id!r} leaves no room for child ids within {_MAX_JOB_ID} characters",
             )
         published = 0
-        async for page in pages:
-            page = page[: total - published]  # a source that grew since the count
-            await asyncio.to_thread(
-                self._publish_window, job, spec.child_kind, batch_id, total, published, page
-            )
-            published += len(page)
-            if published >= total:
-                break
+        async with aclosing(pages):  # closed even when a grown source is cut short
+            async for page in pages:
+                page = page[: total - published]  # a source that grew since the count
+                await asyncio.to_thread(
+                    self._publish_window, job, spec.child_kind, batch_id, total, published, page
+                )
+                published += len(page)
+                if published >= total:
+                    break
         if published < total:
             raise PermanentJobError(
                 "source_changed",
@@ -130,6 +132,7 @@ class BatchFanOut:
                 kind=child_kind,
                 payload={"account_id": account_id},
                 created_at=created,
+                not_after=None,
                 batch=BatchRef(id=batch_id, index=index, total=total),
                 traceparent=parent.traceparent,
             )
@@ -163,7 +166,7 @@ class _SourcePager:
                 )
         return total
 
-    async def pages(self) -> AsyncIterator[list[str]]:
+    async def pages(self) -> AsyncGenerator[list[str], None]:
         if not self._kind.service:
             raise PermanentJobError("no_source", f"kind {self._kind.kind!r} names no source service")
         url = await self._resolver.resolve(self._kind.service, self._region)
@@ -216,6 +219,6 @@ def _explicit_ids(payload: Any, max_ids: int) -> list[str] | None:
     return ids
 
 
-async def _chunks(ids: list[str], size: int) -> AsyncIterator[list[str]]:
+async def _chunks(ids: list[str], size: int) -> AsyncGenerator[list[str], None]:
     for start in range(0, len(ids), size):
         yield ids[start : start + size]
