@@ -140,6 +140,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         max_in_flight=settings.max_in_flight,
         grace_s=settings.shutdown_grace_s,
         max_delivery_attempts=max_attempts,
+        lease_extension_s=settings.lease_extension_s,
     )
     return Worker(
         settings, catalog, tokens, resolver, pipeline, consumer, publisher_client, subscriber_client

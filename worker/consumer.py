@@ -8,7 +8,8 @@ twice that, so a small buffer waits here.
 At shutdown, jobs not yet started are nacked while the pull stream is still open,
 then the stream closes and running jobs finish within the grace period (acked by
 unary RPCs, since the client's ack path closes with the stream). Jobs still running
-after the grace period are released: their leases lapse and Pub/Sub redelivers them.
+after the grace period are released: their leases lapse (within
+WORKER_LEASE_EXTENSION_SECONDS) and Pub/Sub redelivers them.
 Nacks are not sent after the stream closed: the emulator (528) then never hands the
 message to a streaming pull again. Leases are extended by the client while
 a job runs. Acknowledgement rules (DESIGN.md): ack only after the result and any
@@ -65,12 +66,14 @@ class Consumer:
         max_in_flight: int,
         grace_s: float,
         max_delivery_attempts: int | None,
+        lease_extension_s: int = 20,
     ) -> None:
         self._subscriber = subscriber
         self._subscription = subscription
         self._handle = handle
         self._publisher = publisher
         self._max_in_flight = max_in_flight
+        self._lease_extension_s = lease_extension_s
         self._grace_s = grace_s
         self.max_delivery_attempts = max_delivery_attempts
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,8 +98,13 @@ class Consumer:
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self._max_in_flight)
         failed = asyncio.Event()
+        # Leases are extended a short step at a time: a job released at shutdown, or
+        # held by a worker that was killed, is redelivered within one step (the
+        # client's default step is the stream's 60 s).
         flow = pubsub_v1.types.FlowControl(
-            max_messages=2 * self._max_in_flight, max_bytes=1024 * 1024 * 1024
+            max_messages=2 * self._max_in_flight,
+            max_bytes=1024 * 1024 * 1024,
+            max_duration_per_lease_extension=self._lease_extension_s,
         )
         self._streaming = True
         self.stats.started_at = time.monotonic()

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         8.0, ge=0, le=3600, validation_alias=_env("WORKER_SHUTDOWN_GRACE_SECONDS")
     )
+    lease_extension_s: int = Field(20, ge=10, le=600, validation_alias=_env("WORKER_LEASE_EXTENSION_SECONDS"))
     resolver_ttl_s: float = Field(600.0, ge=0, validation_alias=_env("WORKER_RESOLVER_TTL_SECONDS"))
     impersonate_service_account: str | None = Field(
         None, validation_alias=_env("WORKER_IMPERSONATE_SERVICE_ACCOUNT")

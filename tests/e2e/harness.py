@@ -36,15 +36,23 @@ def worker_env(local_cloud: Any, names: Any, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(local_cloud.env)
     env.update(names.env)
-    env.update({"WORKER_LOG_FORMAT": "json", "WORKER_SHUTDOWN_GRACE_SECONDS": "5"})
+    env.update(
+        {
+            "WORKER_LOG_FORMAT": "json",
+            "WORKER_SHUTDOWN_GRACE_SECONDS": "5",
+            "WORKER_LEASE_EXTENSION_SECONDS": "10",
+        }
+    )
     env.update(extra)
     return env
 
 
 def provision(env: dict[str, str], **options: Any) -> None:
-    """Create the test's topics and subscriptions with `worker setup`'s own code."""
+    """Create the test's topics and subscriptions with `worker setup`'s own code.
+
+    A 10 s ack deadline (the minimum) makes a released job come back quickly."""
     settings = load_settings(**env)  # the variables' names are the settings' aliases
-    opts = SetupOptions(**{"min_backoff_s": 1, "max_backoff_s": 2, **options})
+    opts = SetupOptions(**{"min_backoff_s": 1, "max_backoff_s": 2, "ack_deadline_s": 10, **options})
     apply_setup(pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient(), settings, opts)
 
 
@@ -125,7 +133,9 @@ def publish(env: dict[str, str], jobs: Iterable[dict[str, Any] | bytes]) -> int:
         if isinstance(job, bytes):
             futures.append(publisher.publish(topic, job))
         else:
-            futures.append(publisher.publish(topic, json.dumps(job).encode(), job_id=str(job.get("job_id", ""))))
+            futures.append(
+                publisher.publish(topic, json.dumps(job).encode(), job_id=str(job.get("job_id", "")))
+            )
     for future in futures:
         future.result(timeout=60)
     publisher.stop()
@@ -160,7 +170,9 @@ def results_by_job(messages: list[Any]) -> dict[str | None, list[dict[str, Any]]
     return by_job
 
 
-def collect_results(env: dict[str, str], job_ids: set[str], timeout: float = 120) -> dict[str | None, list[dict[str, Any]]]:
+def collect_results(
+    env: dict[str, str], job_ids: set[str], timeout: float = 120
+) -> dict[str | None, list[dict[str, Any]]]:
     """Results for every job id (duplicates kept), or fail naming the missing ones."""
     by_job: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
     deadline = time.monotonic() + timeout
