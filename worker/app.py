@@ -7,6 +7,7 @@ explicitly, and handed to the pieces that need it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from contextlib import AsyncExitStack
@@ -67,7 +68,7 @@ def run_client(settings: Settings, credentials: Any) -> Any:
 
 
 def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
-    from google.cloud import pubsub_v1
+    from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 
     # With PUBSUB_EMULATOR_HOST set the clients talk to the emulator without credentials.
     kwargs = {} if os.environ.get("PUBSUB_EMULATOR_HOST") else {"credentials": credentials}
@@ -169,10 +170,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        # Not possible off the main thread (worker dev runs it beside the local cloud).
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, _on_signal, stop, sig)
-        except (NotImplementedError, RuntimeError):
-            pass  # not the main thread (worker dev runs it beside the local cloud)
     async with AsyncExitStack() as stack:
         health = await serve_health(settings, stack)  # None unless $PORT is set
         worker = await build_worker(settings, stack)

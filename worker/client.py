@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 from google.api_core import exceptions
-from google.cloud import pubsub_v1
+from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 from google.protobuf import duration_pb2
 from pydantic import ValidationError
 

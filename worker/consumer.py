@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from google.cloud import pubsub_v1
+from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 
 from worker.messages import clip
 from worker.pipeline import Delivery, Outcome

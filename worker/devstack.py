@@ -9,6 +9,7 @@ second shell needs to use `worker enqueue`, `worker dead-letters` and friends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -137,7 +138,5 @@ def _print_results(subscriber: Any, settings: Any, stop: asyncio.Event) -> None:
         message.ack()
 
     future = subscriber.subscribe(path, show)
-    try:
+    with contextlib.suppress(Exception):  # the stream ends when the emulator stops
         future.result()
-    except Exception:
-        pass

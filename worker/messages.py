@@ -102,7 +102,7 @@ class Result(BaseModel):
     finished_at: datetime
     duration_ms: int
     batch: BatchRef | None = None
-    truncated: bool = Field(False, description="response cut to fit Pub/Sub's message limit")
+    truncated: bool = False  # response cut to fit Pub/Sub's message limit
 
     def to_bytes(self) -> bytes:
         try:

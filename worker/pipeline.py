@@ -143,6 +143,8 @@ class Pipeline:
         ack_only: bool = False,
     ) -> Outcome:
         finished = self._clock()
+        job_id: str | None
+        kind_name: str | None
         if job is not None:
             job_id, kind_name = job.job_id, job.kind
         else:

@@ -7,7 +7,7 @@ from typing import Any
 
 import proto
 from google.api_core import exceptions
-from google.cloud import pubsub_v1
+from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from worker.settings import Settings

@@ -126,7 +126,7 @@ def load_settings(**overrides: object) -> Settings:
     """Read the environment (plus command-line overrides); raise ConfigError naming the variable."""
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**clean)
+        return Settings(**clean)  # type: ignore[arg-type]  # aliases and names, checked by pydantic
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
