@@ -66,13 +66,17 @@ def write_kind(directory: Path, kind: str, service: str, **fields: Any) -> None:
 
 
 class WorkerProcess:
-    """`worker run` in its own process, logs captured to a file."""
+    """`worker run` in its own process, logs captured to a file.
 
-    def __init__(self, env: dict[str, str], name: str = "worker") -> None:
+    `module` runs another consumer the same way (the benchmark's ceiling and naive
+    worker); it must log `consumer_started` when it is pulling."""
+
+    def __init__(self, env: dict[str, str], name: str = "worker", module: str = "worker") -> None:
         self.log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
+        argv = [sys.executable, "-m", "worker", "run"] if module == "worker" else [sys.executable, "-m", module]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
+            argv,
             env=env,
             cwd=REPO,
             stdout=self._log,

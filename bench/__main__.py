@@ -1,0 +1,53 @@
+"""`make bench`: throughput, latency and cost per job against the ceiling and a naive worker.
+
+    python -m bench [--quick] [--max-in-flight 200] [--naive-cap-s 60] [--only a,b,c,d]
+
+Starts the Pub/Sub emulator and the local cloud in this process, runs the scenarios
+of issue #7 one contender at a time, prints a table and the targets, and writes the
+JSON to bench/results/. The full run takes several minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+# Picks the metadata port and points GCE_METADATA_HOST at it: google-auth reads it
+# once, at import, so everything that imports google.auth is imported after this.
+from tests.conftest import METADATA_PORT, PROJECT
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke size: about a minute")
+    parser.add_argument("--max-in-flight", type=int, default=200, help="WORKER_MAX_IN_FLIGHT for (a)-(c)")
+    parser.add_argument("--naive-cap-s", type=float, default=60.0, help="stop the naive worker after this")
+    parser.add_argument("--only", default="a,b,c,d", help="scenarios to run, e.g. a,b")
+    parser.add_argument("--out", type=Path, default=None, help="JSON directory (default bench/results)")
+    args = parser.parse_args()
+
+    from bench.report import RESULTS_DIR, run_suite, table
+    from bench.scenarios import suite
+    from worker.localcloud import LocalCloud, PubSubEmulator
+
+    wanted = set(args.only.split(","))
+    scenarios = [
+        s
+        for s in suite(quick=args.quick, max_in_flight=args.max_in_flight, naive_cap_s=args.naive_cap_s)
+        if s.name in wanted
+    ]
+    with (
+        PubSubEmulator(project=PROJECT) as emulator,
+        LocalCloud(project=PROJECT, metadata_port=METADATA_PORT) as cloud,
+    ):
+        os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+        os.environ.update(cloud.env)
+        report, path = run_suite(cloud, scenarios, args.out or RESULTS_DIR)
+    print()
+    print(table(report))
+    print(f"\nJSON: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""What the benchmark measures of a consumer process, and of the machine it ran on."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import psutil
+
+MIB = 1024 * 1024
+LIBRARIES = ("google-cloud-pubsub", "google-auth", "google-cloud-run", "aiohttp", "grpcio", "requests")
+
+
+class ProcessMonitor:
+    """CPU seconds (process and children) between start and stop; RSS sampled every 100 ms."""
+
+    def __init__(self, pid: int, every_s: float = 0.1) -> None:
+        self._process = psutil.Process(pid)
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._cpu_start = 0.0
+        self.cpu_s = 0.0
+        self.peak_rss = 0
+
+    def _cpu(self) -> float:
+        t = self._process.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(self._every_s)
+
+    def __enter__(self) -> ProcessMonitor:
+        self._cpu_start = self._cpu()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Read before the driver stops the process: a dead process has no CPU times.
+        self.cpu_s = self._cpu() - self._cpu_start
+        self._stop.set()
+        self._thread.join()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "libraries": versions,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=str)
