@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from packaging.utils import canonicalize_name
 from tests.dockerfile import Stage, build_context, parse_dockerfile
 from tests.e2e.harness import collect_results, provision, publish, worker_env
 from worker.localcloud import score_account
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
 
@@ -234,5 +237,7 @@ def test_the_installed_worker_runs_a_job_and_exits_0_on_sigterm(
             process.wait(10)
     events = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     ready = next(e for e in events if e["message"] == "worker_ready")
-    assert ready["kinds"] == ["account-scoring", "echo"]
+    # The packaged catalog is the repository's jobs/, kind for kind.
+    shipped = sorted(tomllib.loads(f.read_text())["kind"] for f in (REPO_ROOT / "jobs").glob("*.toml"))
+    assert ready["kinds"] == shipped
     assert "consumer_stopped" in [e["message"] for e in events]
