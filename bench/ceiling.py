@@ -5,8 +5,9 @@
 
 Whatever `worker run` does per job costs on top of this, so its rate on the same
 backlog bounds ours. Once BENCH_EXPECT distinct messages were acked it writes one
-ack time (epoch seconds) per line to BENCH_ACKS_FILE and idles; the driver takes
-the rate from the first ack to the last, as it does from results for the workers.
+"ack-time job-id" line per message to BENCH_ACKS_FILE and idles; the driver takes
+the rate from the first ack to the last, as it does from results for the workers,
+and an ack as the ceiling's "result" for latency.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded 
 
 def main() -> None:
     expect = int(os.environ["BENCH_EXPECT"])
-    acks: dict[str, float] = {}
+    acks: dict[str, tuple[float, str]] = {}
     done = threading.Event()
     lock = threading.Lock()
 
@@ -30,7 +31,7 @@ def main() -> None:
         message.ack()
         with lock:
             # A redelivery is acked again but counted once, at its first ack.
-            acks.setdefault(message.message_id, time.time())
+            acks.setdefault(message.message_id, (time.time(), message.attributes.get("job_id", "")))
             if len(acks) >= expect:
                 done.set()
 
@@ -46,7 +47,7 @@ def main() -> None:
     target = Path(os.environ["BENCH_ACKS_FILE"])
     partial = target.with_suffix(".partial")
     with lock:
-        partial.write_text("".join(f"{t}\n" for t in acks.values()))
+        partial.write_text("".join(f"{t} {job_id}\n" for t, job_id in acks.values()))
     partial.rename(target)  # the driver reads the file once it exists: never half of it
     # Stay alive: the driver reads this process's CPU times, then stops it.
     threading.Event().wait()
