@@ -143,7 +143,7 @@ class IdentityTokenSource:
             await asyncio.to_thread(creds.refresh, self._request)
         except auth_exceptions.RefreshError as exc:
             text = str(exc)
-            if "not allowed to impersonate" in text or "PERMISSION_DENIED" in text:
+            if credentials_refused(exc):
                 raise PermanentJobError(
                     "token_creator_missing",
                     f"cannot mint an ID token for {audience} as {self.principal.describe()}: {text[:400]}",
@@ -158,6 +158,14 @@ class IdentityTokenSource:
                 f"cannot mint an ID token for {audience} as {self.principal.describe()}: "
                 f"{type(exc).__name__}: {str(exc)[:400]}",
             ) from None
+
+
+def credentials_refused(exc: BaseException) -> bool:
+    """True when refreshing credentials failed for lack of a permission (not an outage)."""
+    text = str(exc)
+    return isinstance(exc, auth_exceptions.RefreshError) and (
+        "not allowed to impersonate" in text or "PERMISSION_DENIED" in text
+    )
 
 
 def build_token_source(

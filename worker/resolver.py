@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from google.api_core import exceptions as api_exceptions
 
 from worker.errors import PermanentJobError, TransientJobError
+from worker.identity import TOKEN_CREATOR, credentials_refused
 from worker.logs import log
 
 _ADMIN_API_TIMEOUT_S = 10.0
@@ -99,6 +100,12 @@ class ServiceResolver:
                 f"{self._project} --member=serviceAccount:WORKER_SA --role=roles/run.viewer",
             ) from None
         except Exception as exc:  # any outage: API errors, refused connections, auth refresh
+            if credentials_refused(exc):
+                raise PermanentJobError(
+                    "token_creator_missing",
+                    f"the worker's credentials were refused while reading {name}: {_short(exc)}; "
+                    f"when impersonating, the caller needs {TOKEN_CREATOR} on the service account",
+                ) from None
             stale = self._cache.get((service, region))
             if stale is not None:
                 log.warning(
