@@ -227,7 +227,7 @@ def soak_stack(
             local_cloud,
             names,
             WORKER_CATALOG_DIR=str(catalog),
-            PUBSUB_EMULATOR_HOST=pubsub_emulator.host if os.environ.get("SOAK_DIRECT") else proxy.host,
+            PUBSUB_EMULATOR_HOST=proxy.host,
         )
     )
     try:
