@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from pathlib import Path
 
 # Picks the metadata port and points GCE_METADATA_HOST at it: google-auth reads it
@@ -26,6 +28,9 @@ def main() -> None:
     parser.add_argument("--only", default="a,b,c,d", help="scenarios to run, e.g. a,b")
     parser.add_argument("--out", type=Path, default=None, help="JSON directory (default bench/results)")
     args = parser.parse_args()
+    # Exit through the context managers on SIGTERM too: they stop the worker processes,
+    # the emulator and the local cloud, which would otherwise outlive the driver.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from bench.report import RESULTS_DIR, run_suite, table
     from bench.scenarios import suite

@@ -26,6 +26,7 @@ COLUMNS = (
     ("rss MiB", 7),
     ("tokens", 6),
     ("admin", 5),
+    ("busy %", 6),
 )
 
 
@@ -164,6 +165,7 @@ def row(run: Run) -> str:
         run.peak_rss_mib,
         run.id_tokens_minted,
         run.admin_api_calls,
+        run.machine_busy_pct,
     )
     return " | ".join(_cell(c).rjust(width) for c, (_, width) in zip(cells, COLUMNS, strict=True))
 

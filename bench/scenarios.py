@@ -104,6 +104,7 @@ class Run:
     cpu_s: float = 0.0
     cpu_s_per_1000: float | None = None
     peak_rss_mib: float = 0.0
+    machine_busy_pct: float = 0.0
     id_tokens_minted: int = 0
     id_tokens_for_service: int = 0
     admin_api_calls: int = 0
@@ -176,6 +177,7 @@ def run_contender(cloud: Any, scenario: Scenario, contender: str) -> Run:
         cloud.remove_service(service.name)
     run.cpu_s = monitor.cpu_s
     run.peak_rss_mib = round(monitor.peak_rss / MIB, 1)
+    run.machine_busy_pct = monitor.machine_busy_pct
     run.id_tokens_minted = sum(tokens.values())
     run.id_tokens_for_service = sum(n for audience, n in tokens.items() if audience in service.audiences())
     run.admin_api_calls = sum(calls.values())
