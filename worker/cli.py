@@ -7,6 +7,8 @@ GCE_METADATA_HOST before google.auth is first imported.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -105,8 +107,11 @@ def setup(
                 time_zone=time_zone,
             )
         )
-    credentials = None
-    publisher, subscriber = pubsub_clients(settings, credentials)
+    if os.environ.get("PUBSUB_EMULATOR_HOST"):
+        # See SetupOptions.retry_policy: the emulator loses nacked jobs under a retry policy.
+        options = dataclasses.replace(options, retry_policy=False)
+        click.echo("Pub/Sub emulator: the jobs subscription gets no retry policy (nacks redeliver at once).")
+    publisher, subscriber = pubsub_clients(settings, None)
     changes = apply_setup(publisher, subscriber, settings, options)
     for change in changes:
         click.echo(

@@ -71,7 +71,7 @@ async def _run(sample_jobs: int, fire_batch: int) -> None:
     configure_logging("console", "warning", settings.project)
     publisher, subscriber = pubsub_clients(settings, None)
     for change in apply_setup(
-        publisher, subscriber, settings, SetupOptions(min_backoff_s=1, max_backoff_s=10)
+        publisher, subscriber, settings, SetupOptions(retry_policy=False)
     ):
         click.echo(f"{change.action:>9}  {change.resource}")
     stop = asyncio.Event()

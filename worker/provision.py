@@ -20,6 +20,10 @@ class SetupOptions:
     max_backoff_s: int = 600
     ack_deadline_s: int = 60
     retention_days: int = 7
+    # Off only on the emulator: with a retry policy, emulator 528 loses nacked messages
+    # whose subscriber stream dies before their backoff ends (seen in the chaos soak:
+    # up to 40% of jobs never redelivered; none without the policy).
+    retry_policy: bool = True
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Change:
 def _subscriptions(settings: Settings, options: SetupOptions) -> list[dict[str, Any]]:
     project = settings.project
     retention = duration_pb2.Duration(seconds=options.retention_days * 86400)
-    return [
+    subscriptions: list[dict[str, Any]] = [
         {
             "name": f"projects/{project}/subscriptions/{settings.jobs_subscription}",
             "topic": f"projects/{project}/topics/{settings.jobs_topic}",
@@ -41,10 +45,6 @@ def _subscriptions(settings: Settings, options: SetupOptions) -> list[dict[str, 
             "dead_letter_policy": pubsub_v1.types.DeadLetterPolicy(
                 dead_letter_topic=f"projects/{project}/topics/{settings.dead_letter_topic}",
                 max_delivery_attempts=options.max_delivery_attempts,
-            ),
-            "retry_policy": pubsub_v1.types.RetryPolicy(
-                minimum_backoff=duration_pb2.Duration(seconds=options.min_backoff_s),
-                maximum_backoff=duration_pb2.Duration(seconds=options.max_backoff_s),
             ),
         },
         {
@@ -60,6 +60,12 @@ def _subscriptions(settings: Settings, options: SetupOptions) -> list[dict[str, 
             "message_retention_duration": retention,
         },
     ]
+    if options.retry_policy:
+        subscriptions[0]["retry_policy"] = pubsub_v1.types.RetryPolicy(
+            minimum_backoff=duration_pb2.Duration(seconds=options.min_backoff_s),
+            maximum_backoff=duration_pb2.Duration(seconds=options.max_backoff_s),
+        )
+    return subscriptions
 
 
 def topics(settings: Settings) -> list[str]:

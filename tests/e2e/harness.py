@@ -50,9 +50,10 @@ def worker_env(local_cloud: Any, names: Any, **extra: str) -> dict[str, str]:
 def provision(env: dict[str, str], **options: Any) -> None:
     """Create the test's topics and subscriptions with `worker setup`'s own code.
 
-    A 10 s ack deadline (the minimum) makes a released job come back quickly."""
+    A 10 s ack deadline (the minimum) makes a released job come back quickly; no retry
+    policy, as `worker setup` does on the emulator (see SetupOptions.retry_policy)."""
     settings = load_settings(**env)  # the variables' names are the settings' aliases
-    opts = SetupOptions(**{"min_backoff_s": 1, "max_backoff_s": 2, "ack_deadline_s": 10, **options})
+    opts = SetupOptions(**{"retry_policy": False, "ack_deadline_s": 10, **options})
     apply_setup(pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient(), settings, opts)
 
 
@@ -74,7 +75,9 @@ class WorkerProcess:
     def __init__(self, env: dict[str, str], name: str = "worker", module: str = "worker") -> None:
         self.log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
-        argv = [sys.executable, "-m", "worker", "run"] if module == "worker" else [sys.executable, "-m", module]
+        argv = (
+            [sys.executable, "-m", "worker", "run"] if module == "worker" else [sys.executable, "-m", module]
+        )  # noqa: E501
         self.proc = subprocess.Popen(
             argv,
             env=env,
