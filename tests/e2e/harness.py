@@ -77,7 +77,7 @@ class WorkerProcess:
         self._log = self.log_path.open("wb")
         argv = (
             [sys.executable, "-m", "worker", "run"] if module == "worker" else [sys.executable, "-m", module]
-        )  # noqa: E501
+        )
         self.proc = subprocess.Popen(
             argv,
             env=env,
