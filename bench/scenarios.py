@@ -101,6 +101,9 @@ class Run:
     elapsed_s: float | None = None
     jobs_per_s: float | None = None
     latency_ms: dict[str, float | None] = field(default_factory=dict)
+    # The worker's own started_at -> finished_at (ours' results carry it): a job's
+    # latency minus this is time spent queued, in Pub/Sub or waiting for a slot.
+    duration_ms_p50: float | None = None
     cpu_s: float = 0.0
     cpu_s_per_1000: float | None = None
     peak_rss_mib: float = 0.0
@@ -237,6 +240,8 @@ def score(run: Run, results: list[dict[str, Any]], created: dict[str, float]) ->
     finished = {job_id: parse_time(r["finished_at"]) for job_id, r in first.items()}
     latencies = [1000 * (t - created[job_id]) for job_id, t in finished.items()]
     run.latency_ms = {f"p{q}": _round(percentile(latencies, q)) for q in (50, 95, 99)}
+    durations = [float(r["duration_ms"]) for r in first.values() if "duration_ms" in r]
+    run.duration_ms_p50 = _round(percentile(durations, 50))
     return list(finished.values())
 
 
