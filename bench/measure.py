@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import threading
@@ -84,7 +83,7 @@ def cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in LIBRARIES:
         try:
             versions[name] = metadata.version(name)
@@ -98,7 +97,3 @@ def machine() -> dict[str, Any]:
         "libraries": versions,
         "load_average_at_start": os.getloadavg(),
     }
-
-
-def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False, default=str)

@@ -23,10 +23,7 @@ import google.auth
 import google.oauth2.id_token
 import requests
 from google.auth.transport.requests import Request
-from google.cloud import (
-    pubsub_v1,  # type: ignore[attr-defined]  # lazy-loaded module
-    run_v2,
-)
+from google.cloud import pubsub_v1, run_v2  # type: ignore[attr-defined]  # lazy-loaded module
 
 
 def load_services(catalog: Path) -> dict[str, str]:
