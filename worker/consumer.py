@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from worker.results import ResultPublisher
 
 log = structlog.get_logger("worker.consumer")
 
+NACK_DELAY_BASE_S = 0.5
+NACK_DELAY_MAX_S = 10.0
 # Time for the client to send the shutdown nacks before its stream closes.
 _NACK_FLUSH_S = 0.3
 
@@ -177,22 +180,32 @@ class Consumer:
     async def _process(self, message: Any) -> None:
         assert self._slots is not None
         task = asyncio.current_task()
-        try:
-            self._waiting.add(task)  # type: ignore[arg-type]
-            async with self._slots:
-                self._waiting.discard(task)  # type: ignore[arg-type]
-                await self._run_one(message)
-        except asyncio.CancelledError:
-            if self._streaming:
-                self.stats.nacked += 1
-                message.nack()
-            else:
-                self.stats.released += 1
-            raise
+        delivery = self._delivery(message)
+        context = {
+            "job_id": clip(delivery.attributes.get("job_id", ""), 128) or None,
+            "kind": clip(delivery.attributes.get("kind", ""), 64) or None,
+            "attempt": delivery.delivery_attempt,
+        }
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                self._waiting.add(task)  # type: ignore[arg-type]
+                # The slot bounds calls to the functions; publishing the result and
+                # acking happen outside it, so a slot turns over as soon as a call ends.
+                async with self._slots:
+                    self._waiting.discard(task)  # type: ignore[arg-type]
+                    outcome = await self._handle(delivery)
+                await self._conclude(message, outcome)
+            except asyncio.CancelledError:
+                if self._streaming:
+                    self.stats.nacked += 1
+                    message.nack()
+                else:
+                    self.stats.released += 1
+                raise
 
-    async def _run_one(self, message: Any) -> None:
+    def _delivery(self, message: Any) -> Delivery:
         attempt = message.delivery_attempt
-        delivery = Delivery(
+        return Delivery(
             data=bytes(message.data),
             attributes=dict(message.attributes),
             message_id=message.message_id,
@@ -201,23 +214,24 @@ class Consumer:
                 self.max_delivery_attempts and attempt and attempt >= self.max_delivery_attempts
             ),
         )
-        context = {
-            "job_id": clip(delivery.attributes.get("job_id", ""), 128) or None,
-            "kind": clip(delivery.attributes.get("kind", ""), 64) or None,
-            "attempt": attempt,
-        }
-        with structlog.contextvars.bound_contextvars(**context):
-            outcome = await self._handle(delivery)
-            if outcome.ack:
-                try:
-                    await self._publisher.publish(outcome)
-                except Exception as exc:
-                    # Not published means not acked: Pub/Sub will deliver it again.
-                    self.stats.publish_failures += 1
-                    log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-                    await self._settle(message, ack=False)
-                    return
-            await self._settle(message, ack=outcome.ack)
+
+    async def _conclude(self, message: Any, outcome: Outcome) -> None:
+        if outcome.ack:
+            try:
+                await self._publisher.publish(outcome)
+            except Exception as exc:
+                # Not published means not acked: Pub/Sub will deliver it again.
+                self.stats.publish_failures += 1
+                log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            else:
+                await self._settle(message, ack=True)
+                return
+        # Hold a job that must go back a little before nacking it: a nack is redelivered
+        # at once where the subscription has no retry policy (the emulator), and an
+        # outage (Admin API, metadata server, Pub/Sub publish) would otherwise burn every
+        # delivery attempt in a second. The client keeps extending the lease meanwhile.
+        await asyncio.sleep(nack_delay(message.delivery_attempt))
+        await self._settle(message, ack=False)
 
     async def _settle(self, message: Any, *, ack: bool) -> None:
         if ack:
@@ -242,6 +256,13 @@ class Consumer:
                 )
         except Exception as exc:  # the message will simply be redelivered
             log.warning("settle_failed", ack=ack, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def nack_delay(delivery_attempt: int | None) -> float:
+    """Seconds to hold a job before nacking it: exponential in the delivery attempt,
+    capped at NACK_DELAY_MAX_S, with equal jitter so replicas do not retry in step."""
+    ceiling = min(NACK_DELAY_MAX_S, NACK_DELAY_BASE_S * 2 ** max(0, (delivery_attempt or 1) - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def read_max_delivery_attempts(subscriber: Any, subscription: str) -> int | None:
