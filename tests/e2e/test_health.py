@@ -72,7 +72,7 @@ def test_healthz_turns_503_when_pubsub_stops_answering(
 
             emulator.stop()
             stalled = wait_for(port, "/healthz", 503, timeout=30)
-            assert stalled["status"] == "stalled" and stalled["pubsub_silent_s"] > 6
+            assert stalled["status"] == "stalled" and stalled["pubsub_silent_s"] >= 6
             # The stream never failed by itself: without the probe this instance would look fine.
             assert stalled["stream_alive"] is True
             assert worker.proc.poll() is None
