@@ -112,9 +112,11 @@ def test_gives_up_after_the_attempt_budget_as_transient() -> None:
     async def down(request: web.Request, n: int) -> web.Response:
         return web.Response(status=502, text="bad gateway")
 
-    exc, seen, _, _ = call(down)
+    exc, seen, sleeps, _ = call(down)
     assert isinstance(exc, TransientJobError) and exc.code == "http_502" and exc.attempts == 4
     assert len(seen) == 4
+    # Full jitter in a window that doubles from backoff_initial_s (0.01 s) each retry.
+    assert len(sleeps) == 3 and all(0 <= s <= w for s, w in zip(sleeps, (0.01, 0.02, 0.04), strict=True))
 
 
 def test_401_refreshes_the_token_once() -> None:
