@@ -51,7 +51,6 @@ class ConsumerStats:
     publish_failures: int = 0
     released: int = 0
     last_message_at: float = 0.0
-    started_at: float = 0.0
 
 
 class StreamFailed(Exception):
@@ -110,7 +109,6 @@ class Consumer:
             max_duration_per_lease_extension=self._lease_extension_s,
         )
         self._streaming = True
-        self.stats.started_at = time.monotonic()
         self._future = self._subscriber.subscribe(self._subscription, self._on_message, flow_control=flow)
         self._future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(failed.set))  # type: ignore[union-attr]
         log.info("consumer_started", subscription=self._subscription, max_in_flight=self._max_in_flight)

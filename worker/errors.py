@@ -16,7 +16,6 @@ class ConfigError(Exception):
 class JobError(Exception):
     """A job could not be completed. `code` is stable and machine-readable."""
 
-    permanent: bool = True
 
     def __init__(self, code: str, message: str, *, http_status: int | None = None) -> None:
         super().__init__(message)
@@ -30,13 +29,11 @@ class JobError(Exception):
 class PermanentJobError(JobError):
     """Retrying will not help (a 403, a missing service, a 4xx from the function)."""
 
-    permanent = True
 
 
 class TransientJobError(JobError):
     """May succeed later (a 503, a timeout, the Admin API or metadata server away)."""
 
-    permanent = False
 
 
 class InvalidJobError(PermanentJobError):

@@ -8,9 +8,9 @@ whether to ack. It never raises: whatever goes wrong becomes a result or a nack.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
@@ -58,7 +58,6 @@ class Outcome:
     result: Result | None = None
     dead_letter: DeadLetter | None = None
     job: Job | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Resolver(Protocol):

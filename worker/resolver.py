@@ -8,7 +8,6 @@ for it (single flight), and while the Admin API is away the last known URL is us
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from google.api_core import exceptions as api_exceptions
 from worker.errors import PermanentJobError, TransientJobError
 from worker.identity import TOKEN_CREATOR, credentials_refused
 from worker.logs import log
+from worker.settings import is_loopback
 
 _ADMIN_API_TIMEOUT_S = 10.0
 
@@ -74,10 +74,6 @@ class ServiceResolver:
                 del self._in_flight[key]
         return await asyncio.shield(pending)
 
-    def forget(self, service: str, region: str) -> None:
-        """Drop a cached URL (for example after the service answered 404)."""
-        self._cache.pop((service, region), None)
-
     async def _refresh(self, service: str, region: str) -> str:
         name = self.name(service, region)
         self.calls[service] += 1
@@ -130,7 +126,7 @@ class ServiceResolver:
             parsed.scheme == "http"
             and self._allow_insecure_loopback
             and parsed.hostname
-            and _is_loopback(parsed.hostname)
+            and is_loopback(parsed.hostname)
         ):
             return uri.rstrip("/")
         raise PermanentJobError(
@@ -138,13 +134,6 @@ class ServiceResolver:
             f"the Admin API gave service {service!r} the URL {uri!r}; the worker only sends "
             "ID tokens to https URLs (plain http only to loopback in the local cloud)",
         )
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _short(exc: BaseException) -> str:

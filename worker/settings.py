@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         parsed = urlparse(value if "://" in value else f"https://{value}")
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError("must be an endpoint such as https://run.googleapis.com")
-        if parsed.scheme == "http" and not _is_loopback(parsed.hostname):
+        if parsed.scheme == "http" and not is_loopback(parsed.hostname):
             raise ValueError("plain http is only allowed for a loopback address (the local cloud)")
         return value.rstrip("/")
 
@@ -104,10 +104,10 @@ class Settings(BaseSettings):
         if not self.run_api_endpoint:
             return False
         host = urlparse(self.run_api_endpoint).hostname or ""
-        return _is_loopback(host)
+        return is_loopback(host)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
