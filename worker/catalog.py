@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from worker.errors import ConfigError, InvalidJobError
 
@@ -53,6 +61,7 @@ class JobKind(BaseModel):
     retry_on_timeout: bool = True
     payload_schema: dict[str, Any] | None = None
     batch: BatchSpec | None = None
+    _validator: Any = PrivateAttr(None)
 
     @field_validator("kind")
     @classmethod
@@ -106,11 +115,17 @@ class JobKind(BaseModel):
             raise ValueError("a 'batch' kind needs a [batch] table")
         return self
 
+    def model_post_init(self, __context: Any) -> None:
+        # Built once per kind at load, not once per job on the hot path.
+        self._validator = (
+            jsonschema.Draft202012Validator(self.payload_schema) if self.payload_schema else None
+        )
+
     def check_payload(self, payload: Any) -> None:
         """Raise InvalidJobError if the payload does not match the kind's schema."""
-        if self.payload_schema is None:
+        validator = self._validator
+        if validator is None:
             return
-        validator = jsonschema.Draft202012Validator(self.payload_schema)
         try:
             error = jsonschema.exceptions.best_match(validator.iter_errors(payload))
         except RecursionError:
