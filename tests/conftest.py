@@ -8,21 +8,16 @@ dir is a fresh temp dir, so no developer's ADC file or account leaks into a test
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+# worker.localcloud loads lazily and ports.py imports no google module, so this is safe
+# before GCE_METADATA_HOST is set.
+from worker.localcloud.ports import free_port
 
-def _free_port() -> int:
-    # Not worker.localcloud.free_port: importing the worker package could import google.auth.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-METADATA_PORT = _free_port()
+METADATA_PORT = free_port()
 os.environ["GCE_METADATA_HOST"] = f"127.0.0.1:{METADATA_PORT}"
 os.environ["GCE_METADATA_IP"] = f"127.0.0.1:{METADATA_PORT}"
 os.environ["CLOUDSDK_CONFIG"] = tempfile.mkdtemp(prefix="gcloud-config-")

@@ -7,13 +7,13 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e.harness import worker_cli
 from worker.batch import BatchFanOut, batch_id_for
 from worker.catalog import JobKind
 from worker.client import BatchProgress
@@ -21,7 +21,6 @@ from worker.errors import PermanentJobError
 from worker.invoker import CallResult
 from worker.messages import BatchRef, Job, JobStatus, Result
 
-REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -44,8 +43,14 @@ def child(index: int, status: str = "succeeded", *, batch_id: str = "b1", total:
 
 def parent(job_id: str, response: Any) -> Result:
     return Result(
-        job_id=job_id, kind="batch-scoring", status=JobStatus.SUCCEEDED, response=response,
-        started_at=T0, finished_at=T0, duration_ms=1, truncated=False,
+        job_id=job_id,
+        kind="batch-scoring",
+        status=JobStatus.SUCCEEDED,
+        response=response,
+        started_at=T0,
+        finished_at=T0,
+        duration_ms=1,
+        truncated=False,
     )
 
 
@@ -115,9 +120,7 @@ def test_a_daily_batch_id_carries_the_utc_date(payload: Any, expected: str) -> N
 
 def run_worker_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    return worker_cli(env, *args)
 
 
 def test_print_gcloud_schedules_the_nightly_batch_with_the_given_cron_and_zone(tmp_path: Path) -> None:
@@ -132,8 +135,15 @@ def test_print_gcloud_schedules_the_nightly_batch_with_the_given_cron_and_zone(t
     job = Job.model_validate(body)
     assert job.kind == "batch-scoring" and job.payload == {"source": True, "daily": True}
     assert "--role=roles/pubsub.publisher" in done.stdout.split("topics add-iam-policy-binding jobs ", 1)[1]
-    other = run_worker_cli("setup", "--print-gcloud", "--schedule", "30 1 * * 1-5", "--time-zone",
-                           "Europe/Paris", tmp_path=tmp_path)
+    other = run_worker_cli(
+        "setup",
+        "--print-gcloud",
+        "--schedule",
+        "30 1 * * 1-5",
+        "--time-zone",
+        "Europe/Paris",
+        tmp_path=tmp_path,
+    )
     assert "--schedule='30 1 * * 1-5' --time-zone=Europe/Paris" in other.stdout
 
 
@@ -144,8 +154,15 @@ def test_batch_status_counts_a_results_file(tmp_path: Path) -> None:
     done = run_worker_cli("batch-status", "b1", "--from-file", str(results), "--json", tmp_path=tmp_path)
     assert done.returncode == 1, done.stderr  # one child outstanding
     assert json.loads(done.stdout) == {
-        "batch_id": "b1", "total": 4, "succeeded": 2, "failed": 1, "rejected": 0, "expired": 0,
-        "outstanding": 1, "done": False, "unreadable_lines": 1,
+        "batch_id": "b1",
+        "total": 4,
+        "succeeded": 2,
+        "failed": 1,
+        "rejected": 0,
+        "expired": 0,
+        "outstanding": 1,
+        "done": False,
+        "unreadable_lines": 1,
     }
     results.write_text("\n".join(r.model_dump_json() for r in [*lines, child(3)]) + "\n")
     done = run_worker_cli("batch-status", "b1", "--from-file", str(results), tmp_path=tmp_path)

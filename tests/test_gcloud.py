@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.e2e.harness import worker_cli
 from worker.catalog import Catalog, JobKind
 from worker.gcloud import Binding, gcloud_commands, gcloud_script, iam_bindings
 from worker.provision import SetupOptions
 from worker.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = "worker@acme.iam.gserviceaccount.com"
 WEBAPP = "webapp@acme.iam.gserviceaccount.com"
 
@@ -102,11 +101,7 @@ def test_printed_script_is_valid_shell_with_a_reason_per_binding(tmp_path: Path)
 
 def test_setup_print_gcloud_prints_without_touching_pubsub() -> None:
     env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "setup", "--print-gcloud", "--worker-sa", WORKER,
-         "--max-delivery-attempts", "10"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    done = worker_cli(env, "setup", "--print-gcloud", "--worker-sa", WORKER, "--max-delivery-attempts", "10")
     assert done.returncode == 0, done.stderr
     assert "--max-delivery-attempts=10" in done.stdout
     assert f"--member=serviceAccount:{WORKER} --role=roles/pubsub.subscriber" in done.stdout

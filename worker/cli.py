@@ -7,8 +7,6 @@ GCE_METADATA_HOST before google.auth is first imported.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,7 +87,7 @@ def setup(
     """Create the topics and subscriptions, idempotently."""
     from worker import ops_cli
     from worker.app import pubsub_clients
-    from worker.provision import SetupOptions, apply_setup
+    from worker.provision import SetupOptions, apply_setup, for_target
 
     settings = settings_or_exit()
     options = SetupOptions(max_delivery_attempts, min_backoff, max_backoff, ack_deadline, retention_days)
@@ -104,9 +102,8 @@ def setup(
                 time_zone=time_zone,
             )
         )
-    if os.environ.get("PUBSUB_EMULATOR_HOST"):
-        # See SetupOptions.retry_policy: the emulator loses nacked jobs under a retry policy.
-        options = dataclasses.replace(options, retry_policy=False)
+    options = for_target(options)
+    if not options.retry_policy:
         click.echo("Pub/Sub emulator: the jobs subscription gets no retry policy (nacks redeliver at once).")
     publisher, subscriber = pubsub_clients(settings, None)
     changes = apply_setup(publisher, subscriber, settings, options)

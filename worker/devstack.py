@@ -14,19 +14,18 @@ import json
 import os
 import shlex
 import signal
-import socket
 import threading
 import uuid
 from typing import Any
 
 import click
 
+from worker.localcloud.ports import free_port
+
 
 def _pin_metadata_host() -> int:
     # google-auth reads GCE_METADATA_HOST once, at import: fix it before anything imports it.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    port = free_port()  # ports.py imports no google module
     os.environ["GCE_METADATA_HOST"] = os.environ["GCE_METADATA_IP"] = f"127.0.0.1:{port}"
     return port
 
@@ -64,14 +63,14 @@ def _print_environment(env: dict[str, str], emulator_host: str) -> None:
 async def _run(sample_jobs: int, fire_batch: int) -> None:
     from worker.app import pubsub_clients, run_worker
     from worker.logs import configure_logging
-    from worker.provision import SetupOptions, apply_setup
+    from worker.provision import SetupOptions, apply_setup, for_target
     from worker.settings import load_settings
 
     settings = load_settings()
     configure_logging("console", "warning", settings.project)
     publisher, subscriber = pubsub_clients(settings, None)
     for change in apply_setup(
-        publisher, subscriber, settings, SetupOptions(retry_policy=False)
+        publisher, subscriber, settings, for_target(SetupOptions())
     ):
         click.echo(f"{change.action:>9}  {change.resource}")
     stop = asyncio.Event()

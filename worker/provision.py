@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,14 @@ class SetupOptions:
     # whose subscriber stream dies before their backoff ends (seen in the chaos soak:
     # up to 40% of jobs never redelivered; none without the policy).
     retry_policy: bool = True
+
+
+def for_target(options: SetupOptions) -> SetupOptions:
+    """The options as they apply where PUBSUB_EMULATOR_HOST points: no retry policy on the
+    emulator (see `retry_policy`), unchanged on Pub/Sub itself."""
+    if os.environ.get("PUBSUB_EMULATOR_HOST"):
+        return dataclasses.replace(options, retry_policy=False)
+    return options
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 from google.api_core import exceptions
 from google.cloud import pubsub_v1
 
-from worker.provision import SetupOptions, apply_setup
+from worker.provision import SetupOptions, apply_setup, for_target
 from worker.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,13 +47,25 @@ def worker_env(local_cloud: Any, names: Any, **extra: str) -> dict[str, str]:
     return env
 
 
+def worker_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The `worker` command as a user runs it, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def provision(env: dict[str, str], **options: Any) -> None:
     """Create the test's topics and subscriptions with `worker setup`'s own code.
 
     A 10 s ack deadline (the minimum) makes a released job come back quickly; no retry
     policy, as `worker setup` does on the emulator (see SetupOptions.retry_policy)."""
     settings = load_settings(**env)  # the variables' names are the settings' aliases
-    opts = SetupOptions(**{"retry_policy": False, "ack_deadline_s": 10, **options})
+    opts = for_target(SetupOptions(**{"ack_deadline_s": 10, **options}))
     apply_setup(pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient(), settings, opts)
 
 

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.harness import (
-    REPO,
     WorkerProcess,
     collect_results,
     provision,
     publish,
     uid,
+    worker_cli,
     worker_env,
     write_kind,
 )
@@ -23,18 +21,12 @@ from tests.e2e.harness import (
 pytestmark = pytest.mark.e2e
 
 
-def run_briefly(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", "run"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-
-
 def test_user_credentials_are_refused_at_start_up_with_the_fix(
     local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path
 ) -> None:
     user_file = local_cloud.create_authorized_user_file(tmp_path / "adc.json", "dev@example.com")
     env = worker_env(local_cloud, names, GOOGLE_APPLICATION_CREDENTIALS=str(user_file))
-    done = run_briefly(env)
+    done = worker_cli(env, "run")
     assert done.returncode == 2
     assert "cannot mint the ID token" in done.stderr
     assert "roles/iam.serviceAccountTokenCreator" in done.stderr
@@ -43,13 +35,13 @@ def test_user_credentials_are_refused_at_start_up_with_the_fix(
 
 
 def test_a_bad_setting_names_the_variable(local_cloud: Any, pubsub_emulator: Any, names: Any) -> None:
-    done = run_briefly(worker_env(local_cloud, names, WORKER_MAX_IN_FLIGHT="lots"))
+    done = worker_cli(worker_env(local_cloud, names, WORKER_MAX_IN_FLIGHT="lots"), "run")
     assert done.returncode == 2
     assert "WORKER_MAX_IN_FLIGHT='lots' is invalid" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_missing_subscription_says_to_run_setup(local_cloud: Any, pubsub_emulator: Any, names: Any) -> None:
-    done = run_briefly(worker_env(local_cloud, names))
+    done = worker_cli(worker_env(local_cloud, names), "run")
     assert done.returncode == 2
     assert "worker setup" in done.stderr and names.jobs_subscription in done.stderr
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,20 +16,13 @@ import pytest
 from google.cloud import pubsub_v1
 from google.protobuf import field_mask_pb2
 
-from tests.e2e.harness import REPO, WorkerProcess, drain, provision, uid, worker_env, write_kind
+from tests.e2e.harness import WorkerProcess, drain, provision, uid, worker_cli, worker_env, write_kind
 from worker.localcloud import RUN_INVOKER, RUN_VIEWER, TOKEN_CREATOR, member_for
 
 pytestmark = pytest.mark.e2e
 
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
 WORKER_SA = "worker@local-project.iam.gserviceaccount.com"
-
-
-def worker_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )
 
 
 @pytest.fixture
@@ -44,8 +35,11 @@ def ops(local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path) -> d
     with (catalog / "account-scoring.toml").open("a") as toml:
         toml.write('[payload_schema]\ntype = "object"\nrequired = ["account_id"]\n')
     env = worker_env(
-        local_cloud, names,
-        WORKER_CATALOG_DIR=str(catalog), WORKER_SHUTDOWN_GRACE_SECONDS="1", COLUMNS="250",
+        local_cloud,
+        names,
+        WORKER_CATALOG_DIR=str(catalog),
+        WORKER_SHUTDOWN_GRACE_SECONDS="1",
+        COLUMNS="250",
     )
     provision(env)
     try:
@@ -75,8 +69,9 @@ def pending(project: str, subscription: str) -> list[Any]:
     path = subscriber.subscription_path(project, subscription)
     found = list(subscriber.pull(subscription=path, max_messages=10, timeout=1).received_messages)
     if found:
-        subscriber.modify_ack_deadline(subscription=path, ack_ids=[m.ack_id for m in found],
-                                       ack_deadline_seconds=0)
+        subscriber.modify_ack_deadline(
+            subscription=path, ack_ids=[m.ack_id for m in found], ack_deadline_seconds=0
+        )
     return found
 
 
@@ -102,14 +97,26 @@ def test_replay_round_trip_failed_job_comes_back_succeeded(ops: dict[str, Any]) 
     with WorkerProcess(env) as worker:
         worker.wait_ready()
         for job_id in ("a-1", "b-1"):
-            done = worker_cli(env, "enqueue", "echo", "--payload", '{"n": 1}', "--job-id", job_id,
-                              "--wait", "--timeout", "20")
+            done = worker_cli(
+                env,
+                "enqueue",
+                "echo",
+                "--payload",
+                '{"n": 1}',
+                "--job-id",
+                job_id,
+                "--wait",
+                "--timeout",
+                "20",
+            )
             assert done.returncode == 1, done.stderr
             assert json.loads(done.stdout.splitlines()[-1])["status"] == "failed"
 
         lines = wait_for_dead_letters(env, {"a-1", "b-1"})
         assert {(x["job_id"], x["status"], x["error_code"], x["replay_count"]) for x in lines} == {
-            ("a-1", "failed", "http_400", 0), ("b-1", "failed", "http_400", 0)}
+            ("a-1", "failed", "http_400", 0),
+            ("b-1", "failed", "http_400", 0),
+        }
         table = worker_cli(env, "dead-letters")
         assert table.returncode == 0
         assert "a-1" in table.stdout and "http_400" in table.stdout and "2 dead letter(s)" in table.stdout
@@ -154,14 +161,16 @@ def test_dead_letters_lists_jobs_pubsub_gave_up_on_and_replay_moves_them(ops: di
     jobs_sub = subscriber.subscription_path("local-project", names.jobs_subscription)
     # Without a retry policy the emulator redelivers a nacked message at once (not after ~2 s).
     subscriber.update_subscription(
-        subscription={"name": jobs_sub}, update_mask=field_mask_pb2.FieldMask(paths=["retry_policy"]))
+        subscription={"name": jobs_sub}, update_mask=field_mask_pb2.FieldMask(paths=["retry_policy"])
+    )
     # The emulator forwards it when it would deliver it a sixth time: keep pulling.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         pulled = subscriber.pull(subscription=jobs_sub, max_messages=10, timeout=1).received_messages
         if pulled:
             subscriber.modify_ack_deadline(
-                subscription=jobs_sub, ack_ids=[m.ack_id for m in pulled], ack_deadline_seconds=0)
+                subscription=jobs_sub, ack_ids=[m.ack_id for m in pulled], ack_deadline_seconds=0
+            )
             continue
         if pending("local-project", names.dead_letter_subscription):
             break
@@ -185,8 +194,9 @@ def test_enqueue_wait_exit_status_follows_the_result(ops: dict[str, Any]) -> Non
     env, service = ops["env"], ops["service"]
     with WorkerProcess(env) as worker:
         worker.wait_ready()
-        ok = worker_cli(env, "enqueue", "echo", "--payload", '{"hello": "world"}', "--wait",
-                        "--timeout", "20")
+        ok = worker_cli(
+            env, "enqueue", "echo", "--payload", '{"hello": "world"}', "--wait", "--timeout", "20"
+        )
         assert ok.returncode == 0, ok.stderr
         job_id, result_line = ok.stdout.splitlines()
         result = json.loads(result_line)
@@ -194,8 +204,9 @@ def test_enqueue_wait_exit_status_follows_the_result(ops: dict[str, Any]) -> Non
         assert result["response"]["json"] == {"hello": "world"}
 
         service.error_rate, service.error_status = 1.0, 404
-        bad = worker_cli(env, "enqueue", "echo", "--payload", "{}", "--job-id", "will-fail", "--wait",
-                         "--timeout", "20")
+        bad = worker_cli(
+            env, "enqueue", "echo", "--payload", "{}", "--job-id", "will-fail", "--wait", "--timeout", "20"
+        )
         assert bad.returncode == 1
         failed = json.loads(bad.stdout.splitlines()[-1])
         assert (failed["job_id"], failed["status"], failed["http_status"]) == ("will-fail", "failed", 404)
@@ -220,8 +231,9 @@ def test_enqueue_refuses_invalid_jobs_locally_and_times_out_without_a_worker(ops
     assert bad_id.returncode == 2 and "job_id" in bad_id.stderr
     assert not pending("local-project", env["WORKER_JOBS_SUBSCRIPTION"]), "a refused job was published"
 
-    late = worker_cli(env, "enqueue", "echo", "--payload", "{}", "--job-id", "nobody-home", "--wait",
-                      "--timeout", "1")
+    late = worker_cli(
+        env, "enqueue", "echo", "--payload", "{}", "--job-id", "nobody-home", "--wait", "--timeout", "1"
+    )
     assert late.returncode == 3
     assert late.stdout.strip() == "nobody-home"
     assert "no result for job nobody-home within 1s" in late.stderr
@@ -258,8 +270,10 @@ def test_doctor_403_story_names_the_invoker_binding_that_fixes_it(ops: dict[str,
         done = worker_cli(env, "doctor", locked.name)
         assert done.returncode == 1
         assert f"403 Forbidden: {WORKER_SA} may not invoke {locked.name}" in done.stdout
-        fix = (f"fix: gcloud run services add-iam-policy-binding {locked.name} --region=us-central1 "
-               f"--project=local-project --member=serviceAccount:{WORKER_SA} --role=roles/run.invoker")
+        fix = (
+            f"fix: gcloud run services add-iam-policy-binding {locked.name} --region=us-central1 "
+            f"--project=local-project --member=serviceAccount:{WORKER_SA} --role=roles/run.invoker"
+        )
         assert fix in done.stdout
         assert "The identity chain is broken at: HTTPS call." in done.stdout
         # Doing what the fix says mends the chain.
@@ -278,8 +292,10 @@ def test_doctor_401_story_for_a_wrong_audience(ops: dict[str, Any]) -> None:
     assert "401 Unauthorized: the token's audience is wrong" in out
     assert f"but {service.name} accepts only its URL {service.url}" in out
     assert "Cloud Run answers 401 unless the bearer is an OIDC ID token" in out
-    assert (f"fix: gcloud run services update {service.name} --region=us-central1 --project=local-project "
-            "--add-custom-audiences=https://other.example.com") in out
+    assert (
+        f"fix: gcloud run services update {service.name} --region=us-central1 --project=local-project "
+        "--add-custom-audiences=https://other.example.com"
+    ) in out
     assert not JWT.search(out)
 
 
@@ -293,8 +309,10 @@ def test_doctor_401_story_for_user_credentials(ops: dict[str, Any], tmp_path: Pa
     assert "ID token: user credentials cannot mint one" in out
     assert "User credentials (gcloud auth application-default login)" in out
     assert "This is the 401 the web app saw" in out
-    assert (f"fix: gcloud iam service-accounts add-iam-policy-binding {WORKER_SA} --project=local-project "
-            f"--member=user:dev@example.com --role={TOKEN_CREATOR}") in out
+    assert (
+        f"fix: gcloud iam service-accounts add-iam-policy-binding {WORKER_SA} --project=local-project "
+        f"--member=user:dev@example.com --role={TOKEN_CREATOR}"
+    ) in out
     assert f"fix: export WORKER_IMPERSONATE_SERVICE_ACCOUNT={WORKER_SA}" in out
     assert "The identity chain is broken at: ID token." in out
     assert "services not checked" in out
@@ -312,8 +330,10 @@ def test_doctor_walks_a_key_file_identity_from_admin_api_403_to_working(
     assert no_viewer.returncode == 1
     assert f"credentials: service account key {key} as {email}" in no_viewer.stdout
     assert "service URL: the Admin API did not give a URL (permission_denied)" in no_viewer.stdout
-    assert (f"fix: gcloud projects add-iam-policy-binding local-project --member=serviceAccount:{email} "
-            "--role=roles/run.viewer --condition=None") in no_viewer.stdout
+    assert (
+        f"fix: gcloud projects add-iam-policy-binding local-project --member=serviceAccount:{email} "
+        "--role=roles/run.viewer --condition=None"
+    ) in no_viewer.stdout
     cloud.iam.grant(member_for(email), RUN_VIEWER, cloud.iam.project_resource)
 
     no_invoker = worker_cli(env, "doctor", service.name)

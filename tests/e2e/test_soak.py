@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -44,6 +42,7 @@ from tests.e2e.harness import (
     publish,
     results_by_job,
     uid,
+    worker_cli,
     worker_env,
     write_kind,
 )
@@ -274,29 +273,15 @@ def test_soak_every_job_ends_succeeded_or_dead_lettered(soak_stack: dict[str, An
     # Kills can use up a job's delivery attempts before any replica finishes it; Pub/Sub
     # then dead-letters it itself, with no result. Not lost: the operator's answer is
     # `worker replay`, run here as an operator would, while the replicas still run.
-    listed = subprocess.run(
-        [sys.executable, "-m", "worker", "dead-letters", "--json"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout.splitlines()
+    listing = worker_cli(env, "dead-letters", "--json", timeout=120)
+    listing.check_returncode()
+    listed = listing.stdout.splitlines()
     dead_letters = [json.loads(line) for line in listed if line.startswith("{")]
     dead_ids = {d["job_id"] for d in dead_letters}
     pubsub_dead = {d["job_id"] for d in dead_letters if d.get("dead_lettered_by") == "pubsub"}
     replayed = set()
     if missing and missing <= pubsub_dead:
-        subprocess.run(
-            [sys.executable, "-m", "worker", "replay"],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=True,
-        )
+        worker_cli(env, "replay", timeout=300).check_returncode()
         replayed = set(missing)
         for job_id, found in gather_results(env, replayed, timeout=PLAN.drain_timeout_s).items():
             results[job_id].extend(found)
