@@ -42,7 +42,8 @@ from google.cloud import pubsub_v1
 from worker.app import emulator_subscriber_transport
 cap = float(sys.argv[2])
 if cap:
-    client = pubsub_v1.SubscriberClient(transport=emulator_subscriber_transport(os.environ["PUBSUB_EMULATOR_HOST"], cap))
+    transport = emulator_subscriber_transport(os.environ["PUBSUB_EMULATOR_HOST"], cap)
+    client = pubsub_v1.SubscriberClient(transport=transport)
 else:
     client = pubsub_v1.SubscriberClient()
 client.subscribe(sys.argv[1], lambda message: None)
