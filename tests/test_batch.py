@@ -245,6 +245,16 @@ def test_explicit_ids_need_no_source_and_a_daily_batch_gets_the_date() -> None:
     assert [j.job_id for j in publisher.jobs] == ["n-20260101:0", "n-20260101:1"] and not source.bodies
 
 
+def test_a_daily_batch_takes_the_publish_date_not_the_workers_clock() -> None:
+    # Published just before midnight UTC, handled (redelivered) after it: same night's id.
+    source, publisher = FakeSource([]), FakePublisher()
+    job = make_job(job_id="n", kind="batch-scoring", payload={"account_ids": ["x"], "daily": True})
+    published = datetime(2025, 12, 31, 23, 59, 58, tzinfo=UTC)
+    call = asyncio.run(fan_out(source, publisher)(job, batch_kind(), published))
+    assert call.response["batch_id"] == "n-20251231"  # the clock (T0) says 2026-01-01
+    assert [j.job_id for j in publisher.jobs] == ["n-20251231:0"]
+
+
 def test_a_source_that_shrinks_between_the_passes_fails_the_batch() -> None:
     source, publisher = FakeSource([f"a{i}" for i in range(8)], shrink_after=3), FakePublisher()
     job = make_job(job_id="b1", kind="batch-scoring")

@@ -132,3 +132,21 @@ def test_batch_fields_travel_to_the_result() -> None:
     out = run(pipeline, {"job_id": "b:3", "kind": "echo", "batch": {"id": "b", "index": 3, "total": 10}})
     assert out.result is not None and out.result.batch is not None and out.result.batch.index == 3
     assert out.result.attributes()["batch_id"] == "b"
+
+
+def test_a_batch_kind_goes_to_the_batch_handler_with_the_publish_time() -> None:
+    seen: list[tuple[str, str, datetime | None]] = []
+
+    async def fan_out(job, kind, published):  # type: ignore[no-untyped-def]
+        seen.append((job.job_id, kind.kind, published))
+        return CallResult(200, {"children_published": 0}, 1)
+
+    catalog = Catalog.load(default_catalog_dir())
+    pipeline = Pipeline(
+        catalog, Resolver(), Invoker(), region="r", max_payload_bytes=10_000, batch_handler=fan_out
+    )
+    published = datetime(2026, 3, 1, 23, 59, tzinfo=UTC)
+    body = {"job_id": "nightly", "kind": "batch-scoring", "payload": {"source": True, "daily": True}}
+    out = run(pipeline, body, publish_time=published)
+    assert out.result is not None and out.result.status is JobStatus.SUCCEEDED
+    assert seen == [("nightly", "batch-scoring", published)]

@@ -40,20 +40,19 @@ _PUBLISH_TIMEOUT_S = 120.0
 _MAX_JOB_ID = 128  # JOB_ID_PATTERN's length limit
 
 
-def batch_id_for(job: Job, today: datetime) -> str:
+def batch_id_for(job: Job, published: datetime) -> str:
     """The batch id: the job id, plus the UTC date for a `"daily": true` job.
 
     Cloud Scheduler publishes the same fixed body every night and cannot template a
     date into it; were the batch id the job id alone, every night's children would
     reuse the ids of the night before and the web app would drop them as duplicates.
-    The date comes from the worker's clock when the job is handled: Pub/Sub's
-    redeliveries of one night's message (retry backoff up to 10 minutes, a handful
-    of attempts) land on the same date as long as the schedule is not within an hour
-    of midnight UTC, which the default 02:00 UTC schedule is not.
+    The date is the day Pub/Sub received the message (its publish time, the same on
+    every redelivery), so a redelivery after midnight still continues that night's
+    batch. A replay is a new publish: a batch replayed on a later day gets that day's id.
     """
     payload = job.payload if isinstance(job.payload, dict) else {}
     if payload.get("daily") is True:
-        return f"{job.job_id}-{today.astimezone(UTC):%Y%m%d}"
+        return f"{job.job_id}-{published.astimezone(UTC):%Y%m%d}"
     return job.job_id
 
 
@@ -77,10 +76,11 @@ class BatchFanOut:
         self._region = region
         self._clock = clock
 
-    async def __call__(self, job: Job, kind: JobKind) -> CallResult:
+    async def __call__(self, job: Job, kind: JobKind, publish_time: datetime | None = None) -> CallResult:
         assert kind.batch is not None  # the catalog guarantees it for "batch" kinds
         spec = kind.batch
-        batch_id = batch_id_for(job, self._clock())
+        # Without a publish time (never the case for a message from Pub/Sub), the clock.
+        batch_id = batch_id_for(job, publish_time or self._clock())
         ids = _explicit_ids(job.payload, spec.max_ids)
         source = _SourcePager(kind, job, self._invoker, self._resolver, self._region)
         if ids is None:

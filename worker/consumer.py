@@ -212,6 +212,7 @@ class Consumer:
             final_attempt=bool(
                 self.max_delivery_attempts and attempt and attempt >= self.max_delivery_attempts
             ),
+            publish_time=message.publish_time,
         )
 
     async def _conclude(self, message: Any, outcome: Outcome) -> None:

@@ -42,6 +42,7 @@ class Delivery:
     message_id: str = ""
     delivery_attempt: int | None = None
     final_attempt: bool = False
+    publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ class Caller(Protocol):
     async def invoke(self, kind: JobKind, url: str, job: Job, region: str = ...) -> CallResult: ...
 
 
-# A batch handler fans a job out; it returns the parent's response and child count.
-BatchHandler = Callable[[Job, JobKind], Awaitable[CallResult]]
+# A batch handler fans a job out (given the job, its kind and when the message was
+# published); it returns the parent's response and child count.
+BatchHandler = Callable[[Job, JobKind, datetime | None], Awaitable[CallResult]]
 
 
 class Pipeline:
@@ -102,7 +104,7 @@ class Pipeline:
             if job.not_after is not None and started > job.not_after:
                 return self._finish(delivery, job, started, JobStatus.EXPIRED, ack_only=True)
             structlog.contextvars.bind_contextvars(traceparent=job.traceparent)
-            call = await self._run(job, kind)
+            call = await self._run(job, kind, delivery)
             return self._finish(delivery, job, started, JobStatus.SUCCEEDED, call=call)
         except InvalidJobError as exc:
             return self._finish(delivery, job, started, JobStatus.REJECTED, error=exc)
@@ -120,11 +122,11 @@ class Pipeline:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
             return Outcome(ack=False, job=job)
 
-    async def _run(self, job: Job, kind: JobKind) -> CallResult:
+    async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
             if self._batch_handler is None:
                 raise PermanentJobError("batch_unavailable", f"kind {kind.kind!r} needs the batch fan-out")
-            return await self._batch_handler(job, kind)
+            return await self._batch_handler(job, kind, delivery.publish_time)
         assert kind.service is not None  # the catalog guarantees it for "call" kinds
         region = kind.region or self._region
         url = await self._resolver.resolve(kind.service, region)
