@@ -43,6 +43,12 @@ def test_the_iam_table_is_what_setup_grants() -> None:
     assert table(["Member", "Role", "Resource", "Why"]) == expected
 
 
+def test_the_operator_table_is_what_setup_grants_an_operator() -> None:
+    settings = Settings(project="PROJECT_ID")
+    bindings = gcloud.operator_bindings(settings, "user:OPERATOR", gcloud.default_worker_sa("PROJECT_ID"))
+    assert table(["Operator role", "Resource", "Why"]) == [[b.role, b.resource, b.why] for b in bindings]
+
+
 def logged_events() -> dict[str, str]:
     """Every event the worker's modules log, with the severity Cloud Logging shows."""
     events = {}

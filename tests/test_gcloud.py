@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.harness import worker_cli
 from worker.catalog import Catalog, JobKind
 from worker.gcloud import Binding, gcloud_commands, gcloud_script, iam_bindings
@@ -109,3 +111,49 @@ def test_setup_print_gcloud_prints_without_touching_pubsub() -> None:
         done.stdout
     )
     assert "created" not in done.stdout
+
+
+def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() -> None:
+    base = iam_bindings(settings(), catalog(), WORKER, WEBAPP)
+    with_ops = iam_bindings(
+        settings(), catalog(), WORKER, WEBAPP, operators=["user:alice@acme.com", "group:ops@acme.com"]
+    )
+    assert with_ops[: len(base)] == base
+    for member in ("user:alice@acme.com", "group:ops@acme.com"):
+        assert roles_of(with_ops, member) == {
+            ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-dead-letter-ops"),
+            ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
+            ("roles/iam.serviceAccountTokenCreator", f"projects/acme/serviceAccounts/{WORKER}"),
+        }
+    assert len(with_ops) == len(base) + 6
+
+
+def test_an_operator_must_be_written_as_an_iam_member() -> None:
+    with pytest.raises(ValueError, match=r"user:alice@example\.com"):
+        iam_bindings(settings(), catalog(), WORKER, WEBAPP, operators=["alice@acme.com"])
+
+
+def test_setup_print_gcloud_grants_operators() -> None:
+    env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
+    done = worker_cli(
+        env, "setup", "--print-gcloud", "--worker-sa", WORKER, "--operator", "user:alice@acme.com"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"gcloud iam service-accounts add-iam-policy-binding {WORKER} --project=acme "
+        "--member=user:alice@acme.com --role=roles/iam.serviceAccountTokenCreator"
+    ) in done.stdout
+    assert (
+        "gcloud pubsub subscriptions add-iam-policy-binding jobs-dead-letter-ops --project=acme "
+        "--member=user:alice@acme.com --role=roles/pubsub.subscriber"
+    ) in done.stdout
+    reason = "# alice@acme.com roles/pubsub.publisher: republish dead-lettered jobs (worker replay)"
+    assert reason in done.stdout
+
+
+def test_setup_refuses_an_operator_it_cannot_grant() -> None:
+    env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
+    bare = worker_cli(env, "setup", "--print-gcloud", "--operator", "alice@acme.com")
+    assert bare.returncode == 2 and "user:alice@example.com" in bare.stderr and not bare.stdout
+    without_print = worker_cli(env, "setup", "--operator", "user:alice@acme.com")
+    assert without_print.returncode == 2 and "--print-gcloud" in without_print.stderr

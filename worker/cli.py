@@ -72,6 +72,9 @@ def run(max_in_flight: int | None, subscription: str | None) -> None:
               help="Cron schedule of the nightly batch-scoring job, for --print-gcloud.")
 @click.option("--time-zone", default="Etc/UTC", show_default=True,
               help="Time zone of --schedule (tz database name), for --print-gcloud.")
+@click.option("--operator", "operators", multiple=True, metavar="MEMBER",
+              help="IAM member (user:alice@example.com, group:ops@example.com) to grant what "
+              "dead-letters, replay and doctor need, for --print-gcloud. Repeatable.")
 def setup(
     max_delivery_attempts: int,
     min_backoff: int,
@@ -83,6 +86,7 @@ def setup(
     webapp_sa: str | None,
     schedule: str,
     time_zone: str,
+    operators: tuple[str, ...],
 ) -> None:
     """Create the topics and subscriptions, idempotently."""
     from worker import ops_cli
@@ -90,6 +94,9 @@ def setup(
     from worker.provision import SetupOptions, apply_setup, for_target
 
     settings = settings_or_exit()
+    if operators and not print_gcloud:
+        fail("--operator goes with --print-gcloud: `worker setup` creates topics and "
+             "subscriptions, IAM bindings are printed for you to apply")
     options = SetupOptions(max_delivery_attempts, min_backoff, max_backoff, ack_deadline, retention_days)
     if print_gcloud:
         ops_cli.run_verb(
@@ -100,6 +107,7 @@ def setup(
                 options=options,
                 schedule=schedule,
                 time_zone=time_zone,
+                operators=operators,
             )
         )
     options = for_target(options)

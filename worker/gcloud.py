@@ -18,6 +18,8 @@ from worker.settings import Settings
 
 # Unknown until asked: the printed script looks it up in a shell variable first.
 PROJECT_NUMBER_VAR = "${PROJECT_NUMBER}"
+# The kinds of principal an operator binding may name (IAM's member prefixes).
+OPERATOR_MEMBER_PREFIXES = ("user:", "group:", "serviceAccount:", "domain:")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,8 @@ class Binding:
     """One least-privilege IAM binding: `member` gets `role` on `resource`, because `why`.
 
     `resource` is a full resource name: projects/P, projects/P/topics/T,
-    projects/P/subscriptions/S or projects/P/locations/R/services/S.
+    projects/P/subscriptions/S, projects/P/locations/R/services/S or
+    projects/P/serviceAccounts/EMAIL.
     """
 
     member: str
@@ -54,8 +57,11 @@ def iam_bindings(
     webapp_sa: str,
     *,
     project_number: str = PROJECT_NUMBER_VAR,
+    operators: Sequence[str] = (),
 ) -> list[Binding]:
-    """Every binding the system needs, and nothing more, in the order they are applied."""
+    """Every binding the system needs, and nothing more, in the order they are applied;
+    `operators` (IAM members such as user:alice@example.com) get what `worker
+    dead-letters`, `worker replay` and `worker doctor` need."""
     project = f"projects/{settings.project}"
 
     def topic(name: str) -> str:
@@ -123,7 +129,40 @@ def iam_bindings(
             "read and ack results",
         ),
     ]
+    for operator in operators:
+        bindings += operator_bindings(settings, operator, worker_sa)
     return bindings
+
+
+def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[Binding]:
+    """What one operator needs for the dead-letter tools and `worker doctor`."""
+    if not member.startswith(OPERATOR_MEMBER_PREFIXES):
+        raise ValueError(
+            f"operator {member!r} is not an IAM member: write it as "
+            + ", ".join(f"{prefix}NAME" for prefix in OPERATOR_MEMBER_PREFIXES)
+            + " (for example user:alice@example.com)"
+        )
+    project = f"projects/{settings.project}"
+    return [
+        Binding(
+            member,
+            "roles/pubsub.subscriber",
+            f"{project}/subscriptions/{settings.dead_letter_subscription}",
+            "list dead letters (worker dead-letters) and take them back (worker replay)",
+        ),
+        Binding(
+            member,
+            "roles/pubsub.publisher",
+            f"{project}/topics/{settings.jobs_topic}",
+            "republish dead-lettered jobs (worker replay)",
+        ),
+        Binding(
+            member,
+            "roles/iam.serviceAccountTokenCreator",
+            f"{project}/serviceAccounts/{worker_sa}",
+            "run worker doctor as the worker (WORKER_IMPERSONATE_SERVICE_ACCOUNT)",
+        ),
+    ]
 
 
 def binding_command(binding: Binding) -> str:
@@ -144,6 +183,11 @@ def binding_command(binding: Binding) -> str:
     if parts[2] == "locations" and parts[4] == "services":
         return (
             f"gcloud run services add-iam-policy-binding {parts[5]} --region={parts[3]} "
+            f"--project={project} {member_role}"
+        )
+    if parts[2] == "serviceAccounts":
+        return (
+            f"gcloud iam service-accounts add-iam-policy-binding {parts[3]} "
             f"--project={project} {member_role}"
         )
     raise ValueError(f"no gcloud command for a binding on {binding.resource!r}")
@@ -180,6 +224,7 @@ def gcloud_commands(
     *,
     project_number: str | None = None,
     extra_commands: Sequence[str] = (),
+    operators: Sequence[str] = (),
 ) -> list[str]:
     """Every command, in an order that works on an empty project.
 
@@ -194,7 +239,12 @@ def gcloud_commands(
         )
     commands += resource_commands(settings, options or SetupOptions())
     bindings = iam_bindings(
-        settings, catalog, worker_sa, webapp_sa, project_number=project_number or PROJECT_NUMBER_VAR
+        settings,
+        catalog,
+        worker_sa,
+        webapp_sa,
+        project_number=project_number or PROJECT_NUMBER_VAR,
+        operators=operators,
     )
     commands += [binding_command(b) for b in bindings]
     commands += extra_commands
@@ -209,18 +259,19 @@ def gcloud_script(
     options: SetupOptions | None = None,
     *,
     extra_commands: Sequence[str] = (),
+    operators: Sequence[str] = (),
 ) -> str:
     """`gcloud_commands` as a commented shell script, each binding with its reason."""
     reasons = {
         binding_command(b): f"# {b.member.split(':', 1)[1]} {b.role}: {b.why}"
-        for b in iam_bindings(settings, catalog, worker_sa, webapp_sa)
+        for b in iam_bindings(settings, catalog, worker_sa, webapp_sa, operators=operators)
     }
     lines = [
         f"# Topics, subscriptions and IAM for project {settings.project} (worker setup --print-gcloud).",
         "# Creating what already exists fails harmlessly; adding a binding twice is a no-op.",
     ]
     for command in gcloud_commands(
-        settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands
+        settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands, operators=operators
     ):
         if command in reasons:
             lines.append(reasons[command])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -238,22 +238,30 @@ def print_gcloud(
     options: Any,
     schedule: str,
     time_zone: str,
+    operators: Sequence[str] = (),
 ) -> int:
     from worker.app import load_catalog
     from worker.batch_cli import scheduler_commands
-    from worker.gcloud import default_webapp_sa, default_worker_sa, gcloud_script
+    from worker.gcloud import default_webapp_sa, default_worker_sa, gcloud_script, operator_bindings
 
     try:
         catalog = load_catalog(settings)
     except ConfigError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
+    worker_sa = worker_sa or default_worker_sa(settings.project)
+    try:
+        for operator in operators:
+            operator_bindings(settings, operator, worker_sa)
+    except ValueError as exc:
+        raise CommandError(f"--operator: {exc}", EXIT_USAGE) from None
     click.echo(
         gcloud_script(
             settings,
             catalog,
-            worker_sa or default_worker_sa(settings.project),
+            worker_sa,
             webapp_sa or default_webapp_sa(settings.project),
             options,
+            operators=operators,
             # The nightly batch only where the catalog has the kind it publishes.
             extra_commands=(
                 scheduler_commands(settings, schedule, time_zone) if "batch-scoring" in catalog else ()
