@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import grpc
 import structlog
 
+from worker import emulator
 from worker.batch import BatchFanOut
 from worker.catalog import Catalog, default_catalog_dir
 from worker.consumer import Consumer, read_max_delivery_attempts
@@ -68,51 +68,19 @@ def run_client(settings: Settings, credentials: Any) -> Any:
     return run_v2.ServicesClient(transport="rest", credentials=credentials, client_options=options)
 
 
-# How long one streaming pull may stay open on the emulator before it is reopened.
-# The emulator (gcloud 528, cloud-pubsub-emulator 0.8.20) never notices that a client
-# went away: the stream of a killed or stopped worker keeps taking messages off the
-# subscription until the RPC's deadline, 1,800 s by default, and each one it takes
-# comes back only after its ack deadline, one delivery attempt later. A short deadline
-# bounds that to this many seconds; live workers just reopen their stream (the client
-# library treats DEADLINE_EXCEEDED on the stream as recoverable). Real Pub/Sub needs none.
-EMULATOR_STREAM_DEADLINE_S = 10.0
-STREAMING_PULL = "/google.pubsub.v1.Subscriber/StreamingPull"
-
-
-class _StreamDeadline(grpc.StreamStreamClientInterceptor):  # type: ignore[misc]
-    """Caps the deadline of StreamingPull calls; every other call passes unchanged."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        if details.method == STREAMING_PULL:
-            timeout = self.seconds if details.timeout is None else min(details.timeout, self.seconds)
-            details = details._replace(timeout=timeout)
-        return continuation(details, requests)
-
-
-def emulator_subscriber_transport(host: str, stream_deadline_s: float = EMULATOR_STREAM_DEADLINE_S) -> Any:
-    """The plain-text channel the client library would open to the emulator, with
-    StreamingPull deadlines capped (see EMULATOR_STREAM_DEADLINE_S)."""
-    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
-
-    channel = grpc.intercept_channel(grpc.insecure_channel(host), _StreamDeadline(stream_deadline_s))
-    return SubscriberGrpcTransport(host=host, channel=channel)
-
-
 def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
     from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 
     # With PUBSUB_EMULATOR_HOST set the clients talk to the emulator without credentials.
-    emulator = os.environ.get("PUBSUB_EMULATOR_HOST")
-    kwargs = {} if emulator else {"credentials": credentials}
+    emulator_host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    kwargs = {} if emulator_host else {"credentials": credentials}
     publisher = pubsub_v1.PublisherClient(
         batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005),
         **kwargs,
     )
-    if emulator:
-        return publisher, pubsub_v1.SubscriberClient(transport=emulator_subscriber_transport(emulator))
+    if emulator_host:
+        # Streams rotated, see worker/emulator.py.
+        return publisher, pubsub_v1.SubscriberClient(transport=emulator.subscriber_transport(emulator_host))
     return publisher, pubsub_v1.SubscriberClient(**kwargs)
 
 

@@ -12,7 +12,7 @@ after the grace period are released: their leases lapse (within
 WORKER_LEASE_EXTENSION_SECONDS) and Pub/Sub redelivers them.
 Nacks are not sent after the stream closed: on the emulator the message would go
 straight back to this worker's closed stream, which the emulator keeps feeding until
-the stream's deadline (worker.app.EMULATOR_STREAM_DEADLINE_S). Leases are extended by the client while
+the stream's deadline (worker/emulator.py). Leases are extended by the client while
 a job runs. Acknowledgement rules (DESIGN.md): ack only after the result and any
 dead letter are published; nack a transient failure for redelivery; on shutdown
 stop pulling, let in-flight jobs finish within the grace period, nack the rest.

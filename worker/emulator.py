@@ -1,0 +1,53 @@
+"""The subscriber transport the worker uses on the Pub/Sub emulator, and why.
+
+The emulator (gcloud 528, cloud-pubsub-emulator 0.8.20) never notices that a
+streaming-pull client went away, killed or closed cleanly: the stream goes on taking
+messages off the subscription until the RPC's deadline, 1,800 s by default, and each
+message it takes comes back only after its ack deadline, one delivery attempt later.
+After one killed worker, half of all new jobs went to its dead stream for as long as
+we watched (tests/e2e/test_emulator_streams.py).
+
+So on the emulator every StreamingPull call gets a deadline of STREAM_DEADLINE_S, and
+the client library, which treats DEADLINE_EXCEEDED on the stream as recoverable,
+opens the next one. A dead worker's stream is then gone within that time.
+
+The price: what the emulator hands a stream in its last moments is lost with it and
+comes back after its ack deadline (measured: at 50 jobs/s, about 3 jobs per
+rotation; with a deep backlog more, since the emulator pushes regardless of flow
+control). Ending the stream gently does not help: after a half-close the emulator
+ends the call with OK, which the library takes as final. The deadline is 13 s, not a
+divisor of the usual ack deadlines (10 s, 60 s), so a job lost at one rotation does
+not come back just in time to be lost at the next (at 10 s, some were lost five
+times in a row). Real Pub/Sub needs none of this and does not get it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+STREAMING_PULL = "/google.pubsub.v1.Subscriber/StreamingPull"
+STREAM_DEADLINE_S = 13.0
+
+
+class StreamDeadline(grpc.StreamStreamClientInterceptor):  # type: ignore[misc]
+    """Caps the deadline of StreamingPull calls; every other call passes unchanged."""
+
+    def __init__(self, seconds: float = STREAM_DEADLINE_S) -> None:
+        self.seconds = seconds
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        if details.method == STREAMING_PULL:
+            timeout = self.seconds if details.timeout is None else min(details.timeout, self.seconds)
+            details = details._replace(timeout=timeout)
+        return continuation(details, requests)
+
+
+def subscriber_transport(host: str, stream_deadline_s: float = STREAM_DEADLINE_S) -> Any:
+    """The plain-text channel the client library itself would open to the emulator,
+    with StreamingPull deadlines capped."""
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+    channel = grpc.intercept_channel(grpc.insecure_channel(host), StreamDeadline(stream_deadline_s))
+    return SubscriberGrpcTransport(host=host, channel=channel)
