@@ -31,23 +31,35 @@ STREAMING_PULL = "/google.pubsub.v1.Subscriber/StreamingPull"
 STREAM_DEADLINE_S = 13.0
 
 
-class StreamDeadline(grpc.StreamStreamClientInterceptor):  # type: ignore[misc]
-    """Caps the deadline of StreamingPull calls; every other call passes unchanged."""
+class _CappedStreamingPull(grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    """The StreamingPull stub, with the call's deadline capped at `seconds`."""
 
-    def __init__(self, seconds: float = STREAM_DEADLINE_S) -> None:
-        self.seconds = seconds
+    def __init__(self, stub: Any, seconds: float) -> None:
+        self._stub = stub
+        self._seconds = seconds
 
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        if details.method == STREAMING_PULL:
-            timeout = self.seconds if details.timeout is None else min(details.timeout, self.seconds)
-            details = details._replace(timeout=timeout)
-        return continuation(details, requests)
+    def __call__(self, request_iterator: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        timeout = self._seconds if timeout is None else min(timeout, self._seconds)
+        return self._stub(request_iterator, timeout=timeout, **kwargs)
 
 
 def subscriber_transport(host: str, stream_deadline_s: float = STREAM_DEADLINE_S) -> Any:
     """The plain-text channel the client library itself would open to the emulator,
-    with StreamingPull deadlines capped."""
+    with StreamingPull deadlines capped.
+
+    A subclass of the library's gRPC transport whose `streaming_pull` stub caps the
+    deadline. (A gRPC client interceptor would be the obvious tool, but with any
+    stream-stream interceptor on the channel, closing the client while the emulator
+    is unreachable hangs inside grpc: tests/e2e/test_health.py found it.)"""
     from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-    channel = grpc.intercept_channel(grpc.insecure_channel(host), StreamDeadline(stream_deadline_s))
-    return SubscriberGrpcTransport(host=host, channel=channel)
+    class CappedTransport(SubscriberGrpcTransport):  # type: ignore[misc]
+        @property
+        def streaming_pull(self) -> Any:
+            if "capped_streaming_pull" not in self._stubs:
+                self._stubs["capped_streaming_pull"] = _CappedStreamingPull(
+                    super().streaming_pull, stream_deadline_s
+                )
+            return self._stubs["capped_streaming_pull"]
+
+    return CappedTransport(host=host, channel=grpc.insecure_channel(host))
