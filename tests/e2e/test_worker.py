@@ -236,3 +236,47 @@ def test_no_token_appears_in_logs_results_or_dead_letters(stack: dict[str, Any])
     for text in seen:
         assert not JWT.search(text), "an ID token leaked"
         assert "Bearer ey" not in text and "ya29." not in text
+
+
+def test_jobs_whose_result_cannot_be_published_are_not_acked_and_end_with_a_result(
+    stack: dict[str, Any],
+) -> None:
+    # The results topic is deleted under a running worker (an operator's mistake, or a
+    # publish path that stays down longer than the client's own retries): every result
+    # fails to publish, so no job may be acked. Once the topic is back, the held jobs
+    # come round again and each gets its result.
+    from google.cloud import pubsub_v1
+
+    env = stack["env"]
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    project = env["GOOGLE_CLOUD_PROJECT"]
+    results_topic = publisher.topic_path(project, env["WORKER_RESULTS_TOPIC"])
+    jobs = scoring_jobs(20, prefix="unpublishable")
+    with WorkerProcess(env, name="publish-outage") as worker:
+        worker.wait_ready()
+        publisher.delete_topic(topic=results_topic)
+        publish(env, jobs)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            failures = [e for e in worker.log_events() if e.get("message") == "result_publish_failed"]
+            if len(failures) >= len(jobs):
+                break
+            time.sleep(0.2)
+        assert len(failures) >= len(jobs), worker.logs()[-3000:]
+        assert "NotFound" in failures[0]["error"]
+        # Back: a new topic of the same name, read through a new subscription (the old
+        # one was detached with the deleted topic).
+        publisher.create_topic(name=results_topic)
+        fresh = f"{env['WORKER_RESULTS_SUBSCRIPTION']}-again"
+        subscriber.create_subscription(name=subscriber.subscription_path(project, fresh), topic=results_topic)
+        results = collect_results(
+            {**env, "WORKER_RESULTS_SUBSCRIPTION": fresh}, {j["job_id"] for j in jobs}, timeout=90
+        )
+        assert worker.stop() == 0
+    assert {r[0]["status"] for r in results.values()} == {"succeeded"}
+    attempts = {
+        e["job_id"]: e["attempt"] for e in worker.log_events() if e.get("message") == "job_succeeded"
+    }
+    # Each job was delivered again after its failed publish: none had been acked.
+    assert min(attempts.values()) >= 2, attempts
+    assert not drain(env, "WORKER_DEAD_LETTER_SUBSCRIPTION", 1, timeout=2)
