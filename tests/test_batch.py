@@ -191,10 +191,13 @@ class FakePublisher:
 class FakeSource:
     """Pages `ids`; `shrink_after` pages into the second pass, the source loses ids."""
 
-    def __init__(self, ids: list[str], shrink_after: int | None = None) -> None:
+    def __init__(
+        self, ids: list[str], shrink_after: int | None = None, total_size: int | None = None
+    ) -> None:
         self.ids = ids
         self.bodies: list[Any] = []
         self.shrink_after = shrink_after
+        self.total_size = total_size  # said on every page when set
 
     async def resolve(self, service: str, region: str) -> str:
         return f"https://{service}.run.app"
@@ -207,7 +210,10 @@ class FakeSource:
         start = int(job.payload["page_token"] or 0)
         end = min(len(self.ids), start + job.payload["page_size"])
         token = str(end) if end < len(self.ids) else None
-        return CallResult(200, {"account_ids": self.ids[start:end], "next_page_token": token}, 1)
+        page: dict[str, Any] = {"account_ids": self.ids[start:end], "next_page_token": token}
+        if self.total_size is not None:
+            page["total_size"] = self.total_size
+        return CallResult(200, page, 1)
 
 
 def batch_kind(page_size: int = 3) -> JobKind:
@@ -258,5 +264,39 @@ def test_a_daily_batch_takes_the_publish_date_not_the_workers_clock() -> None:
 def test_a_source_that_shrinks_between_the_passes_fails_the_batch() -> None:
     source, publisher = FakeSource([f"a{i}" for i in range(8)], shrink_after=3), FakePublisher()
     job = make_job(job_id="b1", kind="batch-scoring")
-    with pytest.raises(PermanentJobError, match="when counted"):
+    with pytest.raises(PermanentJobError, match="counted 8 ids but its pages listed only"):
+        asyncio.run(fan_out(source, publisher)(job, batch_kind()))
+
+
+def test_a_source_that_says_its_total_is_paged_once() -> None:
+    source, publisher = FakeSource([f"a{i}" for i in range(7)], total_size=7), FakePublisher()
+    job = make_job(job_id="b1", kind="batch-scoring", payload={"source": True})
+    call = asyncio.run(fan_out(source, publisher)(job, batch_kind()))
+    assert call.response == {"batch_id": "b1", "children_published": 7, "total": 7}
+    assert [b["page_token"] for b in source.bodies] == [None, "3", "6"]
+    assert [(j.job_id, j.batch) for j in publisher.jobs] == [
+        (f"b1:{i}", BatchRef(id="b1", index=i, total=7)) for i in range(7)
+    ]
+
+
+def test_a_total_over_max_ids_fails_before_anything_is_published() -> None:
+    source, publisher = FakeSource([f"a{i}" for i in range(7)], total_size=101), FakePublisher()
+    job = make_job(job_id="b1", kind="batch-scoring", payload={"source": True})
+    with pytest.raises(PermanentJobError, match="max_ids=100"):
+        asyncio.run(fan_out(source, publisher)(job, batch_kind()))
+    assert not publisher.jobs and len(source.bodies) == 1
+
+
+def test_a_source_whose_pages_fall_short_of_its_total_fails_the_batch() -> None:
+    source, publisher = FakeSource([f"a{i}" for i in range(7)], total_size=9), FakePublisher()
+    job = make_job(job_id="b1", kind="batch-scoring", payload={"source": True})
+    with pytest.raises(PermanentJobError, match="counted 9 ids but its pages listed only 7"):
+        asyncio.run(fan_out(source, publisher)(job, batch_kind()))
+
+
+@pytest.mark.parametrize("bad", [-1, "7", True, 2.5])
+def test_a_total_size_that_is_not_a_count_is_a_bad_page(bad: Any) -> None:
+    source, publisher = FakeSource(["a"], total_size=bad), FakePublisher()
+    job = make_job(job_id="b1", kind="batch-scoring", payload={"source": True})
+    with pytest.raises(PermanentJobError, match="total_size"):
         asyncio.run(fan_out(source, publisher)(job, batch_kind()))

@@ -53,9 +53,9 @@ def test_accounts_source_pages() -> None:
     info = {"total_accounts": 3}
     assert accounts_source({}, info) == (
         200, {"account_ids": ["acct-000000", "acct-000001", "acct-000002"],
-              "next_page_token": None})
+              "next_page_token": None, "total_size": 3})
     assert accounts_source({"page_size": 2, "page_token": "2"}, info)[1] == {
-        "account_ids": ["acct-000002"], "next_page_token": None}
+        "account_ids": ["acct-000002"], "next_page_token": None, "total_size": 3}
     assert accounts_source({"page_token": "nope"}, info)[0] == 400
     assert accounts_source({"page_size": 0}, info)[0] == 400
     assert accounts_source(None, info)[0] == 400

@@ -84,12 +84,12 @@ class BatchFanOut:
         ids = _explicit_ids(job.payload, spec.max_ids)
         source = _SourcePager(kind, job, self._invoker, self._resolver, self._region)
         if ids is None:
-            total = await source.count(spec.max_ids)
-            pages: AsyncGenerator[Sequence[str], None] = source.pages()
+            total, pages = await source.open(spec.max_ids)
         else:
             total = len(ids)
             pages = _chunks(ids, spec.page_size)
         if total == 0:
+            await pages.aclose()
             return CallResult(200, {"batch_id": batch_id, "children_published": 0, "total": 0}, 1)
         if len(f"{batch_id}:{total - 1}") > _MAX_JOB_ID:
             raise PermanentJobError(
@@ -109,7 +109,7 @@ class BatchFanOut:
         if published < total:
             raise PermanentJobError(
                 "source_changed",
-                f"{kind.service} listed {total} ids when counted but only {published} when paged again",
+                f"{kind.service} counted {total} ids but its pages listed only {published}",
             )
         log.info("batch_published", batch_id=batch_id, children=published, page_calls=source.calls)
         response = {"batch_id": batch_id, "children_published": published, "total": total}
@@ -155,16 +155,29 @@ class _SourcePager:
         self._region = kind.region or region
         self.calls = 0
         self.attempts = 0
+        self.total_size: int | None = None  # the source's own count, from its first page
 
-    async def count(self, max_ids: int) -> int:
-        total = 0
-        async for page in self.pages():
-            total += len(page)
-            if total > max_ids:
-                raise PermanentJobError(
-                    "batch_too_large", f"{self._kind.service} lists more than max_ids={max_ids} ids"
-                )
-        return total
+    async def open(self, max_ids: int) -> tuple[int, AsyncGenerator[Sequence[str], None]]:
+        """The batch's total and its pages. A source that says `total_size` on its first
+        page is paged once; one that does not is counted first, then paged again."""
+        pages = self.pages()
+        first = await anext(pages)
+        if self.total_size is not None:
+            self._check_size(self.total_size, max_ids)
+            return self.total_size, _prepend(first, pages)
+        total = len(first)
+        async with aclosing(pages):
+            async for page in pages:
+                total += len(page)
+                self._check_size(total, max_ids)
+        self._check_size(total, max_ids)
+        return total, self.pages()
+
+    def _check_size(self, total: int, max_ids: int) -> None:
+        if total > max_ids:
+            raise PermanentJobError(
+                "batch_too_large", f"{self._kind.service} lists more than max_ids={max_ids} ids"
+            )
 
     async def pages(self) -> AsyncGenerator[list[str], None]:
         if not self._kind.service:
@@ -177,28 +190,32 @@ class _SourcePager:
             call = await self._invoker.invoke(self._kind, url, request, self._region)
             self.calls += 1
             self.attempts += call.attempts
-            ids, token = _parse_page(self._kind.service, call.response)
+            ids, token, total_size = _parse_page(self._kind.service, call.response)
+            if self.total_size is None:
+                self.total_size = total_size
             yield ids
             if token is None:
                 return
 
 
-def _parse_page(service: str, body: Any) -> tuple[list[str], str | None]:
+def _parse_page(service: str, body: Any) -> tuple[list[str], str | None, int | None]:
     ids = body.get("account_ids") if isinstance(body, dict) else None
     token = body.get("next_page_token") if isinstance(body, dict) else None
+    size = body.get("total_size") if isinstance(body, dict) else None
     if (
         not isinstance(ids, list)
         or not all(isinstance(i, str) and i for i in ids)
         or not (token is None or (isinstance(token, str) and token))
+        or not (size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 0))
     ):
         raise PermanentJobError(
             "bad_source_page",
-            f"{service} did not answer {{'account_ids': [str], 'next_page_token': str|null}}: "
-            f"{json.dumps(body)[:200]}",
+            f"{service} did not answer {{'account_ids': [str], 'next_page_token': str|null, "
+            f"'total_size': int (optional)}}: {json.dumps(body)[:200]}",
         )
     if not ids and token is not None:
         raise PermanentJobError("bad_source_page", f"{service} answered an empty page with a next page")
-    return ids, token
+    return ids, token, size
 
 
 def _explicit_ids(payload: Any, max_ids: int) -> list[str] | None:
@@ -217,6 +234,15 @@ def _explicit_ids(payload: Any, max_ids: int) -> list[str] | None:
     if len(ids) > max_ids:
         raise InvalidJobError("invalid_payload", f"{len(ids)} account_ids is over max_ids={max_ids}")
     return ids
+
+
+async def _prepend(
+    first: Sequence[str], rest: AsyncGenerator[Sequence[str], None]
+) -> AsyncGenerator[Sequence[str], None]:
+    yield first
+    async with aclosing(rest):
+        async for page in rest:
+            yield page
 
 
 async def _chunks(ids: list[str], size: int) -> AsyncGenerator[list[str], None]:

@@ -99,7 +99,8 @@ def account_scoring(payload: Any, info: dict[str, Any]) -> FunctionResult:
 
 
 def accounts_source(payload: Any, info: dict[str, Any]) -> FunctionResult:
-    """Pages over `total_accounts` ids "acct-000000"...; the page token is the next offset."""
+    """Pages over `total_accounts` ids "acct-000000"...; the page token is the next offset,
+    and every page says the total (`total_size`), so the worker pages it once."""
     if not isinstance(payload, dict):
         return _error("the body must be a JSON object")
     token = payload.get("page_token")
@@ -114,6 +115,7 @@ def accounts_source(payload: Any, info: dict[str, Any]) -> FunctionResult:
     return 200, {
         "account_ids": [f"acct-{i:06d}" for i in range(start, end)],
         "next_page_token": str(end) if end < total else None,
+        "total_size": total,
     }
 
 
