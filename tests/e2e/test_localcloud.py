@@ -151,9 +151,10 @@ def test_echo_and_accounts_source_functions(local_cloud: LocalCloud, deploy: Any
     token = id_token.fetch_id_token(Request(), source.url)
     first = call(source, token, {"page_token": None, "page_size": 3}).json()
     assert first == {"account_ids": ["acct-000000", "acct-000001", "acct-000002"],
-                     "next_page_token": "3"}
+                     "next_page_token": "3", "total_size": 5}
     second = call(source, token, {"page_token": first["next_page_token"], "page_size": 3}).json()
-    assert second == {"account_ids": ["acct-000003", "acct-000004"], "next_page_token": None}
+    assert second == {"account_ids": ["acct-000003", "acct-000004"], "next_page_token": None,
+                      "total_size": 5}
     assert call(source, token, {"page_size": 5000}).status_code == 400
 
 
