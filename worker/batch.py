@@ -161,10 +161,14 @@ class _SourcePager:
         """The batch's total and its pages. A source that says `total_size` on its first
         page is paged once; one that does not is counted first, then paged again."""
         pages = self.pages()
-        first = await anext(pages)
-        if self.total_size is not None:
-            self._check_size(self.total_size, max_ids)
-            return self.total_size, _prepend(first, pages)
+        try:
+            first = await anext(pages)
+            if self.total_size is not None:
+                self._check_size(self.total_size, max_ids)
+                return self.total_size, _prepend(first, pages)
+        except BaseException:
+            await pages.aclose()
+            raise
         total = len(first)
         async with aclosing(pages):
             async for page in pages:
