@@ -134,14 +134,19 @@ def iam_bindings(
     return bindings
 
 
-def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[Binding]:
-    """What one operator needs for the dead-letter tools and `worker doctor`."""
+def check_operator(member: str) -> None:
+    """Raise ValueError, saying how to write it, unless `member` is an IAM member."""
     if not member.startswith(OPERATOR_MEMBER_PREFIXES):
         raise ValueError(
             f"operator {member!r} is not an IAM member: write it as "
             + ", ".join(f"{prefix}NAME" for prefix in OPERATOR_MEMBER_PREFIXES)
             + " (for example user:alice@example.com)"
         )
+
+
+def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[Binding]:
+    """What one operator needs for the dead-letter tools and `worker doctor`."""
+    check_operator(member)
     project = f"projects/{settings.project}"
     return [
         Binding(

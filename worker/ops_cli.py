@@ -242,23 +242,22 @@ def print_gcloud(
 ) -> int:
     from worker.app import load_catalog
     from worker.batch_cli import scheduler_commands
-    from worker.gcloud import default_webapp_sa, default_worker_sa, gcloud_script, operator_bindings
+    from worker.gcloud import check_operator, default_webapp_sa, default_worker_sa, gcloud_script
 
     try:
         catalog = load_catalog(settings)
     except ConfigError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
-    worker_sa = worker_sa or default_worker_sa(settings.project)
     try:
         for operator in operators:
-            operator_bindings(settings, operator, worker_sa)
+            check_operator(operator)
     except ValueError as exc:
         raise CommandError(f"--operator: {exc}", EXIT_USAGE) from None
     click.echo(
         gcloud_script(
             settings,
             catalog,
-            worker_sa,
+            worker_sa or default_worker_sa(settings.project),
             webapp_sa or default_webapp_sa(settings.project),
             options,
             operators=operators,
