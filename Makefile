@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: dev test test-fast lint bench soak clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml localcloud/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./localcloud
 	touch $(STAMP)
 
 dev: $(STAMP)
@@ -23,8 +23,8 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e"
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker tests bench
-	$(BIN)/mypy worker
+	$(BIN)/ruff check worker localcloud tests bench
+	$(BIN)/mypy worker localcloud/src
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

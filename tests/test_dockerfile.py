@@ -75,6 +75,7 @@ def test_logs_are_unbuffered(stages: list[Stage]) -> None:
         ".env",
         "worker/__pycache__/app.cpython-311.pyc",
         "dist/x.whl",
+        "localcloud/src/localcloud/cloud.py",
     ],
 )
 def test_the_build_context_leaves_out(path: str) -> None:
@@ -86,8 +87,7 @@ def test_the_build_context_leaves_out(path: str) -> None:
     [
         "pyproject.toml",
         "README.md",
-        "worker/app.py",
-        "worker/localcloud/cloud.py",
+        "worker/runtime/app.py",
         "jobs/echo.toml",
         "scripts/build-wheel.sh",
         "scripts/install-wheel.sh",

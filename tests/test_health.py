@@ -16,10 +16,10 @@ import pytest
 import structlog
 from google.api_core import exceptions
 
-from worker.consumer import ConsumerStats
-from worker.health import Health, PubSubProbe, serve_health
-from worker.localcloud import free_port
-from worker.settings import Settings
+from localcloud import free_port
+from worker.core.settings import Settings
+from worker.gcp.consumer import ConsumerStats
+from worker.runtime.health import Health, PubSubProbe, serve_health
 
 
 @dataclass

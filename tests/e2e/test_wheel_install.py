@@ -35,9 +35,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from localcloud import score_account
 from tests.dockerfile import Stage, build_context, parse_dockerfile
 from tests.e2e.harness import collect_results, provision, publish, worker_env
-from worker.localcloud import score_account
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,9 +144,8 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_wheel_carries_the_code_and_the_catalog_and_nothing_else(image_root: Path) -> None:
     (wheel,) = (image_root / "wheels").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"worker/_catalog/account-scoring.toml", "worker/_catalog/echo.toml", "worker/cli.py"} <= set(
-        names
-    )
+    expected = {"worker/_catalog/account-scoring.toml", "worker/_catalog/echo.toml", "worker/cli/__init__.py"}
+    assert expected <= set(names)
     assert not [n for n in names if n.startswith(("tests/", "bench/", "jobs/")) or "__pycache__" in n]
 
 
@@ -155,7 +154,7 @@ def test_the_installed_worker_imports_from_the_venv_with_its_packaged_catalog(
 ) -> None:
     venv = image_root / "opt" / "worker"
     probe = (
-        "import json, worker, worker.catalog as c;"
+        "import json, worker, worker.core.catalog as c;"
         "print(json.dumps([worker.__file__, str(c.default_catalog_dir())]))"
     )
     out = subprocess.run(
