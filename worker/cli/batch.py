@@ -1,47 +1,32 @@
-"""Batch scoring for operators: `worker batch-status` and the nightly Cloud Scheduler job."""
+"""`worker batch-status`: a batch's progress from the results the web app stored."""
 
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from worker.cli.ops import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
+from worker.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, exits_with_code
 from worker.client import BatchProgress
 from worker.core.messages import Result
-from worker.core.settings import Settings
-
-SCHEDULER_JOB = "nightly-batch-scoring"
 
 
-def scheduler_commands(settings: Settings, schedule: str, time_zone: str) -> list[str]:
-    """The Cloud Scheduler job that publishes the nightly batch-scoring job.
-
-    Cloud Scheduler publishes the same body every night and cannot put the date in
-    it, so the body says `"daily": true` and the worker makes the batch id the job id
-    plus the UTC date (worker.gcp.batch.batch_id_for): each night's children get ids of
-    their own, while redeliveries of one night's message reuse them.
-    """
-    body = {
-        "job_id": SCHEDULER_JOB,
-        "kind": "batch-scoring",
-        "payload": {"source": True, "daily": True},
-    }
-    return [
-        f"gcloud services enable cloudscheduler.googleapis.com --project={settings.project}",
-        f"gcloud scheduler jobs create pubsub {SCHEDULER_JOB} --project={settings.project} "
-        f"--location={settings.region} "
-        f"--schedule={shlex.quote(schedule)} --time-zone={shlex.quote(time_zone)} "
-        f"--topic={settings.jobs_topic} --message-body={shlex.quote(json.dumps(body))} "
-        f"--attributes=job_id={SCHEDULER_JOB},kind=batch-scoring",
-    ]
+@click.command("batch-status")
+@click.argument("batch_id")
+@click.option("--from-file", "results_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Results as JSON lines, e.g. what the web app stored.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@exits_with_code
+def batch_status(batch_id: str, results_file: Path, as_json: bool) -> int:
+    """Show a batch's progress; exit 0 once every child has a result, 1 before."""
+    return show_progress(batch_id, results_file, as_json=as_json)
 
 
 def read_progress(batch_id: str, lines: Iterable[str]) -> tuple[BatchProgress, int]:
@@ -58,7 +43,7 @@ def read_progress(batch_id: str, lines: Iterable[str]) -> tuple[BatchProgress, i
     return progress, unreadable
 
 
-def batch_status(batch_id: str, results_file: Path, *, as_json: bool) -> int:
+def show_progress(batch_id: str, results_file: Path, *, as_json: bool) -> int:
     """Print a batch's progress from a results file; exit 0 when every child finished."""
     try:
         with results_file.open(encoding="utf-8") as lines:
@@ -75,11 +60,12 @@ def batch_status(batch_id: str, results_file: Path, *, as_json: bool) -> int:
 def _render(progress: BatchProgress, unreadable: int) -> None:
     console = Console()
     if progress.total is None:
-        console.print(f"batch {progress.batch_id}: no child results yet")
+        console.print(f"batch {escape(progress.batch_id)}: no child results yet")
     else:
         percent = 100 * progress.finished / progress.total
         console.print(
-            f"batch [bold]{progress.batch_id}[/]  {progress.finished}/{progress.total}  {percent:.1f}%"
+            f"batch [bold]{escape(progress.batch_id)}[/]  "
+            f"{progress.finished}/{progress.total}  {percent:.1f}%"
         )
         console.print(ProgressBar(total=progress.total, completed=progress.finished, width=50))
         table = Table(show_header=False, box=None)
@@ -95,6 +81,11 @@ def _render(progress: BatchProgress, unreadable: int) -> None:
     if progress.parent is not None:
         response = progress.parent.response if isinstance(progress.parent.response, dict) else {}
         published = response.get("children_published", "?")
-        console.print(f"batch job {progress.parent.status.value}: {published} children published")
+        console.print(
+            f"batch job {progress.parent.status.value}: {escape(str(published))} children published"
+        )
     if unreadable:
         console.print(f"[yellow]{unreadable} lines were not results and were skipped[/]")
+
+
+COMMANDS = [batch_status]

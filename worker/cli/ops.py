@@ -1,8 +1,8 @@
-"""What the operator verbs print: `enqueue`, `dead-letters`, `replay`, `doctor`, `setup --print-gcloud`.
+"""Operators' verbs: `dead-letters`, `replay`, `doctor`.
 
-The work is done in `client`, `operations`, `doctor` and `gcloud`; this module turns
-flags into calls and results into what a person reads (rich tables and progress on a
-terminal, plain lines or JSON lines otherwise) and into exit codes.
+The work is done in `worker.ops` (operations, doctor); this module turns flags into
+calls and results into what a person reads (rich tables and progress on a terminal,
+plain lines or JSON lines otherwise) and into exit codes.
 """
 
 from __future__ import annotations
@@ -10,99 +10,63 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from google.api_core import exceptions
 
-from worker.core.errors import ConfigError, InvalidJobError
-from worker.core.messages import JobStatus, now
+from worker.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    age,
+    exits_with_code,
+    google_errors,
+    load_catalog_or_fail,
+    load_settings_or_fail,
+    operator_clients,
+    table,
+)
+from worker.core.messages import now
 from worker.core.settings import Settings
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+
+@click.command("dead-letters")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", type=click.IntRange(min=1), help="List at most this many.")
+@exits_with_code
+def dead_letters(as_json: bool, limit: int | None) -> int:
+    """List dead-lettered jobs without consuming them."""
+    return list_dead_letters(load_settings_or_fail(), as_json=as_json, limit=limit)
 
 
-class CommandError(Exception):
-    """Ends a verb with `worker: error: MESSAGE` and the exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@contextmanager
-def google_errors(settings: Settings) -> Iterator[None]:
-    """Turn Pub/Sub's refusals into a sentence naming the resource and the fix."""
-    try:
-        yield
-    except exceptions.NotFound as exc:
-        raise CommandError(
-            f"{exc.message}: create the topics and subscriptions with `worker setup` "
-            f"(project {settings.project}), or check the WORKER_*_TOPIC/SUBSCRIPTION variables"
-        ) from None
-    except exceptions.PermissionDenied as exc:
-        raise CommandError(
-            f"{exc.message}: your credentials lack a Pub/Sub role on it; see "
-            "`worker setup --print-gcloud` for the bindings"
-        ) from None
-    except exceptions.GoogleAPICallError as exc:
-        raise CommandError(f"Pub/Sub refused the call: {exc.message}") from None
+@click.command()
+@click.option("--kind", help="Only jobs of this kind.")
+@click.option("--job-id", help="Only this job.")
+@click.option("--limit", type=click.IntRange(min=1), help="Replay at most this many.")
+@click.option("--dry-run", is_flag=True, help="List what would be replayed; change nothing.")
+@exits_with_code
+def replay(kind: str | None, job_id: str | None, limit: int | None, dry_run: bool) -> int:
+    """Move dead-lettered jobs back to the jobs topic (each acked only once republished)."""
+    settings = load_settings_or_fail()
+    return replay_dead_letters(settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run)
 
 
-def _clients(settings: Settings) -> tuple[Any, Any]:
-    from worker.runtime.app import pubsub_clients
-
-    # None: the operator's own application-default credentials (or the emulator).
-    return pubsub_clients(settings, None)
-
-
-def enqueue(settings: Settings, kind: str, payload_json: str, job_id: str | None,
-            *, wait: bool, timeout_s: float) -> int:
-    from worker.client import ResultWaiter, build_job
-    from worker.client import enqueue as publish_job
-    from worker.runtime.app import load_catalog
-
-    try:
-        payload = json.loads(payload_json)
-    except ValueError as exc:
-        raise CommandError(f"--payload is not JSON: {exc}", EXIT_USAGE) from None
-    try:
-        catalog = load_catalog(settings)
-    except ConfigError as exc:
-        raise CommandError(str(exc), EXIT_USAGE) from None
-    try:
-        job = build_job(kind, payload, job_id, catalog=catalog)
-    except InvalidJobError as exc:
-        raise CommandError(f"job refused, nothing published: {exc}", EXIT_USAGE) from None
-    publisher, subscriber = _clients(settings)
-    with google_errors(settings):
-        if not wait:
-            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
-            return EXIT_OK
-        with ResultWaiter(subscriber, settings, job.job_id) as waiter:
-            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
-            result = waiter.wait(timeout_s)
-    if result is None:
-        click.echo(
-            f"worker: no result for job {job.job_id} within {timeout_s:g}s; it stays queued. Is a "
-            "worker running (`worker run`)? Look for it later with `worker dead-letters`.",
-            err=True,
-        )
-        return EXIT_TIMEOUT
-    click.echo(result.model_dump_json())
-    return EXIT_OK if result.status == JobStatus.SUCCEEDED else EXIT_FAILED
+@click.command()
+@click.argument("service", required=False)
+@click.option("--audience", help="Mint the token for this audience instead of the service URL.")
+@click.option("--worker-sa", help="The service account to impersonate, for the fix commands.")
+@exits_with_code
+def doctor(service: str | None, audience: str | None, worker_sa: str | None) -> int:
+    """Diagnose the identity chain (credentials, ID token, URL, call) and print the fix."""
+    return diagnose(load_settings_or_fail(), service, audience=audience, worker_sa=worker_sa)
 
 
-def dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -> int:
-    from worker.ops.operations import list_dead_letters
+def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -> int:
+    from worker.ops import operations
 
-    _, subscriber = _clients(settings)
+    _, subscriber = operator_clients(settings)
     path = subscriber.subscription_path(settings.project, settings.dead_letter_subscription)
     with google_errors(settings):
-        entries, more = list_dead_letters(subscriber, path, limit=limit)
+        entries, more = operations.list_dead_letters(subscriber, path, limit=limit)
     at = now()
     if as_json:
         for entry in entries:
@@ -111,7 +75,7 @@ def dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -> int
     if not entries:
         click.echo(f"No dead letters on {path}.")
         return EXIT_OK
-    _table(
+    table(
         f"Dead letters on {path} (left in place)",
         ["job id", "kind", "status", "error", "attempts", "age", "replays"],
         [
@@ -121,7 +85,7 @@ def dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -> int
                 e.status,
                 f"{e.error_code}: {e.error_message}" if e.error_code else e.error_message,
                 "-" if e.attempts is None else str(e.attempts),
-                _age(e.age(at)),
+                age(e.age(at)),
                 str(e.replay_count),
             ]
             for e in entries
@@ -132,22 +96,22 @@ def dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -> int
     return EXIT_OK
 
 
-def replay(settings: Settings, *, kind: str | None, job_id: str | None, limit: int | None,
+def replay_dead_letters(settings: Settings, *, kind: str | None, job_id: str | None, limit: int | None,
            dry_run: bool) -> int:
-    from worker.ops.operations import DeadLetterEntry, replay_dead_letters
+    from worker.ops import operations
 
-    publisher, subscriber = _clients(settings)
+    publisher, subscriber = operator_clients(settings)
     path = subscriber.subscription_path(settings.project, settings.dead_letter_subscription)
     topic = publisher.topic_path(settings.project, settings.jobs_topic)
     progress = _Progress(enabled=sys.stdout.isatty() and not dry_run)
 
-    def settled(entry: DeadLetterEntry, error: str | None) -> None:
+    def settled(entry: operations.DeadLetterEntry, error: str | None) -> None:
         progress.advance()
         if error is not None:
             progress.log(f"failed: {entry.job_id or entry.message_id}: {error}")
 
     with google_errors(settings), progress:
-        report = replay_dead_letters(
+        report = operations.replay_dead_letters(
             subscriber, publisher, path, topic, kind=kind, job_id=job_id, limit=limit,
             dry_run=dry_run, on_selected=lambda chosen: progress.start(len(chosen)), on_settled=settled,
         )
@@ -156,7 +120,7 @@ def replay(settings: Settings, *, kind: str | None, job_id: str | None, limit: i
         rows = [[e.job_id or "-", e.kind or "-", e.error_code or e.status, str(e.replay_count + 1)]
                 for e in report.selected]
         if rows:
-            _table("Would replay (dry run)", ["job id", "kind", "error", "replay #"], rows)
+            table("Would replay (dry run)", ["job id", "kind", "error", "replay #"], rows)
         click.echo(f"dry run: would replay {len(report.selected)}, skip {report.skipped}; nothing changed.")
         return EXIT_OK
     if not sys.stdout.isatty():
@@ -202,21 +166,18 @@ class _Progress:
             self._bar.console.print(text, markup=False, soft_wrap=True)
 
 
-def doctor(settings: Settings, service: str | None, *, audience: str | None, worker_sa: str | None) -> int:
-    from worker.ops.doctor import diagnose, render
+def diagnose(settings: Settings, service: str | None, *, audience: str | None, worker_sa: str | None) -> int:
+    from worker.ops import doctor as chain
     from worker.ops.gcloud import default_worker_sa
-    from worker.runtime.app import access_credentials, load_catalog, run_client
+    from worker.runtime.app import access_credentials, run_client
 
-    try:
-        catalog = load_catalog(settings)
-    except ConfigError as exc:
-        raise CommandError(str(exc), EXIT_USAGE) from None
+    catalog = load_catalog_or_fail(settings)
     known = sorted(catalog.services(settings.region))
     if service is not None:
         known = [s for s in known if s[0] == service] or [(service, settings.region)]
     worker_sa = worker_sa or settings.impersonate_service_account or default_worker_sa(settings.project)
     diagnosis = asyncio.run(
-        diagnose(
+        chain.diagnose(
             settings,
             known,
             run_client=lambda: run_client(settings, access_credentials(settings)),
@@ -225,83 +186,9 @@ def doctor(settings: Settings, service: str | None, *, audience: str | None, wor
         )
     )
     colours = {"ok": "green", "fail": "red", "fix": "cyan"}
-    for text, style in render(diagnosis, settings.project):
+    for text, style in chain.render(diagnosis, settings.project):
         click.echo(click.style(text, fg=colours.get(style or "")) if style else text)
     return EXIT_OK if diagnosis.ok else EXIT_FAILED
 
 
-def print_gcloud(
-    settings: Settings,
-    *,
-    worker_sa: str | None,
-    webapp_sa: str | None,
-    options: Any,
-    schedule: str,
-    time_zone: str,
-    operators: Sequence[str] = (),
-) -> int:
-    from worker.cli.batch import scheduler_commands
-    from worker.ops.gcloud import check_operator, default_webapp_sa, default_worker_sa, gcloud_script
-    from worker.runtime.app import load_catalog
-
-    try:
-        catalog = load_catalog(settings)
-    except ConfigError as exc:
-        raise CommandError(str(exc), EXIT_USAGE) from None
-    try:
-        for operator in operators:
-            check_operator(operator)
-    except ValueError as exc:
-        raise CommandError(f"--operator: {exc}", EXIT_USAGE) from None
-    click.echo(
-        gcloud_script(
-            settings,
-            catalog,
-            worker_sa or default_worker_sa(settings.project),
-            webapp_sa or default_webapp_sa(settings.project),
-            options,
-            operators=operators,
-            # The nightly batch only where the catalog has the kind it publishes.
-            extra_commands=(
-                scheduler_commands(settings, schedule, time_zone) if "batch-scoring" in catalog else ()
-            ),
-        ),
-        nl=False,
-    )
-    return EXIT_OK
-
-
-def run_verb(verb: Callable[[], int]) -> NoReturn:
-    """Run a verb body, print a CommandError the way every verb does, exit with its code."""
-    try:
-        code = verb()
-    except CommandError as exc:
-        click.echo(f"worker: error: {exc}", err=True)
-        sys.exit(exc.code)
-    sys.exit(code)
-
-
-def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))  # Text: a '[' in an error is not markup
-    Console(soft_wrap=False).print(table)
-
-
-def _age(age: timedelta | None) -> str:
-    if age is None:
-        return "-"
-    seconds = max(0, int(age.total_seconds()))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+COMMANDS = [dead_letters, replay, doctor]

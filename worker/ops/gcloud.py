@@ -8,6 +8,7 @@ table can be checked against the same list the commands are printed from.
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from worker.ops.provision import SetupOptions
 PROJECT_NUMBER_VAR = "${PROJECT_NUMBER}"
 # The kinds of principal an operator binding may name (IAM's member prefixes).
 OPERATOR_MEMBER_PREFIXES = ("user:", "group:", "serviceAccount:", "domain:")
+# The Cloud Scheduler job that fires the nightly batch.
+SCHEDULER_JOB = "nightly-batch-scoring"
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,29 @@ def gcloud_script(
             lines.append(reasons[command])
         lines.append(command)
     return "\n".join(lines) + "\n"
+
+
+def scheduler_commands(settings: Settings, schedule: str, time_zone: str) -> list[str]:
+    """The Cloud Scheduler job that publishes the nightly batch-scoring job.
+
+    Cloud Scheduler publishes the same body every night and cannot put the date in
+    it, so the body says `"daily": true` and the worker makes the batch id the job id
+    plus the UTC date (worker.gcp.batch.batch_id_for): each night's children get ids of
+    their own, while redeliveries of one night's message reuse them.
+    """
+    body = {
+        "job_id": SCHEDULER_JOB,
+        "kind": "batch-scoring",
+        "payload": {"source": True, "daily": True},
+    }
+    return [
+        f"gcloud services enable cloudscheduler.googleapis.com --project={settings.project}",
+        f"gcloud scheduler jobs create pubsub {SCHEDULER_JOB} --project={settings.project} "
+        f"--location={settings.region} "
+        f"--schedule={shlex.quote(schedule)} --time-zone={shlex.quote(time_zone)} "
+        f"--topic={settings.jobs_topic} --message-body={shlex.quote(json.dumps(body))} "
+        f"--attributes=job_id={SCHEDULER_JOB},kind=batch-scoring",
+    ]
 
 
 def _q(value: str) -> str:
