@@ -26,6 +26,7 @@ from localcloud.googleapis import CERTS_PATH, TOKEN_PATH, build_googleapis_app
 from localcloud.iam import RUN_INVOKER, RUN_VIEWER, IamPolicy, member_for
 from localcloud.metadata import MetadataIdentity, build_metadata_app
 from localcloud.ports import free_port
+from localcloud.push import PushDeliverer
 from localcloud.recording import RecordedRequest, Recorder
 from localcloud.runapi import RunApiContext, build_run_api_app
 from localcloud.services import LocalService, build_service_app
@@ -297,6 +298,23 @@ class LocalCloud:
             "source_credentials": self._authorized_user_info(source_email),
             "delegates": [],
         })
+
+    def push_deliverer(
+        self,
+        subscriber: Any,
+        subscription: str,
+        endpoint: str,
+        *,
+        service_account: str,
+        audience: str | None = None,
+        **options: Any,
+    ) -> PushDeliverer:
+        """A push deliverer (not started) for `subscription`, a pull subscription on the
+        emulator, whose OIDC tokens this cloud's authority signs (see localcloud.push)."""
+        return PushDeliverer(
+            subscriber, subscription, endpoint, service_account=service_account,
+            audience=audience, mint=self.authority.mint_id_token, **options,
+        )
 
     def mint_access_token(self, email: str) -> str:
         return self.authority.mint_access_token(email)
