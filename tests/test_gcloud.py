@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,7 +14,14 @@ import pytest
 from tests.e2e.harness import worker_cli
 from worker.core.catalog import Catalog, JobKind
 from worker.core.settings import Settings
-from worker.ops.gcloud import Binding, gcloud_commands, gcloud_script, iam_bindings
+from worker.ops.gcloud import (
+    Binding,
+    PushTarget,
+    gcloud_commands,
+    gcloud_script,
+    iam_bindings,
+    push_target,
+)
 from worker.ops.provision import SetupOptions
 
 WORKER = "worker@acme.iam.gserviceaccount.com"
@@ -157,3 +167,76 @@ def test_setup_refuses_an_operator_it_cannot_grant() -> None:
     assert bare.returncode == 2 and "user:alice@example.com" in bare.stderr and not bare.stdout
     without_print = worker_cli(env, "setup", "--operator", "user:alice@acme.com")
     assert without_print.returncode == 2 and "--print-gcloud" in without_print.stderr
+
+
+PUSH_ENDPOINT = "https://webapp-abc123-uc.a.run.app/pubsub/results"
+
+
+def push() -> PushTarget:
+    return push_target(settings(), PUSH_ENDPOINT)
+
+
+def test_push_gives_the_push_account_invoker_and_the_pubsub_agent_token_creation() -> None:
+    bindings = iam_bindings(settings(), catalog(), WORKER, WEBAPP, project_number="123", push=push())
+    assert roles_of(bindings, "serviceAccount:results-push@acme.iam.gserviceaccount.com") == {
+        ("roles/run.invoker", "projects/acme/locations/us-central1/services/webapp"),
+    }
+    assert (
+        "roles/iam.serviceAccountTokenCreator",
+        "projects/acme/serviceAccounts/results-push@acme.iam.gserviceaccount.com",
+    ) in roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com")
+    # The web app no longer pulls, so it may no longer read the subscription.
+    assert roles_of(bindings, f"serviceAccount:{WEBAPP}") == {("roles/pubsub.publisher", "projects/acme/topics/jobs")}
+
+
+def test_push_endpoint_must_be_https() -> None:
+    with pytest.raises(ValueError, match="https"):
+        push_target(settings(), "http://webapp.example.com/push")
+
+
+def test_setup_prints_the_push_subscription_and_refuses_push_without_print() -> None:
+    env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
+    done = worker_cli(
+        env, "setup", "--print-gcloud", "--webapp-push-endpoint", PUSH_ENDPOINT,
+        "--webapp-push-sa", "pusher@acme.iam.gserviceaccount.com", "--webapp-service", "portal",
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"--push-endpoint={PUSH_ENDPOINT} --push-auth-service-account=pusher@acme.iam.gserviceaccount.com "
+        f"--push-auth-token-audience={PUSH_ENDPOINT}"
+    ) in done.stdout
+    assert (
+        "gcloud run services add-iam-policy-binding portal --region=us-central1 --project=acme "
+        "--member=serviceAccount:pusher@acme.iam.gserviceaccount.com --role=roles/run.invoker"
+    ) in done.stdout
+    without_print = worker_cli(env, "setup", "--webapp-push-endpoint", PUSH_ENDPOINT)
+    assert without_print.returncode == 2 and "--print-gcloud" in without_print.stderr
+    plain_http = worker_cli(env, "setup", "--print-gcloud", "--webapp-push-endpoint", "http://x.example/p")
+    assert plain_http.returncode == 2 and "https" in plain_http.stderr
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud is not installed (apt-get install google-cloud-cli)")
+def test_every_flag_of_the_push_commands_exists_in_the_installed_gcloud() -> None:
+    script = gcloud_script(settings(), catalog(), WORKER, WEBAPP, push=push())
+    commands = [
+        line for line in script.splitlines()
+        if line.startswith("gcloud")
+        and ("--push-endpoint" in line or "results-push" in line)
+    ]
+    assert len(commands) == 3, commands
+    paths: dict[tuple[str, ...], set[str]] = {}
+    for command in commands:
+        words = shlex.split(command)
+        verb = next(i for i, word in enumerate(words) if word in ("create", "add-iam-policy-binding"))
+        flags = {word.split("=", 1)[0] for word in words if word.startswith("--")}
+        paths.setdefault(tuple(words[1 : verb + 1]), set()).update(flags)
+    helps = {
+        path: subprocess.Popen(["gcloud", *path, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PAGER": "cat", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"})
+        for path in paths
+    }
+    for path, process in helps.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        known = set(re.findall(r"--[a-z][a-z0-9-]*", out))
+        assert paths[path] <= known, (path, paths[path] - known)

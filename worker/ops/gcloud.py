@@ -40,6 +40,60 @@ class Binding:
     why: str
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """The web app's push endpoint: the results subscription pushes to `endpoint` with
+    an OIDC token for `service_account`, audience `audience`; the web app is the Cloud
+    Run service `service` in `region`."""
+
+    endpoint: str
+    service_account: str
+    audience: str
+    service: str
+    region: str
+
+
+def push_target(settings: Settings, endpoint: str, *, service_account: str | None = None,
+                audience: str | None = None, service: str = "webapp") -> PushTarget:
+    """A PushTarget, or ValueError saying what to fix (Pub/Sub pushes only to https)."""
+    if not endpoint.startswith("https://") or len(endpoint) <= len("https://"):
+        raise ValueError(
+            f"push endpoint {endpoint!r} is not an https URL: Pub/Sub pushes only to https, "
+            "e.g. https://webapp-abc123-uc.a.run.app/pubsub/results"
+        )
+    return PushTarget(
+        endpoint=endpoint,
+        service_account=service_account or default_push_sa(settings.project),
+        audience=audience or endpoint,
+        service=service,
+        region=settings.region,
+    )
+
+
+def default_push_sa(project: str) -> str:
+    return f"results-push@{project}.iam.gserviceaccount.com"
+
+
+def push_bindings(settings: Settings, push: PushTarget, agent: str) -> list[Binding]:
+    """What authenticated push needs: Pub/Sub mints tokens as the push account, which
+    may invoke the web app."""
+    project = f"projects/{settings.project}"
+    return [
+        Binding(
+            agent,
+            "roles/iam.serviceAccountTokenCreator",
+            f"{project}/serviceAccounts/{push.service_account}",
+            "Pub/Sub mints each push request's OIDC token as the push service account",
+        ),
+        Binding(
+            f"serviceAccount:{push.service_account}",
+            "roles/run.invoker",
+            f"{project}/locations/{push.region}/services/{push.service}",
+            "Pub/Sub's pushes, with the push account's token, pass Cloud Run's IAM check",
+        ),
+    ]
+
+
 def default_worker_sa(project: str) -> str:
     return f"worker@{project}.iam.gserviceaccount.com"
 
@@ -61,10 +115,12 @@ def iam_bindings(
     *,
     project_number: str = PROJECT_NUMBER_VAR,
     operators: Sequence[str] = (),
+    push: PushTarget | None = None,
 ) -> list[Binding]:
     """Every binding the system needs, and nothing more, in the order they are applied;
     `operators` (IAM members such as user:alice@example.com) get what `worker
-    dead-letters`, `worker replay` and `worker doctor` need."""
+    dead-letters`, `worker replay` and `worker doctor` need. With `push` the web app
+    no longer pulls results, so it gets no subscriber role; the push account does."""
     project = f"projects/{settings.project}"
 
     def topic(name: str) -> str:
@@ -125,13 +181,18 @@ def iam_bindings(
             "Pub/Sub acks the jobs it forwarded to the dead-letter topic",
         ),
         Binding(webapp, "roles/pubsub.publisher", topic(settings.jobs_topic), "publish jobs"),
-        Binding(
-            webapp,
-            "roles/pubsub.subscriber",
-            subscription(settings.results_subscription),
-            "read and ack results",
-        ),
     ]
+    if push is None:
+        bindings.append(
+            Binding(
+                webapp,
+                "roles/pubsub.subscriber",
+                subscription(settings.results_subscription),
+                "read and ack results",
+            )
+        )
+    else:
+        bindings += push_bindings(settings, push, agent)
     for operator in operators:
         bindings += operator_bindings(settings, operator, worker_sa)
     return bindings
@@ -201,8 +262,9 @@ def binding_command(binding: Binding) -> str:
     raise ValueError(f"no gcloud command for a binding on {binding.resource!r}")
 
 
-def resource_commands(settings: Settings, options: SetupOptions) -> list[str]:
-    """Topics and subscriptions as `worker setup` creates them (provision.SetupOptions)."""
+def resource_commands(settings: Settings, options: SetupOptions, push: PushTarget | None = None) -> list[str]:
+    """Topics and subscriptions as `worker setup` creates them (provision.SetupOptions);
+    with `push`, the web app's results subscription pushes (retrying with the backoff)."""
     project = f"--project={settings.project}"
     common = f"--ack-deadline={options.ack_deadline_s} --message-retention-duration={options.retention_days}d"
     commands = [
@@ -216,7 +278,15 @@ def resource_commands(settings: Settings, options: SetupOptions) -> list[str]:
         f"--max-delivery-attempts={options.max_delivery_attempts} "
         f"--min-retry-delay={options.min_backoff_s}s --max-retry-delay={options.max_backoff_s}s",
         f"gcloud pubsub subscriptions create {settings.results_subscription} {project} "
-        f"--topic={settings.results_topic} {common}",
+        f"--topic={settings.results_topic} {common}"
+        + (
+            ""
+            if push is None
+            else f" --push-endpoint={shlex.quote(push.endpoint)} "
+            f"--push-auth-service-account={push.service_account} "
+            f"--push-auth-token-audience={shlex.quote(push.audience)} "
+            f"--min-retry-delay={options.min_backoff_s}s --max-retry-delay={options.max_backoff_s}s"
+        ),
         f"gcloud pubsub subscriptions create {settings.dead_letter_subscription} {project} "
         f"--topic={settings.dead_letter_topic} {common}",
     ]
@@ -233,6 +303,7 @@ def gcloud_commands(
     project_number: str | None = None,
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
+    push: PushTarget | None = None,
 ) -> list[str]:
     """Every command, in an order that works on an empty project.
 
@@ -245,7 +316,7 @@ def gcloud_commands(
             f"PROJECT_NUMBER=\"$(gcloud projects describe {settings.project} "
             "--format='value(projectNumber)')\""
         )
-    commands += resource_commands(settings, options or SetupOptions())
+    commands += resource_commands(settings, options or SetupOptions(), push)
     bindings = iam_bindings(
         settings,
         catalog,
@@ -253,6 +324,7 @@ def gcloud_commands(
         webapp_sa,
         project_number=project_number or PROJECT_NUMBER_VAR,
         operators=operators,
+        push=push,
     )
     commands += [binding_command(b) for b in bindings]
     commands += extra_commands
@@ -268,18 +340,26 @@ def gcloud_script(
     *,
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
+    push: PushTarget | None = None,
 ) -> str:
     """`gcloud_commands` as a commented shell script, each binding with its reason."""
     reasons = {
         binding_command(b): f"# {b.member.split(':', 1)[1]} {b.role}: {b.why}"
-        for b in iam_bindings(settings, catalog, worker_sa, webapp_sa, operators=operators)
+        for b in iam_bindings(settings, catalog, worker_sa, webapp_sa, operators=operators, push=push)
     }
     lines = [
         f"# Topics, subscriptions and IAM for project {settings.project} (worker setup --print-gcloud).",
         "# Creating what already exists fails harmlessly; adding a binding twice is a no-op.",
     ]
+    if push is not None:
+        lines += [
+            f"# The results subscription pushes to {push.endpoint} as {push.service_account}:",
+            "# create that service account first, and whoever runs this needs iam.serviceAccounts.actAs",
+            "# on it (roles/iam.serviceAccountUser). The web app verifies each token (worker.client.push).",
+        ]
     for command in gcloud_commands(
-        settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands, operators=operators
+        settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands, operators=operators,
+        push=push,
     ):
         if command in reasons:
             lines.append(reasons[command])
