@@ -29,8 +29,9 @@ _MAX_TRACKED = 100_000  # messages whose failed attempts are counted for the bac
 class PushDeliverer:
     """Delivers a subscription's messages to `endpoint` until `stop()`; thread-based.
 
-    `mint(email, audience, lifetime_s)` makes the ID token (the authority's
-    mint_id_token). `subscriber` is a pubsub_v1.SubscriberClient on the emulator.
+    `mint(email, audience)` makes the ID token (the authority's mint_id_token).
+    `subscriber` is a pubsub_v1.SubscriberClient on the emulator; with `topic`, the
+    pull subscription under the push one is created on start if it does not exist.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class PushDeliverer:
         service_account: str,
         mint: Callable[..., str],
         audience: str | None = None,
+        topic: str | None = None,
         min_backoff_s: int = 1,
         max_backoff_s: int = 10,
         max_messages: int = 50,
@@ -53,6 +55,7 @@ class PushDeliverer:
         self.endpoint = endpoint
         self.audience = audience or endpoint  # Pub/Sub's default audience is the endpoint
         self.service_account = service_account
+        self.topic = topic
         self._mint = mint
         self._min_backoff_s = min_backoff_s
         self._max_backoff_s = max_backoff_s
@@ -74,6 +77,8 @@ class PushDeliverer:
     def start(self) -> PushDeliverer:
         if self._thread is not None:
             raise RuntimeError("push deliverer already started")
+        if self.topic is not None:
+            self._ensure_subscription()
         self._thread = threading.Thread(target=self._run, name="push-deliverer", daemon=True)
         self._thread.start()
         return self
@@ -91,6 +96,16 @@ class PushDeliverer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _ensure_subscription(self) -> None:
+        from google.api_core import exceptions
+
+        try:
+            self.subscriber.create_subscription(
+                request={"name": self.subscription, "topic": self.topic, "ack_deadline_seconds": 10}
+            )
+        except exceptions.AlreadyExists:
+            pass
 
     # -- delivery ----------------------------------------------------------------
 
