@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-fast lint bench soak clean
+.PHONY: dev webapp test test-fast lint bench soak clean
 
 $(STAMP): pyproject.toml localcloud/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml localcloud/pyproject.toml
 dev: $(STAMP)
 	$(BIN)/worker dev
 
+# The reference web app (examples/webapp) beside `make dev`, from the file `worker dev` writes.
+webapp: $(STAMP)
+	$(BIN)/python -m examples.webapp --env-file .worker-dev.env
+
 test: $(STAMP)
 	$(BIN)/pytest -q
 
@@ -23,8 +27,8 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e"
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker localcloud tests bench
-	$(BIN)/mypy worker localcloud/src
+	$(BIN)/ruff check worker localcloud tests bench examples
+	$(BIN)/mypy worker localcloud/src examples
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -186,7 +186,8 @@ def test_push_gives_the_push_account_invoker_and_the_pubsub_agent_token_creation
         "projects/acme/serviceAccounts/results-push@acme.iam.gserviceaccount.com",
     ) in roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com")
     # The web app no longer pulls, so it may no longer read the subscription.
-    assert roles_of(bindings, f"serviceAccount:{WEBAPP}") == {("roles/pubsub.publisher", "projects/acme/topics/jobs")}
+    webapp = roles_of(bindings, f"serviceAccount:{WEBAPP}")
+    assert webapp == {("roles/pubsub.publisher", "projects/acme/topics/jobs")}
 
 
 def test_push_endpoint_must_be_https() -> None:
@@ -215,7 +216,9 @@ def test_setup_prints_the_push_subscription_and_refuses_push_without_print() -> 
     assert plain_http.returncode == 2 and "https" in plain_http.stderr
 
 
-@pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud is not installed (apt-get install google-cloud-cli)")
+@pytest.mark.skipif(
+    shutil.which("gcloud") is None, reason="gcloud is not installed (apt-get install google-cloud-cli)"
+)
 def test_every_flag_of_the_push_commands_exists_in_the_installed_gcloud() -> None:
     script = gcloud_script(settings(), catalog(), WORKER, WEBAPP, push=push())
     commands = [
@@ -231,8 +234,10 @@ def test_every_flag_of_the_push_commands_exists_in_the_installed_gcloud() -> Non
         flags = {word.split("=", 1)[0] for word in words if word.startswith("--")}
         paths.setdefault(tuple(words[1 : verb + 1]), set()).update(flags)
     helps = {
-        path: subprocess.Popen(["gcloud", *path, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PAGER": "cat", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"})
+        path: subprocess.Popen(
+            ["gcloud", *path, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PAGER": "cat", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"},
+        )
         for path in paths
     }
     for path, process in helps.items():

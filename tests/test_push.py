@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from localcloud.authority import TokenAuthority
 from localcloud.recording import Recorder
+
 from worker.client.push import (
     CachingRequest,
     MemoryResultStore,
@@ -59,7 +59,8 @@ class CertsTransport:
 
 def verifier(transport: Any = None, **options: Any) -> PushVerifier:
     return PushVerifier(
-        AUDIENCE, PUSH_SA, certs_url=CERTS_URL, request=CachingRequest(transport or CertsTransport()), **options
+        AUDIENCE, PUSH_SA, certs_url=CERTS_URL, request=CachingRequest(transport or CertsTransport()),
+        **options,
     )
 
 
@@ -155,7 +156,8 @@ def test_a_failed_result_is_replaced_by_a_later_success_but_never_the_reverse() 
 
 def test_a_result_without_job_id_is_acked_without_storing() -> None:
     store = MemoryResultStore()
-    response = PushHandler(VERIFIER, store).handle(GOOD, envelope(result(job_id=None, status="rejected").to_bytes()))
+    body = envelope(result(job_id=None, status="rejected").to_bytes())
+    response = PushHandler(VERIFIER, store).handle(GOOD, body)
     assert response.status == 204 and not store.results
 
 
@@ -195,7 +197,7 @@ def test_the_store_failing_answers_503() -> None:
         ({"certs_url": "http://certs.example.com/certs"}, "https"),
     ],
 )
-def test_the_verifier_refuses_a_configuration_that_would_weaken_it(kwargs: dict[str, Any], match: str) -> None:
+def test_the_verifier_refuses_a_weakening_configuration(kwargs: dict[str, Any], match: str) -> None:
     options = {"audience": AUDIENCE, "service_account": PUSH_SA, **kwargs}
     with pytest.raises(ValueError, match=match):
         PushVerifier(options.pop("audience"), options.pop("service_account"), **options)
@@ -216,7 +218,9 @@ HOSTILE = {
     "empty bearer": ("Bearer ", 401),
     "basic auth": ("Basic dXNlcjpwYXNz", 401),
     "another audience": (bearer(GOOGLE.sign(claims(aud="https://other.example.com/push"))), 401),
-    "another service account": (bearer(GOOGLE.sign(claims(email="intruder@evil.iam.gserviceaccount.com"))), 403),
+    "another service account": (
+        bearer(GOOGLE.sign(claims(email="intruder@evil.iam.gserviceaccount.com"))), 403
+    ),
     "email not verified": (bearer(GOOGLE.sign(claims(email_verified=False))), 403),
     "no email": (bearer(GOOGLE.sign(claims(email=..., email_verified=...))), 403),
     "expired": (bearer(GOOGLE.sign(claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600))), 401),
@@ -291,8 +295,9 @@ DEFECTS: dict[str, st.SearchStrategy[Any]] = {
         PUSH_SA + ".evil.com", "", DELETE,
     ]) | json_values.filter(lambda v: not isinstance(v, str) or v.lower() != PUSH_SA),
     "email_verified": st.sampled_from([False, "true", 1, None, DELETE]),
-    "iss": st.sampled_from(["https://evil.example", "http://accounts.google.com", "accounts.google.com.evil.com",
-                            "", DELETE]),
+    "iss": st.sampled_from(
+        ["https://evil.example", "http://accounts.google.com", "accounts.google.com.evil.com", "", DELETE]
+    ),
     "exp": st.integers(-(10**7), -(SKEW + 3)).map(lambda offset: int(time.time()) + offset)
     | st.sampled_from(["tomorrow", None, DELETE]),
     "iat": st.integers(SKEW + 3, 10**7).map(lambda offset: int(time.time()) + offset)

@@ -55,7 +55,8 @@ def test_no_token_is_401_with_the_cause_and_nothing_stored(framework: str) -> No
 @pytest.mark.parametrize("framework", sorted(CLIENTS))
 def test_a_malformed_envelope_is_400(framework: str) -> None:
     store = MemoryResultStore()
-    response = CLIENTS[framework](store).post("/push", headers={"Authorization": GOOD}, **_body(framework, b"{}"))
+    client = CLIENTS[framework](store)
+    response = client.post("/push", headers={"Authorization": GOOD}, **_body(framework, b"{}"))
     assert response.status_code == 400 and "push envelope" in _json(response)["error"]
     assert not store.results
 
@@ -64,7 +65,8 @@ def test_a_malformed_envelope_is_400(framework: str) -> None:
 def test_a_body_over_the_limit_is_413_without_storing(framework: str) -> None:
     store = MemoryResultStore()
     body = b" " * (MAX_ENVELOPE_BYTES + 1)
-    response = CLIENTS[framework](store).post("/push", headers={"Authorization": GOOD}, **_body(framework, body))
+    client = CLIENTS[framework](store)
+    response = client.post("/push", headers={"Authorization": GOOD}, **_body(framework, body))
     assert response.status_code == 413
     assert not store.results
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from google.cloud import pubsub_v1
+from localcloud.ports import free_port
 from werkzeug.serving import make_server
 
-from localcloud.ports import free_port
 from worker.client.push import GOOGLE_CERTS_URL, MemoryResultStore, PushHandler, PushVerifier
 from worker.client.web import flask_view
 from worker.core.messages import Result
@@ -123,7 +123,7 @@ def test_a_refused_push_is_nacked_and_retried_with_a_growing_backoff(local_cloud
         assert first_wait >= 0.9 and second_wait >= 1.9, (first_wait, second_wait)
 
 
-def test_another_service_account_or_audience_is_refused_and_nothing_stored(local_cloud: Any, topic: str) -> None:
+def test_another_account_or_audience_is_refused_and_nothing_stored(local_cloud: Any, topic: str) -> None:
     verifier = PushVerifier("https://webapp.local/push", PUSH_SA, certs_url=local_cloud.certs_url)
     with Endpoint(verifier) as endpoint:
         with deliverer(

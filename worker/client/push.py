@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import structlog
+from google.auth import transport
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from worker.core.messages import JobStatus, Result
@@ -64,7 +65,7 @@ class PushRefused(Exception):
 # -- certificates --------------------------------------------------------------
 
 
-class CachingRequest:
+class CachingRequest(transport.Request):
     """A google.auth transport Request that keeps successful GET answers while their
     Cache-Control max-age lasts (5 min when none is given, never over a day).
 
@@ -149,7 +150,8 @@ class PushVerifier:
         if "@" not in service_account:
             raise ValueError(
                 f"push service account {service_account!r} is not an email: set it to the "
-                "subscription's --push-auth-service-account, e.g. results-push@PROJECT.iam.gserviceaccount.com"
+                "subscription's --push-auth-service-account, "
+                "e.g. results-push@PROJECT.iam.gserviceaccount.com"
             )
         if not 0 <= clock_skew_s <= MAX_CLOCK_SKEW_S:
             raise ValueError(
@@ -240,8 +242,9 @@ def _precheck(token: str) -> None:
 
 
 def _short(value: Any, limit: int = 160) -> str:
-    text = value if isinstance(value, str) else repr(value) if not isinstance(value, Exception) else str(value)
-    return text[:limit]
+    if isinstance(value, str | Exception):
+        return str(value)[:limit]
+    return repr(value)[:limit]
 
 
 # -- the envelope --------------------------------------------------------------
@@ -293,7 +296,9 @@ def decode_envelope(body: bytes) -> PushDelivery:
     try:
         data = base64.b64decode(envelope.message.data, validate=True)
     except (binascii.Error, ValueError):
-        raise PushRefused(400, "message.data is not base64: Pub/Sub push sends the message data base64-encoded") from None
+        raise PushRefused(
+            400, "message.data is not base64: Pub/Sub push sends the message data base64-encoded"
+        ) from None
     try:
         result = Result.model_validate_json(data)
     except (ValidationError, ValueError, RecursionError) as exc:

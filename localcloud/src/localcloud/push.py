@@ -13,6 +13,7 @@ push backoff does.
 from __future__ import annotations
 
 import base64
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -100,12 +101,10 @@ class PushDeliverer:
     def _ensure_subscription(self) -> None:
         from google.api_core import exceptions
 
-        try:
+        with contextlib.suppress(exceptions.AlreadyExists):
             self.subscriber.create_subscription(
                 request={"name": self.subscription, "topic": self.topic, "ack_deadline_seconds": 10}
             )
-        except exceptions.AlreadyExists:
-            pass
 
     # -- delivery ----------------------------------------------------------------
 
@@ -130,10 +129,9 @@ class PushDeliverer:
                 self._stop.wait(0.1)
                 continue
             statuses = list(self._pool.map(self._post, received))
-            try:
+            # Unsettled messages come back when their ack deadline lapses.
+            with contextlib.suppress(exceptions.GoogleAPICallError, ValueError):
                 self._settle(received, statuses)
-            except (exceptions.GoogleAPICallError, ValueError):
-                pass  # unsettled messages come back when their ack deadline lapses
 
     def envelope(self, received: Any) -> dict[str, Any]:
         """The JSON body Pub/Sub pushes for one received message."""
