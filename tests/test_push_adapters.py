@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import flask
 import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
 
 from tests.test_push import GOOD, VERIFIER, envelope, result
 from worker.client.push import MAX_ENVELOPE_BYTES, MemoryResultStore, PushHandler
@@ -13,18 +16,13 @@ from worker.client.web import flask_view, starlette_endpoint
 
 
 def flask_client(store: MemoryResultStore) -> Any:
-    flask = pytest.importorskip("flask")
     app = flask.Flask(__name__)
     app.add_url_rule("/push", view_func=flask_view(PushHandler(VERIFIER, store)), methods=["POST"])
     return app.test_client()
 
 
 def starlette_client(store: MemoryResultStore) -> Any:
-    pytest.importorskip("httpx")
-    applications = pytest.importorskip("starlette.applications")
-    from starlette.testclient import TestClient
-
-    app = applications.Starlette()
+    app = Starlette()
     app.add_route("/push", starlette_endpoint(PushHandler(VERIFIER, store)), methods=["POST"])
     return TestClient(app)
 

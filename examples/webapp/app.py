@@ -64,10 +64,11 @@ class WebappConfig:
         return cls(**values)
 
 
-def create_app(config: WebappConfig, settings: Settings | None = None, publisher: Any = None) -> Flask:
+def create_app(config: WebappConfig, settings: Settings | None = None, publisher: Any = None,
+               verifier: PushVerifier | None = None) -> Flask:
     settings = settings or load_settings()
     store = SqliteResultStore(config.db_path)
-    verifier = PushVerifier(config.audience, config.service_account, certs_url=config.certs_url)
+    verifier = verifier or PushVerifier(config.audience, config.service_account, certs_url=config.certs_url)
     app = Flask(__name__, static_folder=None)
     app.config["store"] = store
 
