@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localcloud.devstack import write_env_file
 
 from examples.webapp.__main__ import read_env_file
 from examples.webapp.app import WebappConfig, create_app
 from examples.webapp.store import SqliteResultStore
-from localcloud.devstack import write_env_file
 from tests.test_push import GOOD, VERIFIER, envelope, result
 from worker.core.settings import Settings
 
@@ -39,7 +39,9 @@ def test_the_store_keeps_one_row_per_job_and_a_success_is_final(tmp_path: Path) 
 def test_concurrent_pushes_of_one_result_store_it_once(tmp_path: Path) -> None:
     store = SqliteResultStore(tmp_path / "r.sqlite3")
     changed: list[bool] = []
-    threads = [threading.Thread(target=lambda: changed.append(store.record(result("same")))) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: changed.append(store.record(result("same")))) for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -53,7 +55,8 @@ def test_batch_progress_counts_each_child_once(tmp_path: Path) -> None:
     for record in [child(0), child(0), child(1, "failed"), child(1), child(2, "rejected")]:
         store.record(record)
     progress = store.progress("batch-1")
-    assert (progress["total"], progress["succeeded"], progress["rejected"], progress["finished"]) == (4, 2, 1, 3)
+    counts = (progress["total"], progress["succeeded"], progress["rejected"], progress["finished"])
+    assert counts == (4, 2, 1, 3)
     assert progress["outstanding"] == 1 and not progress["done"]
     store.record(child(3))
     store.record(result("batch-1"))  # the batch job's own result
@@ -107,7 +110,8 @@ def test_a_pushed_result_shows_up_in_the_api(app: Any) -> None:
     assert client.get("/api/jobs/job-1").status_code == 202
     assert client.post("/pubsub/results", data=envelope(result().to_bytes())).status_code == 401
     assert client.get("/api/jobs/job-1").status_code == 202
-    pushed = client.post("/pubsub/results", data=envelope(result().to_bytes()), headers={"Authorization": GOOD})
+    body = envelope(result().to_bytes())
+    pushed = client.post("/pubsub/results", data=body, headers={"Authorization": GOOD})
     assert pushed.status_code == 204
     assert client.get("/api/jobs/job-1").get_json()["response"] == {"score": 71}
 
