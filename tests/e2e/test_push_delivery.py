@@ -4,6 +4,7 @@ fetched over HTTP from the local cloud) by the web app's Flask endpoint."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,12 +41,15 @@ class Endpoint:
 
         self.store = MemoryResultStore()
         self.arrivals: list[float] = []
+        self.requests: list[tuple[str | None, dict[str, Any]]] = []  # (Authorization, JSON body)
         self._fail_left = fail_first
         app = flask.Flask(__name__)
         view = flask_view(PushHandler(verifier, self.store))
 
         def push() -> Any:
             self.arrivals.append(time.monotonic())
+            body = json.loads(flask.request.get_data(cache=True))  # the view reads the cached body
+            self.requests.append((flask.request.headers.get("Authorization"), body))
             if self._fail_left > 0:
                 self._fail_left -= 1
                 return "busy", 503
@@ -142,3 +146,32 @@ def test_another_account_or_audience_is_refused_and_nothing_stored(local_cloud: 
 def test_local_tokens_are_accepted_only_when_the_certs_url_says_so(local_cloud: Any) -> None:
     # The default is Google's certificates, which never verify a local token.
     assert PushVerifier("https://webapp.local/push", PUSH_SA).certs_url == GOOGLE_CERTS_URL
+
+
+def test_the_emulators_own_push_sends_no_token_so_the_local_deliverer_is_needed(
+    local_cloud: Any, pubsub_emulator: Any, topic: str
+) -> None:
+    """The emulator keeps a push config and pushes, but without an OIDC token: the web
+    app refuses it. The local deliverer sends the same envelope, with the token."""
+    verifier = PushVerifier("https://webapp.local/push", PUSH_SA, certs_url=local_cloud.certs_url)
+    subscriber = pubsub_v1.SubscriberClient()
+    with Endpoint(verifier) as emulator_target, Endpoint(verifier) as local_target:
+        name = topic.rsplit("/", 1)[1] + "-emu"
+        emulator_push = subscriber.subscription_path(pubsub_emulator.project, name)
+        oidc = {"service_account_email": PUSH_SA, "audience": "https://webapp.local/push"}
+        subscriber.create_subscription(request={
+            "name": emulator_push, "topic": topic,
+            "push_config": {"push_endpoint": emulator_target.url, "oidc_token": oidc},
+        })
+        with deliverer(local_cloud, topic, local_target.url, audience="https://webapp.local/push"):
+            publish_results(topic, ["both-ways"])
+            wait_for(lambda: bool(emulator_target.requests) and "both-ways" in local_target.store.results)
+        subscriber.delete_subscription(subscription=emulator_push)
+    emulator_auth, emulator_body = emulator_target.requests[0]
+    local_auth, local_body = local_target.requests[0]
+    assert emulator_auth is None and not emulator_target.store.results
+    assert local_auth is not None and local_auth.startswith("Bearer ")
+    # The same envelope as the emulator's (Pub/Sub's) own push, field for field.
+    assert set(local_body) >= set(emulator_body)
+    assert set(local_body["message"]) >= set(emulator_body["message"])
+    assert local_body["message"]["data"] == emulator_body["message"]["data"]

@@ -30,7 +30,10 @@ def flask_view(handler: PushHandler) -> Callable[[], Any]:
             return _flask(refused)
         if (request.content_length or 0) > MAX_ENVELOPE_BYTES:
             return _flask(_TOO_LARGE)
-        body = request.stream.read(MAX_ENVELOPE_BYTES + 1)
+        if request.content_length is not None:
+            body = request.get_data(cache=True)  # bounded by the length checked above
+        else:  # chunked: read no more than the limit
+            body = request.stream.read(MAX_ENVELOPE_BYTES + 1)
         if len(body) > MAX_ENVELOPE_BYTES:
             return _flask(_TOO_LARGE)
         return _flask(handler.receive(body))
