@@ -43,6 +43,21 @@ def test_the_iam_table_is_what_setup_grants() -> None:
     assert table(["Member", "Role", "Resource", "Why"]) == expected
 
 
+def test_the_push_table_is_what_setup_grants_for_a_push_endpoint() -> None:
+    settings = Settings(project="PROJECT_ID")
+    catalog = Catalog.load(REPO / "jobs")
+    worker, webapp = gcloud.default_worker_sa("PROJECT_ID"), gcloud.default_webapp_sa("PROJECT_ID")
+    pull = gcloud.iam_bindings(settings, catalog, worker, webapp)
+    push = gcloud.iam_bindings(
+        settings, catalog, worker, webapp,
+        push=gcloud.push_target(settings, "https://webapp-abc123-uc.a.run.app/pubsub/results"),
+    )
+    added = [b for b in push if b not in pull]
+    assert [b for b in pull if b not in push] == [pull[-1]]  # the web app's subscriber role
+    rows = [[b.member, b.role, b.resource, b.why] for b in added]
+    assert table(["Push member", "Role", "Resource", "Why"]) == rows
+
+
 def test_the_operator_table_is_what_setup_grants_an_operator() -> None:
     settings = Settings(project="PROJECT_ID")
     bindings = gcloud.operator_bindings(settings, "user:OPERATOR", gcloud.default_worker_sa("PROJECT_ID"))
