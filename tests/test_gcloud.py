@@ -10,8 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from tests.e2e.harness import worker_cli
+from worker.cli import cli
 from worker.core.catalog import Catalog, JobKind
 from worker.core.settings import Settings
 from worker.ops.gcloud import (
@@ -195,53 +197,47 @@ def test_push_endpoint_must_be_https() -> None:
         push_target(settings(), "http://webapp.example.com/push")
 
 
-def test_setup_prints_the_push_subscription_and_refuses_push_without_print() -> None:
-    env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
-    done = worker_cli(
-        env, "setup", "--print-gcloud", "--webapp-push-endpoint", PUSH_ENDPOINT,
+def test_setup_prints_the_push_subscription_and_refuses_push_without_print(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "acme")
+    runner = CliRunner()
+    done = runner.invoke(cli, [
+        "setup", "--print-gcloud", "--webapp-push-endpoint", PUSH_ENDPOINT,
         "--webapp-push-sa", "pusher@acme.iam.gserviceaccount.com", "--webapp-service", "portal",
-    )
-    assert done.returncode == 0, done.stderr
+    ])
+    assert done.exit_code == 0, done.output
     assert (
         f"--push-endpoint={PUSH_ENDPOINT} --push-auth-service-account=pusher@acme.iam.gserviceaccount.com "
         f"--push-auth-token-audience={PUSH_ENDPOINT}"
-    ) in done.stdout
+    ) in done.output
     assert (
         "gcloud run services add-iam-policy-binding portal --region=us-central1 --project=acme "
         "--member=serviceAccount:pusher@acme.iam.gserviceaccount.com --role=roles/run.invoker"
-    ) in done.stdout
-    without_print = worker_cli(env, "setup", "--webapp-push-endpoint", PUSH_ENDPOINT)
-    assert without_print.returncode == 2 and "--print-gcloud" in without_print.stderr
-    plain_http = worker_cli(env, "setup", "--print-gcloud", "--webapp-push-endpoint", "http://x.example/p")
-    assert plain_http.returncode == 2 and "https" in plain_http.stderr
+    ) in done.output
+    without_print = runner.invoke(cli, ["setup", "--webapp-push-endpoint", PUSH_ENDPOINT])
+    assert without_print.exit_code == 2 and "--print-gcloud" in without_print.output
+    plain_http = runner.invoke(cli, ["setup", "--print-gcloud", "--webapp-push-endpoint", "http://x.example/p"])
+    assert plain_http.exit_code == 2 and "https" in plain_http.output
+    sa_alone = runner.invoke(cli, ["setup", "--print-gcloud", "--webapp-push-sa", "a@b.c"])
+    assert sa_alone.exit_code == 2 and "--webapp-push-endpoint" in sa_alone.output
 
 
 @pytest.mark.skipif(
     shutil.which("gcloud") is None, reason="gcloud is not installed (apt-get install google-cloud-cli)"
 )
-def test_every_flag_of_the_push_commands_exists_in_the_installed_gcloud() -> None:
+def test_every_flag_of_the_push_subscription_exists_in_the_installed_gcloud() -> None:
+    # The bindings it adds use the same commands and flags as every other binding.
     script = gcloud_script(settings(), catalog(), WORKER, WEBAPP, push=push())
-    commands = [
-        line for line in script.splitlines()
-        if line.startswith("gcloud")
-        and ("--push-endpoint" in line or "results-push" in line)
-    ]
-    assert len(commands) == 3, commands
-    paths: dict[tuple[str, ...], set[str]] = {}
-    for command in commands:
-        words = shlex.split(command)
-        verb = next(i for i, word in enumerate(words) if word in ("create", "add-iam-policy-binding"))
-        flags = {word.split("=", 1)[0] for word in words if word.startswith("--")}
-        paths.setdefault(tuple(words[1 : verb + 1]), set()).update(flags)
-    helps = {
-        path: subprocess.Popen(
-            ["gcloud", *path, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PAGER": "cat", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"},
-        )
-        for path in paths
-    }
-    for path, process in helps.items():
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err
-        known = set(re.findall(r"--[a-z][a-z0-9-]*", out))
-        assert paths[path] <= known, (path, paths[path] - known)
+    (command,) = [line for line in script.splitlines() if line.startswith("gcloud") and "--push-" in line]
+    words = shlex.split(command)
+    assert words[:4] == ["gcloud", "pubsub", "subscriptions", "create"]
+    flags = {word.split("=", 1)[0] for word in words if word.startswith("--")}
+    assert {"--push-endpoint", "--push-auth-service-account", "--push-auth-token-audience"} <= flags
+    done = subprocess.run(
+        [*words[:4], "--help"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PAGER": "cat", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    known = set(re.findall(r"--[a-z][a-z0-9-]*", done.stdout))
+    assert flags <= known, sorted(flags - known)
