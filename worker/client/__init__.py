@@ -5,6 +5,9 @@
         store(result.job_id, result)
 
 Results are at-least-once like Pub/Sub itself; `ResultsReader` drops the duplicates.
+A web app on Cloud Run (CPU only during requests) takes its results by push instead:
+`worker.client.push` verifies each push request's OIDC token and stores the result by
+job_id, with `worker.client.web` adapting it to Flask or Starlette.
 """
 
 from __future__ import annotations
