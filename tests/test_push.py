@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -110,7 +111,8 @@ def bearer(token: str) -> str:
     return f"Bearer {token}"
 
 
-GOOD = bearer(GOOGLE.sign(claims()))
+# Valid for 12 h (a real push token lasts 1 h), so it outlives any test run.
+GOOD = bearer(GOOGLE.sign(claims(exp=int(time.time()) + 12 * 3600)))
 
 
 # -- the genuine case ----------------------------------------------------------------
@@ -213,25 +215,28 @@ def _unsigned(payload: dict[str, Any], alg: str = "none") -> str:
     return f"{part({'alg': alg, 'typ': 'JWT', 'kid': GOOGLE.key_id})}.{part(payload)}."
 
 
-HOSTILE = {
-    "no header": (None, 401),
-    "empty bearer": ("Bearer ", 401),
-    "basic auth": ("Basic dXNlcjpwYXNz", 401),
-    "another audience": (bearer(GOOGLE.sign(claims(aud="https://other.example.com/push"))), 401),
-    "another service account": (
+# Built when each test runs: a token made at import time would age during a long suite.
+HOSTILE: dict[str, Callable[[], tuple[str | None, int]]] = {
+    "no header": lambda: (None, 401),
+    "empty bearer": lambda: ("Bearer ", 401),
+    "basic auth": lambda: ("Basic dXNlcjpwYXNz", 401),
+    "another audience": lambda: (bearer(GOOGLE.sign(claims(aud="https://other.example.com/push"))), 401),
+    "another service account": lambda: (
         bearer(GOOGLE.sign(claims(email="intruder@evil.iam.gserviceaccount.com"))), 403
     ),
-    "email not verified": (bearer(GOOGLE.sign(claims(email_verified=False))), 403),
-    "no email": (bearer(GOOGLE.sign(claims(email=..., email_verified=...))), 403),
-    "expired": (bearer(GOOGLE.sign(claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600))), 401),
-    "expired beyond the skew": (bearer(GOOGLE.sign(claims(exp=int(time.time()) - 30))), 401),
-    "issued in the future": (bearer(GOOGLE.sign(claims(iat=int(time.time()) + 600))), 401),
-    "no exp": (bearer(GOOGLE.sign(claims(exp=...))), 401),
-    "another issuer": (bearer(GOOGLE.sign(claims(iss="https://evil.example.com"))), 401),
-    "signed by another key": (bearer(IMPOSTOR.sign(claims())), 401),
-    "unsigned (alg none)": (bearer(_unsigned(claims())), 401),
-    "empty signature": (bearer(_unsigned(claims(), alg="RS256")), 401),
-    "tampered payload": (
+    "email not verified": lambda: (bearer(GOOGLE.sign(claims(email_verified=False))), 403),
+    "no email": lambda: (bearer(GOOGLE.sign(claims(email=..., email_verified=...))), 403),
+    "expired": lambda: (
+        bearer(GOOGLE.sign(claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600))), 401
+    ),
+    "expired beyond the skew": lambda: (bearer(GOOGLE.sign(claims(exp=int(time.time()) - 30))), 401),
+    "issued in the future": lambda: (bearer(GOOGLE.sign(claims(iat=int(time.time()) + 600))), 401),
+    "no exp": lambda: (bearer(GOOGLE.sign(claims(exp=...))), 401),
+    "another issuer": lambda: (bearer(GOOGLE.sign(claims(iss="https://evil.example.com"))), 401),
+    "signed by another key": lambda: (bearer(IMPOSTOR.sign(claims())), 401),
+    "unsigned (alg none)": lambda: (bearer(_unsigned(claims())), 401),
+    "empty signature": lambda: (bearer(_unsigned(claims(), alg="RS256")), 401),
+    "tampered payload": lambda: (
         bearer(".".join([GOOD.split()[1].split(".")[0], _unsigned(claims(email="x@y.z")).split(".")[1],
                          GOOD.split(".")[2]])),
         401,
@@ -241,7 +246,7 @@ HOSTILE = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_each_hostile_token_is_refused_and_nothing_is_stored(case: str) -> None:
-    authorization, status = HOSTILE[case]
+    authorization, status = HOSTILE[case]()
     store = MemoryResultStore()
     response = PushHandler(VERIFIER, store).handle(authorization, envelope(result().to_bytes()))
     assert response.status == status, response.body
