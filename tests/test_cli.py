@@ -56,7 +56,9 @@ def test_enqueue_refuses_an_unknown_kind_before_publishing(runner: CliRunner) ->
 
 
 @pytest.mark.parametrize("batch_id", ["x[/]", "[bold]b[/bold]", "a[red"])
-def test_batch_status_prints_markup_in_an_id_literally(tmp_path: Path, runner: CliRunner, batch_id: str) -> None:
+def test_batch_status_prints_markup_in_an_id_literally(
+    tmp_path: Path, runner: CliRunner, batch_id: str
+) -> None:
     results = tmp_path / "results.jsonl"
     results.write_text("")
     done = runner.invoke(cli, ["batch-status", batch_id, "--from-file", str(results)])
