@@ -240,7 +240,7 @@ class StubPublisher:
             raise TypeError("Data being published to Pub/Sub must be sent as a bytestring.")
         for key, value in attributes.items():
             if not isinstance(value, str):
-                raise TypeError(f"All attributes being published to Pub/Sub must be sent as text strings: {key}")
+                raise TypeError(f"attributes published to Pub/Sub must be text strings: {key}")
         future: concurrent.futures.Future[str] = concurrent.futures.Future()
         event = Event("publish", topic, attributes=dict(attributes), data=data)
         error = self.topic_errors.get(topic, self.error)

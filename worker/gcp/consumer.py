@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 import structlog
 from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 
+from worker.core.backoff import Backoff
 from worker.core.messages import clip
 from worker.core.pipeline import Delivery, Outcome
 from worker.gcp.results import ResultPublisher
@@ -259,10 +259,9 @@ class Consumer:
 
 
 def nack_delay(delivery_attempt: int | None) -> float:
-    """Seconds to hold a job before nacking it: exponential in the delivery attempt,
-    capped at NACK_DELAY_MAX_S, with equal jitter so replicas do not retry in step."""
-    ceiling = min(NACK_DELAY_MAX_S, NACK_DELAY_BASE_S * 2 ** max(0, (delivery_attempt or 1) - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    """Seconds to hold a job before nacking it: worker.core.backoff's equal jitter over
+    the delivery attempt, from NACK_DELAY_BASE_S up to NACK_DELAY_MAX_S."""
+    return Backoff(NACK_DELAY_BASE_S, NACK_DELAY_MAX_S).equal_jitter(delivery_attempt or 1)
 
 
 def read_max_delivery_attempts(subscriber: Any, subscription: str) -> int | None:
