@@ -31,19 +31,24 @@ from google.auth.compute_engine import IDTokenCredentials as MetadataIDTokenCred
 from google.oauth2 import service_account
 
 from worker.core.errors import ConfigError, PermanentJobError, TransientJobError
+from worker.core.gcloud_command import gcloud
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
 _IMPERSONATION_URL_RE = re.compile(r"/serviceAccounts/([^/:]+):generateAccessToken")
 
+# What gcloud's application-default login writes, and how to log in as the worker instead.
+ADC_LOGIN = gcloud("auth", "application-default", "login")
+ADC_LOGIN_AS_WORKER = gcloud("auth", "application-default", "login", impersonate_service_account="WORKER_SA")
+
 USER_CREDENTIALS_EXPLANATION = (
-    "user credentials (gcloud auth application-default login) cannot mint the ID token "
+    f"user credentials ({ADC_LOGIN}) cannot mint the ID token "
     "Cloud Run wants: an OIDC token whose audience is the service URL is only issued to a "
     "service account. Fix: let your account impersonate the worker's service account, then "
-    "run with it: gcloud iam service-accounts add-iam-policy-binding WORKER_SA "
-    f"--member=user:YOU --role={TOKEN_CREATOR} and set "
-    "WORKER_IMPERSONATE_SERVICE_ACCOUNT=WORKER_SA (or run gcloud auth application-default "
-    "login --impersonate-service-account=WORKER_SA)"
+    "run with it: "
+    + gcloud("iam", "service-accounts", "add-iam-policy-binding", "WORKER_SA", member="user:YOU",
+             role=TOKEN_CREATOR)
+    + f" and set WORKER_IMPERSONATE_SERVICE_ACCOUNT=WORKER_SA (or run {ADC_LOGIN_AS_WORKER})"
 )
 
 
@@ -200,8 +205,7 @@ def build_token_source(
     raise ConfigError(
         "no credentials that can mint ID tokens: not on Cloud Run (no metadata server), "
         "GOOGLE_APPLICATION_CREDENTIALS is not set and gcloud has no application-default "
-        "credentials. Fix: on a laptop run gcloud auth application-default login "
-        "--impersonate-service-account=WORKER_SA, or set WORKER_IMPERSONATE_SERVICE_ACCOUNT"
+        f"credentials. Fix: on a laptop run {ADC_LOGIN_AS_WORKER}, or set WORKER_IMPERSONATE_SERVICE_ACCOUNT"
     )
 
 
@@ -260,7 +264,7 @@ def _default_credentials() -> tuple[auth_credentials.Credentials, str | None]:
     except auth_exceptions.DefaultCredentialsError as exc:
         raise ConfigError(
             f"WORKER_IMPERSONATE_SERVICE_ACCOUNT is set but there are no source credentials to "
-            f"impersonate with ({exc}); run gcloud auth application-default login"
+            f"impersonate with ({exc}); run {ADC_LOGIN}"
         ) from None
 
 

@@ -26,6 +26,7 @@ from tenacity import (
 from worker.core.backoff import Backoff
 from worker.core.catalog import JobKind
 from worker.core.errors import JobError, PermanentJobError, TransientJobError
+from worker.core.gcloud_command import gcloud
 from worker.core.messages import Job, now
 from worker.core.pipeline import CallResult
 
@@ -222,9 +223,11 @@ class Invoker:
             return PermanentJobError(
                 "forbidden",
                 f"{kind.service} answered 403: the worker's service account lacks roles/run.invoker "
-                f"on Cloud Run service {kind.service!r}. Fix: gcloud run services add-iam-policy-binding "
-                f"{kind.service} --region={region} --member=serviceAccount:WORKER_SA "
-                "--role=roles/run.invoker",
+                f"on Cloud Run service {kind.service!r}. Fix: "
+                + gcloud(
+                    "run", "services", "add-iam-policy-binding", kind.service or "SERVICE",
+                    region=region, member="serviceAccount:WORKER_SA", role="roles/run.invoker",
+                ),
                 http_status=status,
             )
         return PermanentJobError(

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from google.api_core import exceptions as api_exceptions
 
 from worker.core.errors import PermanentJobError, TransientJobError
+from worker.core.gcloud_command import grant
 from worker.core.logs import log
 from worker.core.settings import is_loopback
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
@@ -92,8 +93,8 @@ class ServiceResolver:
             raise PermanentJobError(
                 "permission_denied",
                 f"the worker's identity may not read Cloud Run service {service!r} (Admin API 403 "
-                f"for {name}); grant it roles/run.viewer: gcloud projects add-iam-policy-binding "
-                f"{self._project} --member=serviceAccount:WORKER_SA --role=roles/run.viewer",
+                f"for {name}); grant it roles/run.viewer: "
+                + grant("serviceAccount:WORKER_SA", "roles/run.viewer", f"projects/{self._project}"),
             ) from None
         except Exception as exc:  # any outage: API errors, refused connections, auth refresh
             if credentials_refused(exc):
