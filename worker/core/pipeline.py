@@ -15,23 +15,19 @@ from typing import Any, Protocol
 import structlog
 
 from worker.core.catalog import Catalog, JobKind
+from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.messages import (
     ErrorInfo,
     Job,
     JobStatus,
     Result,
-    clip,
     decode_job,
     now,
     salvage_identity,
 )
 
 log = structlog.get_logger("worker.core.pipeline")
-
-# Attributes of the original message that travel with its dead letter (Pub/Sub allows
-# 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
-_CARRIED_ATTRIBUTES = ("job_id", "kind", "replay_count", "traceparent")
 
 
 @dataclass
@@ -55,7 +51,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """The original job bytes, so it can be replayed as it was, plus why it died."""
+    """The original job bytes, so it can be replayed as it was, plus why it died
+    (worker.core.dead_letters.DeadLetterAttributes)."""
 
     data: bytes
     attributes: dict[str, str]
@@ -183,17 +180,5 @@ class Pipeline:
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
-        attrs = {k: clip(v) for k, v in delivery.attributes.items() if k in _CARRIED_ATTRIBUTES and v}
-        if result.job_id and "job_id" not in attrs:
-            attrs["job_id"] = clip(result.job_id)
-        if result.kind and "kind" not in attrs:
-            attrs["kind"] = clip(result.kind)
-        attrs.update(
-            status=result.status.value,
-            error_code=clip(error.code),
-            error_message=clip(error.message),
-            attempts=str(result.attempts),
-            delivery_attempt=str(delivery.delivery_attempt or 1),
-            dead_lettered_at=result.finished_at.isoformat(),
-        )
-        return DeadLetter(data=delivery.data, attributes=attrs)
+        why = DeadLetterAttributes.for_failure(delivery.attributes, result, error, delivery.delivery_attempt)
+        return DeadLetter(data=delivery.data, attributes=why.to_attributes())
