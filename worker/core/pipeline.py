@@ -43,7 +43,6 @@ class CallResult:
 class Delivery:
     data: bytes
     attributes: dict[str, str]
-    message_id: str = ""
     delivery_attempt: int | None = None
     final_attempt: bool = False
     publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
@@ -63,7 +62,6 @@ class Outcome:
     ack: bool
     result: Result | None = None
     dead_letter: DeadLetter | None = None
-    job: Job | None = None
 
 
 class Resolver(Protocol):
@@ -119,13 +117,13 @@ class Pipeline:
             if delivery.final_attempt:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
             log.warning("job_retry_later", code=exc.code, error=exc.message, attempts=exc.attempts)
-            return Outcome(ack=False, job=job)
+            return Outcome(ack=False)
         except Exception as exc:  # a bug must not lose the job nor stop the worker
             log.exception("job_internal_error")
             error = TransientJobError("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
             if delivery.final_attempt:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
-            return Outcome(ack=False, job=job)
+            return Outcome(ack=False)
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
@@ -176,7 +174,7 @@ class Pipeline:
             log.info("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
-        return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job)
+        return Outcome(ack=True, result=result, dead_letter=dead_letter)
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:

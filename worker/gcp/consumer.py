@@ -207,7 +207,6 @@ class Consumer:
         return Delivery(
             data=bytes(message.data),
             attributes=dict(message.attributes),
-            message_id=message.message_id,
             delivery_attempt=attempt,
             final_attempt=bool(
                 self.max_delivery_attempts and attempt and attempt >= self.max_delivery_attempts

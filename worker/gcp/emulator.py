@@ -27,7 +27,6 @@ from typing import Any
 
 import grpc
 
-STREAMING_PULL = "/google.pubsub.v1.Subscriber/StreamingPull"
 STREAM_DEADLINE_S = 13.0
 
 

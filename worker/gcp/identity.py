@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,7 +55,6 @@ USER_CREDENTIALS_EXPLANATION = (
 class Principal:
     """Which credentials the worker uses, for logs and `worker doctor`."""
 
-    source: str  # metadata | key_file | impersonation
     email: str | None
     detail: str
 
@@ -122,7 +120,6 @@ class IdentityTokenSource:
         self.principal = principal
         self._slots: dict[str, _Slot] = {}
         self._request = google.auth.transport.requests.Request()
-        self.refreshes: Counter[str] = Counter()
 
     async def token(self, audience: str) -> str:
         slot = self._slots.get(audience)
@@ -143,7 +140,6 @@ class IdentityTokenSource:
             slot.credentials.token = None
 
     async def _refresh(self, audience: str, creds: auth_credentials.Credentials) -> None:
-        self.refreshes[audience] += 1
         try:
             await asyncio.to_thread(creds.refresh, self._request)
         except auth_exceptions.RefreshError as exc:
@@ -200,7 +196,7 @@ def build_token_source(
             raise ConfigError(f"the metadata server did not answer at start-up: {exc}") from None
         return IdentityTokenSource(
             base.with_target_audience,
-            Principal("metadata", base.service_account_email, "metadata server"),
+            Principal(base.service_account_email, "metadata server"),
         )
     raise ConfigError(
         "no credentials that can mint ID tokens: not on Cloud Run (no metadata server), "
@@ -222,7 +218,7 @@ def _from_file(path: Path, origin: str, iam_endpoint: str | None) -> IdentityTok
             raise ConfigError(f"{origin} file {path} is not a valid service account key: {exc}") from None
         return IdentityTokenSource(
             key.with_target_audience,
-            Principal("key_file", info.get("client_email"), f"service account key {path}"),
+            Principal(info.get("client_email"), f"service account key {path}"),
         )
     if kind == "impersonated_service_account":
         match = _IMPERSONATION_URL_RE.search(info.get("service_account_impersonation_url", ""))
@@ -254,7 +250,7 @@ def _impersonating(
     )
     return IdentityTokenSource(
         lambda aud: IamIdTokenCredentials(client, target, aud),
-        Principal("impersonation", target, f"impersonation via IAM Credentials ({origin})"),
+        Principal(target, f"impersonation via IAM Credentials ({origin})"),
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,6 @@ class ServiceResolver:
         self._clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._in_flight: dict[tuple[str, str], asyncio.Future[str]] = {}
-        self.calls: Counter[str] = Counter()
 
     def name(self, service: str, region: str) -> str:
         return f"projects/{self._project}/locations/{region}/services/{service}"
@@ -77,7 +75,6 @@ class ServiceResolver:
 
     async def _refresh(self, service: str, region: str) -> str:
         name = self.name(service, region)
-        self.calls[service] += 1
         try:
             found = await asyncio.to_thread(
                 self._client.get_service, name=name, retry=None, timeout=_ADMIN_API_TIMEOUT_S

@@ -207,7 +207,6 @@ class ReplayReport:
     replayed: list[DeadLetterEntry] = field(default_factory=list)
     failed: list[tuple[DeadLetterEntry, str]] = field(default_factory=list)
     skipped: int = 0
-    dry_run: bool = False
     truncated: bool = False
 
 
@@ -231,7 +230,7 @@ def replay_dead_letters(
     `on_selected` hears what will be replayed, `on_settled` each one's fate (None
     for success, else the reason), for a progress display.
     """
-    report = ReplayReport(dry_run=dry_run)
+    report = ReplayReport()
     with DeadLetterScan(subscriber, subscription, pull_timeout_s=pull_timeout_s) as scan:
         entries = scan.pull(
             stop=(lambda got: sum(e.matches(kind, job_id) for e in got) >= limit) if limit else None
