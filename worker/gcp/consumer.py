@@ -11,11 +11,11 @@ unary RPCs, since the client's ack path closes with the stream). Jobs still runn
 after the grace period are released: their leases lapse (within
 WORKER_LEASE_EXTENSION_SECONDS) and Pub/Sub redelivers them.
 Nacks are not sent after the stream closed: on the emulator the message would go
-straight back to this worker's closed stream, which the emulator keeps feeding until
-the stream's deadline (worker/gcp/emulator.py). Leases are extended by the client while
-a job runs. Acknowledgement rules (DESIGN.md): ack only after the result and any
-dead letter are published; nack a transient failure for redelivery; on shutdown
-stop pulling, let in-flight jobs finish within the grace period, nack the rest.
+straight back to this worker's closed stream (worker/gcp/emulator.py, fault 1).
+Leases are extended by the client while a job runs. Acknowledgement rules
+(docs/contract.md): ack only after the result and any dead letter are published;
+nack a transient failure for redelivery; on shutdown stop pulling, let in-flight jobs
+finish within the grace period, nack the rest.
 """
 
 from __future__ import annotations
@@ -226,7 +226,8 @@ class Consumer:
                 await self._settle(message, ack=True)
                 return
         # Hold a job that must go back a little before nacking it: a nack is redelivered
-        # at once where the subscription has no retry policy (the emulator), and an
+        # at once where the subscription has no retry policy (the emulator: fault 2 in
+        # worker/gcp/emulator.py), and an
         # outage (Admin API, metadata server, Pub/Sub publish) would otherwise burn every
         # delivery attempt in a second. The client keeps extending the lease meanwhile.
         await asyncio.sleep(nack_delay(message.delivery_attempt))
