@@ -227,9 +227,9 @@ class Consumer:
                 return
         # Hold a job that must go back a little before nacking it: a nack is redelivered
         # at once where the subscription has no retry policy (the emulator: fault 2 in
-        # worker/gcp/emulator.py), and an
-        # outage (Admin API, metadata server, Pub/Sub publish) would otherwise burn every
-        # delivery attempt in a second. The client keeps extending the lease meanwhile.
+        # worker/gcp/emulator.py), and an outage (Admin API, metadata server, Pub/Sub
+        # publish) would otherwise burn every delivery attempt in a second. The client
+        # keeps extending the lease meanwhile.
         await asyncio.sleep(nack_delay(message.delivery_attempt))
         await self._settle(message, ack=False)
 
