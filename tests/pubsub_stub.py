@@ -7,8 +7,9 @@ the result publisher run unmodified in milliseconds, without the emulator:
   `StubStreamingPullFuture` (cancel() closes the stream and resolves the future, as
   the real StreamingPullFuture does once its manager has closed); the callback runs
   on a thread of the "client", as the real one does; `acknowledge` and
-  `modify_ack_deadline` are the unary RPCs; `get_subscription` answers a
-  `pubsub_v1.types.Subscription`.
+  `modify_ack_deadline` are the unary RPCs; `pull` answers a real
+  `pubsub_v1.types.PullResponse` from messages a test `queue`d (what operators' tools
+  read); `get_subscription` answers a `pubsub_v1.types.Subscription`.
 - `StubMessage`: `data`, `attributes`, `message_id`, `ack_id`, `delivery_attempt`,
   `publish_time`, and `ack()`, `nack()`, `modify_ack_deadline(seconds)`. Like the
   real client, a settle sent on a closed stream goes nowhere: the stand-in records
@@ -162,6 +163,9 @@ class StubSubscriber:
         self.unary_error: Exception | None = None  # raised by acknowledge/modify_ack_deadline
         self.max_delivery_attempts: int | None = None  # the subscription's dead-letter policy
         self.closed = False
+        # Messages waiting on subscriptions for `pull`: ack id -> (subscription, message, leased).
+        self._queued: dict[str, tuple[str, Any, bool]] = {}
+        self._lock = threading.Lock()
 
     @staticmethod
     def subscription_path(project: str, subscription: str) -> str:
@@ -202,6 +206,42 @@ class StubSubscriber:
             raise self.unary_error
         for ack_id in ack_ids:
             self._broker.record(Event(what, ack_id.removeprefix("ack-"), via="unary", seconds=seconds))
+            with self._lock:
+                if ack_id not in self._queued:
+                    continue
+                subscription, message, _ = self._queued[ack_id]
+                if what == "ack":
+                    del self._queued[ack_id]
+                else:  # a deadline of 0 gives the message back; any other holds it
+                    self._queued[ack_id] = (subscription, message, seconds != 0)
+
+    def queue(self, subscription: str, data: bytes, attributes: dict[str, str] | None = None, *,
+              publish_time: datetime | None = None) -> str:
+        """Put a message on a subscription for `pull`; returns its message id."""
+        number = next(_ids)
+        message = pubsub_v1.types.PubsubMessage(
+            data=data, attributes=attributes or {}, message_id=str(number),
+            publish_time=publish_time or datetime.now(UTC),
+        )
+        with self._lock:
+            self._queued[f"ack-{number}"] = (subscription, message, False)
+        return str(number)
+
+    def waiting(self, subscription: str) -> list[Any]:
+        """Messages still on the subscription (not acked), leased or not."""
+        with self._lock:
+            return [m for s, m, _ in self._queued.values() if s == subscription]
+
+    def pull(self, *, subscription: str, max_messages: int, **_: Any) -> Any:
+        """Up to `max_messages` messages not leased, each now leased (the ack deadline)."""
+        with self._lock:
+            chosen = [(ack_id, m) for ack_id, (s, m, leased) in self._queued.items()
+                      if s == subscription and not leased][:max_messages]
+            for ack_id, message in chosen:
+                self._queued[ack_id] = (subscription, message, True)
+        return pubsub_v1.types.PullResponse(
+            received_messages=[pubsub_v1.types.ReceivedMessage(ack_id=a, message=m) for a, m in chosen]
+        )
 
     def get_subscription(self, *, subscription: str, **_: Any) -> Any:
         found = pubsub_v1.types.Subscription(name=subscription, topic="projects/p/topics/jobs")
