@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check worker localcloud tests bench examples
 	$(BIN)/mypy worker localcloud/src examples
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
@@ -37,4 +38,4 @@ soak: $(STAMP)
 	SOAK_SCALE=full $(BIN)/pytest -q -m soak -s
 
 clean:
-	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
