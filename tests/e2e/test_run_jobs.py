@@ -45,7 +45,9 @@ class Results:
 
     def __init__(self, env: dict[str, str]) -> None:
         self._subscriber = pubsub_v1.SubscriberClient()
-        self._path = self._subscriber.subscription_path(env["GOOGLE_CLOUD_PROJECT"], env["WORKER_RESULTS_SUBSCRIPTION"])
+        self._path = self._subscriber.subscription_path(
+            env["GOOGLE_CLOUD_PROJECT"], env["WORKER_RESULTS_SUBSCRIPTION"]
+        )
         self.by_job: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
     def pull(self) -> None:
@@ -71,7 +73,9 @@ class Results:
         return next((r for r in self.by_job.get(job_id, []) if r["status"] != "running"), None)
 
     def wait_final(self, job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
-        self.wait(lambda: all(self.final(j) for j in job_ids), timeout, f"final result for {len(job_ids)} jobs")
+        self.wait(
+            lambda: all(self.final(j) for j in job_ids), timeout, f"final result for {len(job_ids)} jobs"
+        )
         return {j: self.final(j) for j in job_ids}  # type: ignore[misc]
 
     def close(self) -> None:
@@ -79,7 +83,9 @@ class Results:
 
 
 @pytest.fixture(scope="module")
-def stack(local_cloud: Any, pubsub_emulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def stack(
+    local_cloud: Any, pubsub_emulator: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     suffix = uid()
     catalog = tmp_path_factory.mktemp("catalog")
     jobs = {
@@ -89,9 +95,13 @@ def stack(local_cloud: Any, pubsub_emulator: Any, tmp_path_factory: pytest.TempP
         "forbidden": local_cloud.add_run_job(f"forbidden-{suffix}", executors=[]),
     }
     write_run_job_kind(
-        catalog, "rescore", jobs["rescore"].name,
-        args=["--account={account_id}", "--depth={depth}"], task_count="{shards}",
-        task_timeout_s=600, env={"MODE": "full-{account_id}"},
+        catalog,
+        "rescore",
+        jobs["rescore"].name,
+        args=["--account={account_id}", "--depth={depth}"],
+        task_count="{shards}",
+        task_timeout_s=600,
+        env={"MODE": "full-{account_id}"},
     )
     write_run_job_kind(catalog, "fragile", jobs["fragile"].name)
     # Checks 5 s apart: its follow-ups are held the longest (followup.HOLD_S), then republished.
@@ -146,8 +156,11 @@ def test_bad_input_is_rejected_or_failed_naming_the_cause(stack: dict[str, Any])
     before = len(rescore.executions)
     bad = [
         {"job_id": f"{prefix}-unfit", "kind": "rescore", "payload": {"account_id": "a", "depth": 1}},
-        {"job_id": f"{prefix}-shards", "kind": "rescore",
-         "payload": {"account_id": "a", "depth": 1, "shards": 0}},
+        {
+            "job_id": f"{prefix}-shards",
+            "kind": "rescore",
+            "payload": {"account_id": "a", "depth": 1, "shards": 0},
+        },
         {"job_id": f"{prefix}-missing", "kind": "missing", "payload": None},
         {"job_id": f"{prefix}-forbidden", "kind": "forbidden", "payload": None},
     ]
@@ -183,7 +196,9 @@ def test_a_failed_execution_is_dead_lettered_and_its_replay_starts_exactly_one_m
     replayed = worker_cli(env, "replay", "--job-id", job_id)
     assert replayed.returncode == 0 and "replayed 1" in replayed.stdout, replayed.stderr
     stack["results"].wait(
-        lambda: any(r["status"] == "succeeded" for r in stack["results"].by_job[job_id]), 30, "replay's success"
+        lambda: any(r["status"] == "succeeded" for r in stack["results"].by_job[job_id]),
+        30,
+        "replay's success",
     )
     statuses = [r["status"] for r in stack["results"].by_job[job_id]]
     assert statuses[:2] == ["running", "failed"] and statuses[-1] == "succeeded", statuses
