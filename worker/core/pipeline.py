@@ -203,8 +203,10 @@ class Pipeline:
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
             dead_letter = self.dead_letter(delivery, result, error)
             log.warning("job_" + status.value, code=error.code, error=error.message)
+        elif status == JobStatus.RUNNING:
+            log.info("job_running", execution=result.execution.name if result.execution else None)
         elif not ack_only:
-            log.info("job_" + status.value, http_status=result.http_status, attempts=result.attempts)
+            log.info("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
         follow_up = call.follow_up if call else None

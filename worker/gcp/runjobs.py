@@ -171,7 +171,10 @@ class RunJobs:
             )
         except Exception as exc:
             raise self._api_error(exc, spec.job, region, "run") from None
-        log.info("run_job_started" if started else "run_job_adopted", execution=execution.name)
+        if started:
+            log.info("run_job_started", execution=execution.name)
+        else:
+            log.info("run_job_adopted", execution=execution.name)
         follow = FollowUp(
             job_id=job.job_id,
             kind=kind.kind,
@@ -385,7 +388,12 @@ class RunJobs:
                 },
             )
             dead_letter = Pipeline.dead_letter(original, result, error)
-        log.info("job_" + status.value, execution=follow.execution, checks=follow.checks)
+        if status == JobStatus.SUCCEEDED:
+            log.info("job_succeeded", execution=follow.execution, checks=follow.checks)
+        elif status == JobStatus.CANCELLED:
+            log.info("job_cancelled", execution=follow.execution, checks=follow.checks)
+        else:
+            log.warning("job_failed", code=error.code if error else None, execution=follow.execution)
         return Outcome(ack=True, result=result, dead_letter=dead_letter)
 
     def _reject(self, delivery: Delivery, at: datetime, error: InvalidJobError) -> Outcome:
