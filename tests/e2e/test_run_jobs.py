@@ -222,6 +222,24 @@ def test_cancel_stops_the_execution_and_records_cancelled(stack: dict[str, Any])
     assert again.returncode == 1 and "has no running execution" in again.stderr
 
 
+def test_doctor_checks_each_job_and_names_the_role_that_runs_it(stack: dict[str, Any]) -> None:
+    env, jobs = stack["env"], stack["jobs"]
+    one = worker_cli(env, "doctor", jobs["rescore"].name)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert f"Cloud Run job {jobs['rescore'].name} (us-central1)" in one.stdout
+    assert "ok   run with overrides: serviceAccount:" in one.stdout
+    every = worker_cli(env, "doctor")
+    assert every.returncode == 1
+    forbidden = jobs["forbidden"].name
+    assert f"lacks run.jobs.run, run.jobs.runWithOverrides on {forbidden}" in every.stdout
+    assert (
+        f"fix: gcloud run jobs add-iam-policy-binding {forbidden} --region=us-central1 --project=local-project "
+        "--member=serviceAccount:worker@local-project.iam.gserviceaccount.com "
+        "--role=roles/run.jobsExecutorWithOverrides"
+    ) in every.stdout.replace("\n", "")
+    assert f"FAIL job: projects/local-project/locations/us-central1/jobs/missing-" in every.stdout
+
+
 def test_no_pubsub_lease_was_held_longer_than_a_few_seconds(stack: dict[str, Any]) -> None:
     worker = stack["worker"]
     assert worker.stop(signal.SIGTERM) == 0

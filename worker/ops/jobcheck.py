@@ -1,0 +1,96 @@
+"""`worker doctor`'s checks of a Cloud Run job a `run_job` kind starts: does the Admin API
+show it to the worker, and may the worker start it with overrides.
+
+The second check asks the job's IAM policy (testIamPermissions) rather than starting
+an execution: a probe must not run the job's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from google.api_core import exceptions
+
+from worker.core.settings import Settings
+from worker.gcp.runjobs import EXECUTOR_ROLE, job_path
+from worker.ops.doctor import Check, ServiceReport
+
+# RunJob needs run.jobs.run, and run.jobs.runWithOverrides once it carries overrides.
+RUN_PERMISSIONS = ("run.jobs.run", "run.jobs.runWithOverrides")
+
+
+async def check_run_job(
+    jobs_client: Any, settings: Settings, member: str, job: str, region: str
+) -> ServiceReport:
+    report = ServiceReport(job, region, what="Cloud Run job")
+    name = job_path(settings.project, region, job)
+    where = f"--region={region} --project={settings.project}"
+    try:
+        found = await asyncio.to_thread(jobs_client.get_job, name=name, retry=None, timeout=15)
+    except exceptions.NotFound as exc:
+        report.checks.append(
+            Check("job", False, f"{name} does not exist", [exc.message], [f"gcloud run jobs list {where}"])
+        )
+        return report
+    except exceptions.Forbidden as exc:
+        report.checks.append(
+            Check(
+                "job",
+                False,
+                f"the worker may not read {name}",
+                [exc.message],
+                [
+                    f"gcloud projects add-iam-policy-binding {settings.project} --member={member} "
+                    "--role=roles/run.viewer --condition=None"
+                ],
+            )
+        )
+        return report
+    except exceptions.GoogleAPICallError as exc:
+        report.checks.append(Check("job", False, f"the Admin API did not answer for {name}", [exc.message]))
+        return report
+    report.checks.append(
+        Check(
+            "job",
+            True,
+            f"{name} ({found.template.task_count} task(s) by default, "
+            f"{found.execution_count} execution(s) so far)",
+        )
+    )
+    try:
+        answer = await asyncio.to_thread(
+            jobs_client.test_iam_permissions,
+            request={"resource": name, "permissions": list(RUN_PERMISSIONS)},
+            retry=None,
+            timeout=15,
+        )
+    except exceptions.GoogleAPICallError as exc:
+        report.checks.append(
+            Check("run with overrides", False, "could not ask the job's IAM policy", [exc.message])
+        )
+        return report
+    missing = sorted(set(RUN_PERMISSIONS) - set(answer.permissions))
+    if missing:
+        report.checks.append(
+            Check(
+                "run with overrides",
+                False,
+                f"{member} lacks {', '.join(missing)} on {job}",
+                [
+                    "the worker starts each execution with overrides (args, env, task count, "
+                    f"timeout), which needs both {' and '.join(RUN_PERMISSIONS)}; {EXECUTOR_ROLE} "
+                    "is the least role holding them (roles/run.invoker and roles/run.jobsExecutor "
+                    "lack runWithOverrides)"
+                ],
+                [
+                    f"gcloud run jobs add-iam-policy-binding {job} {where} --member={member} "
+                    f"--role={EXECUTOR_ROLE}"
+                ],
+            )
+        )
+    else:
+        report.checks.append(
+            Check("run with overrides", True, f"{member} holds {' and '.join(RUN_PERMISSIONS)}")
+        )
+    return report
