@@ -233,11 +233,11 @@ def test_doctor_checks_each_job_and_names_the_role_that_runs_it(stack: dict[str,
     forbidden = jobs["forbidden"].name
     assert f"lacks run.jobs.run, run.jobs.runWithOverrides on {forbidden}" in every.stdout
     assert (
-        f"fix: gcloud run jobs add-iam-policy-binding {forbidden} --region=us-central1 --project=local-project "
-        "--member=serviceAccount:worker@local-project.iam.gserviceaccount.com "
+        f"fix: gcloud run jobs add-iam-policy-binding {forbidden} --region=us-central1 "
+        "--project=local-project --member=serviceAccount:worker@local-project.iam.gserviceaccount.com "
         "--role=roles/run.jobsExecutorWithOverrides"
-    ) in every.stdout.replace("\n", "")
-    assert f"FAIL job: projects/local-project/locations/us-central1/jobs/missing-" in every.stdout
+    ) in every.stdout
+    assert "FAIL job: projects/local-project/locations/us-central1/jobs/missing-" in every.stdout
 
 
 def test_no_pubsub_lease_was_held_longer_than_a_few_seconds(stack: dict[str, Any]) -> None:
