@@ -18,8 +18,9 @@ from aiohttp import web
 from localcloud.authority import TokenAuthority
 from localcloud.googleapis import google_error, unauthenticated
 from localcloud.iam import RUN_VIEWER, IamPolicy, member_for
+from localcloud.jobsapi import JobsContext, add_job_routes
 from localcloud.recording import Recorder, bearer_token
-from localcloud.runjobs import JobsContext, LocalRunJob, add_job_routes
+from localcloud.runjobs import LocalRunJob
 from localcloud.services import LocalService
 
 DEFAULT_PAGE_SIZE = 100
