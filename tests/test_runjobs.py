@@ -229,3 +229,31 @@ def test_cancel_finds_the_running_execution_by_job_id(cloud: Any) -> None:
         cancel_job(executions_client, runner._catalog, cloud.project, cloud.region, "c-1")
     with pytest.raises(CancelError, match="none was started"):
         cancel_job(executions_client, runner._catalog, cloud.project, cloud.region, "never")
+
+
+def test_a_follow_up_pubsub_dead_lettered_is_replayed_as_a_follow_up() -> None:
+    from worker.ops.operations import DeadLetterEntry
+
+    attributes = {
+        "job_id": "j",
+        "kind": "k",
+        "follow_up": "execution",
+        "replay_count": "0",
+        "CloudPubSubDeadLetterSourceDeliveryCount": "5",
+    }
+    entry = DeadLetterEntry(
+        ack_id="a",
+        message_id="m",
+        data=b"{}",
+        attributes=attributes,
+        job_id="j",
+        kind="k",
+        status="dead-lettered by Pub/Sub",
+        error_code=None,
+        error_message="",
+        attempts=5,
+        dead_lettered_at=None,
+        replay_count=0,
+        by_pubsub=True,
+    )
+    assert is_follow_up(entry.replay_attributes())

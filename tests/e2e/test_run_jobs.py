@@ -27,6 +27,7 @@ from worker.ops import operations
 pytestmark = pytest.mark.e2e
 
 FULL = os.environ.get("SOAK_SCALE") == "full"
+RESCORE_S = 30.0 if FULL else 3.0  # how long the 20 executions run: the 30 s with SOAK_SCALE=full
 LEASE_LIMIT_S = 6.0  # followup.HOLD_S (4 s) plus publishing and acking
 
 
@@ -90,7 +91,7 @@ def stack(
     suffix = uid()
     catalog = tmp_path_factory.mktemp("catalog")
     jobs = {
-        "rescore": local_cloud.add_run_job(f"rescore-{suffix}", task_seconds=3, task_count=2),
+        "rescore": local_cloud.add_run_job(f"rescore-{suffix}", task_seconds=RESCORE_S, task_count=2),
         "fragile": local_cloud.add_run_job(f"fragile-{suffix}", task_seconds=1),
         "long": local_cloud.add_run_job(f"long-{suffix}", task_seconds=300),
         "forbidden": local_cloud.add_run_job(f"forbidden-{suffix}", executors=[]),
@@ -130,7 +131,7 @@ def test_twenty_jobs_start_twenty_executions_each_running_then_succeeded(stack: 
     prefix, job = f"r{uid()}", stack["jobs"]["rescore"]
     jobs = [rescore_job(i, prefix) for i in range(20)]
     publish(stack["env"], jobs)
-    finals = stack["results"].wait_final([j["job_id"] for j in jobs], timeout=60)
+    finals = stack["results"].wait_final([j["job_id"] for j in jobs], timeout=60 + 2 * RESCORE_S)
     executions = {e.name: e for e in job.executions}
     assert len(executions) == 20
     for spec in jobs:
@@ -142,7 +143,7 @@ def test_twenty_jobs_start_twenty_executions_each_running_then_succeeded(stack: 
         assert results[0]["execution"]["name"] == name
         assert final["execution"]["succeeded_count"] == final["execution"]["task_count"] == 2
         assert final["execution"]["log_uri"].startswith("https://console.cloud.google.com/logs/")
-        assert final["duration_ms"] >= 3000
+        assert final["duration_ms"] >= RESCORE_S * 1000
         # The payload became the execution's overrides, and the job id its env.
         container = executions[name].containers[0]
         account = spec["payload"]["account_id"]
@@ -273,6 +274,8 @@ def test_a_worker_killed_halfway_still_yields_every_final_result_and_no_extra_ex
         second.wait_ready()
         finals = results.wait_final(ids, timeout=60 + task_seconds)
         assert second.stop() == 0
+        [stopped] = [e for e in second.log_events() if e.get("message") == "consumer_stopped"]
+        assert stopped["longest_lease_s"] <= LEASE_LIMIT_S
     results.close()
     assert {f["status"] for f in finals.values()} == {"succeeded"}
     assert len(job.executions) == 20

@@ -299,6 +299,13 @@ class RunJobs:
     # -- follow ------------------------------------------------------------------
 
     async def follow(self, delivery: Delivery) -> Outcome:
+        try:
+            return await self._follow(delivery)
+        except Exception:  # a bug must not lose the follow-up nor stop the worker
+            log.exception("job_internal_error")
+            return Outcome(ack=False)
+
+    async def _follow(self, delivery: Delivery) -> Outcome:
         at = self._clock()
         try:
             follow = FollowUp.model_validate_json(delivery.data)
