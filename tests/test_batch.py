@@ -160,6 +160,8 @@ def test_batch_status_counts_a_results_file(tmp_path: Path) -> None:
         "failed": 1,
         "rejected": 0,
         "expired": 0,
+        "cancelled": 0,
+        "running": 0,
         "outstanding": 1,
         "done": False,
         "unreadable_lines": 1,

@@ -257,3 +257,23 @@ def test_a_follow_up_pubsub_dead_lettered_is_replayed_as_a_follow_up() -> None:
         by_pubsub=True,
     )
     assert is_follow_up(entry.replay_attributes())
+
+
+def test_a_worker_that_may_not_list_executions_is_told_to_get_run_viewer(cloud: Any) -> None:
+    from localcloud.iam import RUN_VIEWER, member_for
+
+    name = f"unlisted-{time.monotonic_ns()}"
+    job = cloud.add_run_job(name)
+    spec = kind("k", name)
+    runner, _ = build(cloud, spec)
+    worker = member_for(cloud.worker_email)
+    cloud.iam.revoke(worker, RUN_VIEWER, cloud.iam.project_resource)
+    try:
+        with pytest.raises(PermanentJobError) as caught:
+            start(runner, spec, Job(job_id="x", kind="k"))
+    finally:
+        cloud.iam.grant(worker, RUN_VIEWER, cloud.iam.project_resource)
+    assert (
+        "it needs roles/run.viewer" in caught.value.message and "run.executions.list" in caught.value.message
+    )
+    assert job.executions == []

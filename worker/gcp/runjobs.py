@@ -49,6 +49,7 @@ EXECUTOR_ROLE = "roles/run.jobsExecutorWithOverrides"  # run.jobs.run + runWithO
 # Executions this long before the job's message was published cannot be its own.
 LOOKBACK = timedelta(minutes=10)
 _API_TIMEOUT_S = 30.0
+_VIEWER_PERMISSIONS = ("run.executions.list", "run.executions.get", "run.jobs.get")
 _PAGE_SIZE = 100
 
 Handle = Callable[[Delivery], Awaitable[Outcome]]
@@ -268,19 +269,29 @@ class RunJobs:
                 "or region in the catalog, or deploy the job",
             )
         if isinstance(exc, api_exceptions.Forbidden):
-            permission = "run.jobs.runWithOverrides" if "runWithOverrides" in str(exc.message) else ""
-            role = EXECUTOR_ROLE if permission or verb == "run" else "roles/run.viewer"
-            fix = (
-                f"gcloud run jobs add-iam-policy-binding {job} --region={region} --project={self._project} "
-                f"--member=serviceAccount:WORKER_SA --role={EXECUTOR_ROLE}"
-                if role == EXECUTOR_ROLE
-                else f"gcloud projects add-iam-policy-binding {self._project} "
-                "--member=serviceAccount:WORKER_SA --role=roles/run.viewer --condition=None"
-            )
+            # Reading executions is run.viewer's (project-wide, as for services); starting and
+            # cancelling them is the executor role's, on the job.
+            reading = any(p in str(exc.message) for p in _VIEWER_PERMISSIONS)
+            if reading:
+                role, fix = (
+                    "roles/run.viewer",
+                    (
+                        f"gcloud projects add-iam-policy-binding {self._project} "
+                        "--member=serviceAccount:WORKER_SA --role=roles/run.viewer --condition=None"
+                    ),
+                )
+            else:
+                role, fix = (
+                    EXECUTOR_ROLE,
+                    (
+                        f"gcloud run jobs add-iam-policy-binding {job} --region={region} "
+                        f"--project={self._project} --member=serviceAccount:WORKER_SA --role={EXECUTOR_ROLE}"
+                    ),
+                )
             return PermanentJobError(
                 "permission_denied",
                 f"the worker's identity may not {verb} {where} (Admin API 403: {exc.message}); "
-                f"it needs {role} on the job: {fix}",
+                f"it needs {role}: {fix}",
             )
         if isinstance(exc, api_exceptions.InvalidArgument | api_exceptions.FailedPrecondition):
             return PermanentJobError(
