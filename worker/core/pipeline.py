@@ -201,7 +201,7 @@ class Pipeline:
         )
         dead_letter = None
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
-            dead_letter = self.dead_letter(delivery, result, error)
+            dead_letter = self._dead_letter(delivery, result, error)
             log.warning("job_" + status.value, code=error.code, error=error.message)
         elif status == JobStatus.RUNNING:
             log.info("job_running", execution=result.execution.name if result.execution else None)
@@ -213,7 +213,7 @@ class Pipeline:
         return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job, follow_up=follow_up)
 
     @staticmethod
-    def dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
+    def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
         attrs = {k: clip(v) for k, v in delivery.attributes.items() if k in _CARRIED_ATTRIBUTES and v}
         if result.job_id and "job_id" not in attrs:
             attrs["job_id"] = clip(result.job_id)
@@ -228,3 +228,9 @@ class Pipeline:
             dead_lettered_at=result.finished_at.isoformat(),
         )
         return DeadLetter(data=delivery.data, attributes=attrs)
+
+
+def dead_letter_for(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
+    """The dead letter of a job that failed for good; the Cloud Run job follow-ups
+    (worker/gcp/runjobs.py) dead-letter a failed execution's original job with it."""
+    return Pipeline._dead_letter(delivery, result, error)

@@ -39,7 +39,7 @@ from worker.core.messages import (
     describe_validation_error,
     now,
 )
-from worker.core.pipeline import CallResult, Delivery, Outcome, Pipeline, Republish
+from worker.core.pipeline import CallResult, Delivery, Outcome, Republish, dead_letter_for
 from worker.core.runjob import JOB_ID_ENV, REPLAY_ENV, Overrides, render
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
 
@@ -405,7 +405,7 @@ class RunJobs:
                     "replay_count": str(follow.replay_count),
                 },
             )
-            dead_letter = Pipeline.dead_letter(original, result, error)
+            dead_letter = dead_letter_for(original, result, error)
         if status == JobStatus.SUCCEEDED:
             log.info("job_succeeded", execution=follow.execution, checks=follow.checks)
         elif status == JobStatus.CANCELLED:
@@ -425,7 +425,7 @@ class RunJobs:
             duration_ms=0,
         )
         log.warning("follow_up_rejected", error=error.message)
-        return Outcome(ack=True, result=result, dead_letter=Pipeline.dead_letter(delivery, result, error))
+        return Outcome(ack=True, result=result, dead_letter=dead_letter_for(delivery, result, error))
 
 
 def _oldest(executions: list[Any]) -> Any:
