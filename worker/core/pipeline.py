@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import structlog
 
 from worker.core.catalog import Catalog, JobKind
+from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.messages import (
     ErrorInfo,
@@ -22,17 +23,12 @@ from worker.core.messages import (
     Job,
     JobStatus,
     Result,
-    clip,
     decode_job,
     now,
     salvage_identity,
 )
 
 log = structlog.get_logger("worker.core.pipeline")
-
-# Attributes of the original message that travel with its dead letter (Pub/Sub allows
-# 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
-_CARRIED_ATTRIBUTES = ("job_id", "kind", "replay_count", "traceparent")
 
 
 @dataclass
@@ -54,7 +50,6 @@ class CallResult:
 class Delivery:
     data: bytes
     attributes: dict[str, str]
-    message_id: str = ""
     delivery_attempt: int | None = None
     final_attempt: bool = False
     publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
@@ -62,7 +57,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """The original job bytes, so it can be replayed as it was, plus why it died."""
+    """The original job bytes, so it can be replayed as it was, plus why it died
+    (worker.core.dead_letters.DeadLetterAttributes)."""
 
     data: bytes
     attributes: dict[str, str]
@@ -81,7 +77,6 @@ class Outcome:
     ack: bool
     result: Result | None = None
     dead_letter: DeadLetter | None = None
-    job: Job | None = None
     follow_up: Republish | None = None
     hold_s: float = 0.0  # keep the message leased this long before publishing and acking
 
@@ -143,13 +138,13 @@ class Pipeline:
             if delivery.final_attempt:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
             log.warning("job_retry_later", code=exc.code, error=exc.message, attempts=exc.attempts)
-            return Outcome(ack=False, job=job)
+            return Outcome(ack=False)
         except Exception as exc:  # a bug must not lose the job nor stop the worker
             log.exception("job_internal_error")
             error = TransientJobError("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
             if delivery.final_attempt:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
-            return Outcome(ack=False, job=job)
+            return Outcome(ack=False)
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
@@ -210,24 +205,12 @@ class Pipeline:
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
         follow_up = call.follow_up if call else None
-        return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job, follow_up=follow_up)
+        return Outcome(ack=True, result=result, dead_letter=dead_letter, follow_up=follow_up)
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
-        attrs = {k: clip(v) for k, v in delivery.attributes.items() if k in _CARRIED_ATTRIBUTES and v}
-        if result.job_id and "job_id" not in attrs:
-            attrs["job_id"] = clip(result.job_id)
-        if result.kind and "kind" not in attrs:
-            attrs["kind"] = clip(result.kind)
-        attrs.update(
-            status=result.status.value,
-            error_code=clip(error.code),
-            error_message=clip(error.message),
-            attempts=str(result.attempts),
-            delivery_attempt=str(delivery.delivery_attempt or 1),
-            dead_lettered_at=result.finished_at.isoformat(),
-        )
-        return DeadLetter(data=delivery.data, attributes=attrs)
+        why = DeadLetterAttributes.for_failure(delivery.attributes, result, error, delivery.delivery_attempt)
+        return DeadLetter(data=delivery.data, attributes=why.to_attributes())
 
 
 def dead_letter_for(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:

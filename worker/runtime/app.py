@@ -89,13 +89,11 @@ def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
 
 @dataclass
 class Worker:
-    settings: Settings
+    """What the run loop needs of a built worker: the consumer, and what it logs and probes."""
+
     catalog: Catalog
     tokens: IdentityTokenSource
-    resolver: ServiceResolver
-    pipeline: Pipeline
     consumer: Consumer
-    publisher_client: Any
     subscriber_client: Any
 
 
@@ -160,9 +158,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         max_delivery_attempts=max_attempts,
         lease_extension_s=settings.lease_extension_s,
     )
-    return Worker(
-        settings, catalog, tokens, resolver, pipeline, consumer, publisher_client, subscriber_client
-    )
+    return Worker(catalog, tokens, consumer, subscriber_client)
 
 
 def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None:
