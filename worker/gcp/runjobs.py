@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from worker.core.catalog import Catalog, JobKind
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.followup import FollowUp, is_follow_up
+from worker.core.gcloud_command import grant
 from worker.core.messages import (
     ErrorInfo,
     ExecutionInfo,
@@ -273,21 +274,11 @@ class RunJobs:
             # cancelling them is the executor role's, on the job.
             reading = any(p in str(exc.message) for p in _VIEWER_PERMISSIONS)
             if reading:
-                role, fix = (
-                    "roles/run.viewer",
-                    (
-                        f"gcloud projects add-iam-policy-binding {self._project} "
-                        "--member=serviceAccount:WORKER_SA --role=roles/run.viewer --condition=None"
-                    ),
-                )
+                role = "roles/run.viewer"
+                fix = grant("serviceAccount:WORKER_SA", role, f"projects/{self._project}")
             else:
-                role, fix = (
-                    EXECUTOR_ROLE,
-                    (
-                        f"gcloud run jobs add-iam-policy-binding {job} --region={region} "
-                        f"--project={self._project} --member=serviceAccount:WORKER_SA --role={EXECUTOR_ROLE}"
-                    ),
-                )
+                role = EXECUTOR_ROLE
+                fix = grant("serviceAccount:WORKER_SA", role, job_path(self._project, region, job))
             return PermanentJobError(
                 "permission_denied",
                 f"the worker's identity may not {verb} {where} (Admin API 403: {exc.message}); "

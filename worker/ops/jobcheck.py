@@ -12,6 +12,7 @@ from typing import Any
 
 from google.api_core import exceptions
 
+from worker.core.gcloud_command import gcloud, grant
 from worker.core.settings import Settings
 from worker.gcp.runjobs import EXECUTOR_ROLE, job_path
 from worker.ops.doctor import Check, ServiceReport
@@ -25,12 +26,14 @@ async def check_run_job(
 ) -> ServiceReport:
     report = ServiceReport(job, region, what="Cloud Run job")
     name = job_path(settings.project, region, job)
-    where = f"--region={region} --project={settings.project}"
     try:
         found = await asyncio.to_thread(jobs_client.get_job, name=name, retry=None, timeout=15)
     except exceptions.NotFound as exc:
         report.checks.append(
-            Check("job", False, f"{name} does not exist", [exc.message], [f"gcloud run jobs list {where}"])
+            Check(
+                "job", False, f"{name} does not exist", [exc.message],
+                [gcloud("run", "jobs", "list", region=region, project=settings.project)],
+            )
         )
         return report
     except exceptions.Forbidden as exc:
@@ -40,10 +43,7 @@ async def check_run_job(
                 False,
                 f"the worker may not read {name}",
                 [exc.message],
-                [
-                    f"gcloud projects add-iam-policy-binding {settings.project} --member={member} "
-                    "--role=roles/run.viewer --condition=None"
-                ],
+                [grant(member, "roles/run.viewer", f"projects/{settings.project}")],
             )
         )
         return report
@@ -83,10 +83,7 @@ async def check_run_job(
                     "is the least role holding them (roles/run.invoker and roles/run.jobsExecutor "
                     "lack runWithOverrides)"
                 ],
-                [
-                    f"gcloud run jobs add-iam-policy-binding {job} {where} --member={member} "
-                    f"--role={EXECUTOR_ROLE}"
-                ],
+                [grant(member, EXECUTOR_ROLE, name)],
             )
         )
     else:
