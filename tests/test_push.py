@@ -154,6 +154,9 @@ def test_a_failed_result_is_replaced_by_a_later_success_but_never_the_reverse() 
     assert store.results["job-1"].status == JobStatus.SUCCEEDED
     assert supersedes(None, "failed") and supersedes("failed", "succeeded")
     assert not supersedes("succeeded", "failed") and not supersedes("failed", "failed")
+    # A Cloud Run job execution's `running` is replaced by its end, never the reverse.
+    assert supersedes("running", "failed") and supersedes("running", "succeeded")
+    assert not supersedes("failed", "running") and not supersedes("succeeded", "running")
 
 
 def test_a_result_without_job_id_is_acked_without_storing() -> None:

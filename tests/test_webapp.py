@@ -34,6 +34,10 @@ def test_the_store_keeps_one_row_per_job_and_a_success_is_final(tmp_path: Path) 
     assert not store.record(result("j", "failed"))  # a stale failure after the success
     assert store.result("j")["status"] == "succeeded"  # type: ignore[index]
     assert store.result("nope") is None
+    assert store.record(result("r", "running"))
+    assert store.record(result("r", "failed"))
+    assert not store.record(result("r", "running"))  # a late start never hides the end
+    assert store.result("r")["status"] == "failed"  # type: ignore[index]
 
 
 def test_concurrent_pushes_of_one_result_store_it_once(tmp_path: Path) -> None:
@@ -52,7 +56,8 @@ def test_concurrent_pushes_of_one_result_store_it_once(tmp_path: Path) -> None:
 def test_batch_progress_counts_each_child_once(tmp_path: Path) -> None:
     store = SqliteResultStore(tmp_path / "r.sqlite3")
     assert store.progress("batch-1")["total"] is None
-    for record in [child(0), child(0), child(1, "failed"), child(1), child(2, "rejected")]:
+    records = [child(0), child(0), child(1, "failed"), child(1), child(2, "rejected"), child(3, "running")]
+    for record in records:
         store.record(record)
     progress = store.progress("batch-1")
     counts = (progress["total"], progress["succeeded"], progress["rejected"], progress["finished"])

@@ -2,7 +2,8 @@
 
 One upsert decides, inside SQLite, whether a result replaces the stored one, by the
 same rule as worker.client.push.supersedes: a job's first result is kept, a later one
-replaces it only if the stored one did not succeed and the new status differs. So
+replaces it only if the stored one did not succeed, the new status differs and is not
+`running` (a Cloud Run job execution's start never replaces a final result). So
 Pub/Sub's redeliveries, and pushes racing on several instances, change nothing.
 """
 
@@ -39,9 +40,10 @@ ON CONFLICT (job_id) DO UPDATE SET
     batch_index = excluded.batch_index, batch_total = excluded.batch_total,
     result = excluded.result, updated_at = excluded.updated_at
 WHERE results.status != 'succeeded' AND results.status != excluded.status
+    AND excluded.status != 'running'
 """
 
-STATUSES = ("succeeded", "failed", "rejected", "expired")
+FINAL_STATUSES = ("succeeded", "failed", "rejected", "expired", "cancelled")
 
 
 class SqliteResultStore:
@@ -87,12 +89,12 @@ class SqliteResultStore:
                 (batch_id,),
             ).fetchall()
             parent = db.execute("SELECT status FROM results WHERE job_id = ?", (batch_id,)).fetchone()
-        counts = {status: 0 for status in STATUSES}
+        counts = {status: 0 for status in (*FINAL_STATUSES, "running")}
         total = None
         for row in rows:
             counts[row["status"]] = row["n"]
             total = row["total"] if total is None else max(total, row["total"])
-        finished = sum(counts.values())
+        finished = sum(counts[status] for status in FINAL_STATUSES)  # `running` is not finished
         return {
             "batch_id": batch_id,
             "total": total,

@@ -339,8 +339,14 @@ class ResultStore(Protocol):
 def supersedes(stored: JobStatus | str | None, new: JobStatus | str) -> bool:
     """Whether a result with status `new` replaces the stored one: nothing stored, or
     the stored one did not succeed and this one says something else (a replayed job
-    that succeeds after failing). `succeeded` is final."""
-    return stored is None or (stored != JobStatus.SUCCEEDED and stored != new)
+    that succeeds after failing). `succeeded` is final, and a `running` result (a
+    Cloud Run job execution started) never replaces a final one: it may be a late
+    redelivery, and the execution's own final result follows anyway."""
+    if stored is None:
+        return True
+    if stored == JobStatus.SUCCEEDED or stored == new:
+        return False
+    return not (new == JobStatus.RUNNING and JobStatus(stored).final)
 
 
 class MemoryResultStore:

@@ -52,6 +52,7 @@ class ConsumerStats:
     publish_failures: int = 0
     released: int = 0
     last_message_at: float = 0.0
+    longest_lease_s: float = 0.0  # receipt to ack or nack, of any message
 
 
 class StreamFailed(Exception):
@@ -157,6 +158,7 @@ class Consumer:
             acked=self.stats.acked,
             nacked=self.stats.nacked,
             released=self.stats.released,
+            longest_lease_s=round(self.stats.longest_lease_s, 2),
         )
 
     def _on_message(self, message: Any) -> None:
@@ -179,6 +181,7 @@ class Consumer:
     async def _process(self, message: Any) -> None:
         assert self._slots is not None
         task = asyncio.current_task()
+        received = time.monotonic()
         delivery = self._delivery(message)
         context = {
             "job_id": clip(delivery.attributes.get("job_id", ""), 128) or None,
@@ -194,6 +197,8 @@ class Consumer:
                     self._waiting.discard(task)  # type: ignore[arg-type]
                     outcome = await self._handle(delivery)
                 await self._conclude(message, outcome)
+                lease = time.monotonic() - received
+                self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
             except asyncio.CancelledError:
                 if self._streaming:
                     self.stats.nacked += 1
@@ -216,6 +221,10 @@ class Consumer:
 
     async def _conclude(self, message: Any, outcome: Outcome) -> None:
         if outcome.ack:
+            if outcome.hold_s > 0:
+                # A follow-up not yet due (worker/core/followup.py): a few seconds under
+                # lease, outside the call slots, then republished and acked.
+                await asyncio.sleep(outcome.hold_s)
             try:
                 await self._publisher.publish(outcome)
             except Exception as exc:
