@@ -26,6 +26,7 @@ from worker.core.messages import (
     now,
     salvage_identity,
 )
+from worker.telemetry import NO_SPAN, NO_TELEMETRY, JobSpan, Telemetry, trace_id_of
 
 log = structlog.get_logger("worker.core.pipeline")
 
@@ -67,6 +68,9 @@ class Outcome:
     result: Result | None = None
     dead_letter: DeadLetter | None = None
     job: Job | None = None
+    span: JobSpan = NO_SPAN  # ended by whoever settles the message
+    kind: str | None = None  # the catalog's kind, once the job's kind was found in it
+    retry_code: str | None = None  # why a job that is not acked goes back
 
 
 class Resolver(Protocol):
@@ -93,6 +97,7 @@ class Pipeline:
         max_payload_bytes: int,
         batch_handler: BatchHandler | None = None,
         clock: Callable[[], datetime] = now,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.catalog = catalog
         self._resolver = resolver
@@ -101,34 +106,48 @@ class Pipeline:
         self._max_payload_bytes = max_payload_bytes
         self._batch_handler = batch_handler
         self._clock = clock
+        self._telemetry = telemetry
+        self._metrics = telemetry.metrics
 
     async def handle(self, delivery: Delivery) -> Outcome:
         started = self._clock()
         job: Job | None = None
+        span: JobSpan | None = None
+        known: str | None = None  # the job's kind, once the catalog knows it
         try:
             job = decode_job(delivery.data, delivery.attributes, max_bytes=self._max_payload_bytes)
+            span = self._telemetry.start_job(delivery, job, started)
             kind = self.catalog.lookup(job.kind)
+            known = kind.kind
+            if self._metrics.enabled:
+                age = (started - delivery.publish_time).total_seconds() if delivery.publish_time else None
+                self._metrics.job_started(known, age)
             kind.check_payload(job.payload)
             if job.not_after is not None and started > job.not_after:
-                return self._finish(delivery, job, started, JobStatus.EXPIRED, ack_only=True)
-            structlog.contextvars.bind_contextvars(traceparent=job.traceparent)
-            call = await self._run(job, kind, delivery)
-            return self._finish(delivery, job, started, JobStatus.SUCCEEDED, call=call)
+                return self._finish(delivery, job, started, JobStatus.EXPIRED, span, known, ack_only=True)
+            # Log lines carry the trace: the worker's own span when tracing, else the sender's.
+            structlog.contextvars.bind_contextvars(traceparent=span.traceparent or job.traceparent)
+            with span.active():
+                call = await self._run(job, kind, delivery)
+            return self._finish(delivery, job, started, JobStatus.SUCCEEDED, span, known, call=call)
         except InvalidJobError as exc:
-            return self._finish(delivery, job, started, JobStatus.REJECTED, error=exc)
+            return self._finish(delivery, job, started, JobStatus.REJECTED, span, known, error=exc)
         except PermanentJobError as exc:
-            return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
+            return self._finish(delivery, job, started, JobStatus.FAILED, span, known, error=exc)
         except TransientJobError as exc:
             if delivery.final_attempt:
-                return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
+                return self._finish(delivery, job, started, JobStatus.FAILED, span, known, error=exc)
             log.warning("job_retry_later", code=exc.code, error=exc.message, attempts=exc.attempts)
-            return Outcome(ack=False, job=job)
+            return self._retry(delivery, job, started, span, known, exc)
         except Exception as exc:  # a bug must not lose the job nor stop the worker
             log.exception("job_internal_error")
             error = TransientJobError("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
             if delivery.final_attempt:
-                return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
-            return Outcome(ack=False, job=job)
+                return self._finish(delivery, job, started, JobStatus.FAILED, span, known, error=error)
+            return self._retry(delivery, job, started, span, known, error)
+        finally:
+            if known is not None and self._metrics.enabled:
+                self._metrics.job_left(known)
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
@@ -137,8 +156,25 @@ class Pipeline:
             return await self._batch_handler(job, kind, delivery.publish_time)
         assert kind.service is not None  # the catalog guarantees it for "call" kinds
         region = kind.region or self._region
-        url = await self._resolver.resolve(kind.service, region)
+        with self._telemetry.step("resolve", **{"worker.service": kind.service, "cloud.region": region}):
+            url = await self._resolver.resolve(kind.service, region)
         return await self._invoker.invoke(kind, url, job, region)
+
+    def _span(self, span: JobSpan | None, delivery: Delivery, job: Job | None, started: datetime) -> JobSpan:
+        # A message that could not be decoded still gets a span (in a new trace).
+        return span if span is not None else self._telemetry.start_job(delivery, job, started)
+
+    def _retry(
+        self,
+        delivery: Delivery,
+        job: Job | None,
+        started: datetime,
+        span: JobSpan | None,
+        known: str | None,
+        error: JobError,
+    ) -> Outcome:
+        span = self._span(span, delivery, job, started)
+        return Outcome(ack=False, job=job, span=span, kind=known, retry_code=error.code)
 
     def _finish(
         self,
@@ -146,12 +182,15 @@ class Pipeline:
         job: Job | None,
         started: datetime,
         status: JobStatus,
+        span: JobSpan | None,
+        known: str | None,
         *,
         call: CallResult | None = None,
         error: JobError | None = None,
         ack_only: bool = False,
     ) -> Outcome:
         finished = self._clock()
+        span = self._span(span, delivery, job, started)
         job_id: str | None
         kind_name: str | None
         if job is not None:
@@ -170,6 +209,7 @@ class Pipeline:
             finished_at=finished,
             duration_ms=int((finished - started).total_seconds() * 1000),
             batch=job.batch if job else None,
+            trace_id=span.trace_id or trace_id_of(job.traceparent if job else None),
         )
         dead_letter = None
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
@@ -179,7 +219,7 @@ class Pipeline:
             log.info("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
-        return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job)
+        return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job, span=span, kind=known)
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:

@@ -35,6 +35,7 @@ from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded 
 from worker.core.messages import clip
 from worker.core.pipeline import Delivery, Outcome
 from worker.gcp.results import ResultPublisher
+from worker.telemetry import NO_TELEMETRY, Telemetry
 
 log = structlog.get_logger("worker.gcp.consumer")
 
@@ -70,6 +71,7 @@ class Consumer:
         grace_s: float,
         max_delivery_attempts: int | None,
         lease_extension_s: int = 20,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self._subscriber = subscriber
         self._subscription = subscription
@@ -87,6 +89,9 @@ class Consumer:
         self._future: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = ConsumerStats()
+        self._metrics = telemetry.metrics
+        results_topic = getattr(publisher, "results_topic", "") or ""
+        self._results_topic = results_topic.rsplit("/", 1)[-1]
 
     @property
     def in_flight(self) -> int:
@@ -216,22 +221,50 @@ class Consumer:
         )
 
     async def _conclude(self, message: Any, outcome: Outcome) -> None:
+        status, code = "retry", outcome.retry_code
+        try:
+            if await self._publish_and_settle(message, outcome) and outcome.result is not None:
+                status = outcome.result.status.value
+                code = outcome.result.error.code if outcome.result.error else None
+            elif outcome.ack:
+                code = "result_publish_failed"
+        finally:
+            outcome.span.end(status, code)
+            if self._metrics.enabled:
+                attempts = outcome.result.attempts if outcome.result else 0
+                self._metrics.job_finished(outcome.kind, status, attempts)
+
+    async def _publish_and_settle(self, message: Any, outcome: Outcome) -> bool:
+        """Publish and ack, or nack: True if the message was acked."""
         if outcome.ack:
             try:
-                await self._publisher.publish(outcome)
+                with outcome.span.step(
+                    f"send {self._results_topic}",
+                    span_kind="producer",
+                    **{
+                        "messaging.system": "gcp_pubsub",
+                        "messaging.operation.type": "send",
+                        "messaging.operation.name": "send",
+                        "messaging.destination.name": self._results_topic,
+                    },
+                ):
+                    await self._publisher.publish(outcome)
             except Exception as exc:
                 # Not published means not acked: Pub/Sub will deliver it again.
                 self.stats.publish_failures += 1
+                if self._metrics.enabled:
+                    self._metrics.publish_failed()
                 log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             else:
                 await self._settle(message, ack=True)
-                return
+                return True
         # Hold a job that must go back a little before nacking it: a nack is redelivered
         # at once where the subscription has no retry policy (the emulator), and an
         # outage (Admin API, metadata server, Pub/Sub publish) would otherwise burn every
         # delivery attempt in a second. The client keeps extending the lease meanwhile.
         await asyncio.sleep(nack_delay(message.delivery_attempt))
         await self._settle(message, ack=False)
+        return False
 
     async def _settle(self, message: Any, *, ack: bool) -> None:
         if ack:

@@ -29,6 +29,10 @@ from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
 from worker.runtime.health import serve_health
+from worker.telemetry import Telemetry, setup_telemetry
+
+# How long the last export of spans and metrics may hold up the exit after the drain.
+TELEMETRY_FLUSH_S = 2.0
 
 log = structlog.get_logger("worker")
 
@@ -94,9 +98,23 @@ class Worker:
     consumer: Consumer
     publisher_client: Any
     subscriber_client: Any
+    telemetry: Telemetry
 
 
-async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
+def build_telemetry(settings: Settings) -> Telemetry:
+    """Traces and metrics as OpenTelemetry's environment variables say (off when unset)."""
+    telemetry = setup_telemetry(settings.project, settings.jobs_subscription, settings.jobs_topic)
+    if telemetry.metrics.prometheus_text() is not None and settings.port is None:
+        telemetry.shutdown(0)
+        raise ConfigError(
+            "OTEL_METRICS_EXPORTER=prometheus serves /metrics on the health server, which "
+            "listens only when PORT is set; set PORT (Cloud Run services set it) or export "
+            "with OTEL_METRICS_EXPORTER=gcp_monitoring"
+        )
+    return telemetry
+
+
+async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Telemetry) -> Worker:
     catalog = load_catalog(settings)
     tokens = build_token_source(settings.impersonate_service_account, settings.iam_api_endpoint)
     credentials = access_credentials(settings)
@@ -122,7 +140,14 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         publisher_client.topic_path(settings.project, settings.results_topic),
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
     )
-    invoker = Invoker(session, tokens)
+    invoker = Invoker(session, tokens, telemetry=telemetry)
+    telemetry.metrics.observe(
+        "worker.token.refreshes",
+        "ID tokens minted, by audience",
+        lambda: [(n, {"audience": audience}) for audience, n in tokens.refreshes.items()],
+        unit="{token}",
+        counter=True,
+    )
     fan_out = BatchFanOut(
         publisher_client,
         publisher_client.topic_path(settings.project, settings.jobs_topic),
@@ -137,6 +162,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         region=settings.region,
         max_payload_bytes=settings.max_payload_bytes,
         batch_handler=fan_out,
+        telemetry=telemetry,
     )
     consumer = Consumer(
         subscriber_client,
@@ -147,9 +173,18 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         grace_s=settings.shutdown_grace_s,
         max_delivery_attempts=max_attempts,
         lease_extension_s=settings.lease_extension_s,
+        telemetry=telemetry,
     )
     return Worker(
-        settings, catalog, tokens, resolver, pipeline, consumer, publisher_client, subscriber_client
+        settings,
+        catalog,
+        tokens,
+        resolver,
+        pipeline,
+        consumer,
+        publisher_client,
+        subscriber_client,
+        telemetry,
     )
 
 
@@ -170,17 +205,24 @@ def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None
         ) from None
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or `stop`), drain, flush. Raises ConfigError at start-up."""
+async def run_worker(
+    settings: Settings, stop: asyncio.Event | None = None, telemetry: Telemetry | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop`), drain, flush. Raises ConfigError at start-up.
+
+    `telemetry` defaults to what OpenTelemetry's environment variables configure."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Not possible off the main thread (worker dev runs it beside the local cloud).
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, _on_signal, stop, sig)
+    telemetry = telemetry or build_telemetry(settings)
     async with AsyncExitStack() as stack:
-        health = await serve_health(settings, stack)  # None unless $PORT is set
-        worker = await build_worker(settings, stack)
+        # Closed last: spans of the drained jobs are exported, for TELEMETRY_FLUSH_S at most.
+        stack.push_async_callback(asyncio.to_thread, telemetry.shutdown, TELEMETRY_FLUSH_S)
+        health = await serve_health(settings, stack, telemetry.metrics)  # None unless $PORT is set
+        worker = await build_worker(settings, stack, telemetry)
         if health is not None:
             health.watch(worker.consumer, worker.subscriber_client, stack)
         log.info(
@@ -189,6 +231,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             kinds=sorted(worker.catalog),
             subscription=settings.jobs_subscription,
             max_delivery_attempts=worker.consumer.max_delivery_attempts,
+            tracing=telemetry.tracing,
+            metrics=telemetry.metrics.enabled,
         )
         await worker.consumer.run(stop)
 

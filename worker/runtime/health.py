@@ -10,6 +10,9 @@ alive. "Stalled" means Pub/Sub has not answered for WORKER_HEALTH_STALL_SECONDS;
 message arriving counts as an answer, and so does a cheap `get_subscription` probe
 run a few times per stall window. Without PORT (a worker pool, a laptop) nothing
 listens and nothing is probed.
+
+With OTEL_METRICS_EXPORTER=prometheus the same port serves `/metrics`, the worker's
+metrics as Prometheus text (worker/telemetry/metrics.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from google.api_core import exceptions
 from worker.core.errors import ConfigError
 from worker.core.settings import Settings
 from worker.gcp.consumer import Consumer
+from worker.telemetry import Metrics
 
 log = structlog.get_logger("worker.runtime.health")
 
@@ -164,7 +168,9 @@ def _respond(verdict: Verdict) -> web.Response:
     return web.json_response({"status": verdict.status, **verdict.detail}, status=200 if verdict.ok else 503)
 
 
-async def serve_health(settings: Settings, stack: AsyncExitStack) -> Health | None:
+async def serve_health(
+    settings: Settings, stack: AsyncExitStack, metrics: Metrics | None = None
+) -> Health | None:
     """Listen on $PORT (all interfaces, as Cloud Run requires); None when PORT is unset."""
     if settings.port is None:
         return None
@@ -179,6 +185,13 @@ async def serve_health(settings: Settings, stack: AsyncExitStack) -> Health | No
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if metrics is not None and metrics.prometheus_text() is not None:
+
+        async def prometheus(_: web.Request) -> web.Response:
+            text = metrics.prometheus_text() or b""
+            return web.Response(body=text, content_type="text/plain", charset="utf-8")
+
+        app.router.add_get("/metrics", prometheus)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
