@@ -92,7 +92,11 @@ class SdkMetrics(Metrics):
                 from prometheus_client import CollectorRegistry
 
                 registry = CollectorRegistry(auto_describe=True)
-                readers.append(PrometheusMetricReader(disable_target_info=True, registry=registry))
+                readers.append(
+                    PrometheusMetricReader(
+                        disable_target_info=True, scope_info_enabled=False, registry=registry
+                    )
+                )
             elif name == "gcp_monitoring":
                 from opentelemetry.exporter.cloud_monitoring import CloudMonitoringMetricsExporter
 
