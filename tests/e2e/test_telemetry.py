@@ -165,9 +165,8 @@ def test_one_trace_from_enqueue_through_the_worker_into_the_function_and_back(
     for job_id in job_ids:
         result = results[job_id][0]
         assert result["status"] == "succeeded", result
-        send = next(
-            s for s in spans if s.name == f"send {names.jobs_topic}" and s.attributes["worker.job.id"] == job_id
-        )
+        sends = [s for s in spans if s.name == f"send {names.jobs_topic}"]
+        send = next(s for s in sends if s.attributes["worker.job.id"] == job_id)
         trace_id = f"{send.context.trace_id:032x}"
         assert send.kind is SpanKind.PRODUCER
         # The worker's job span continues the web app's trace, as a child of its send span.
@@ -204,7 +203,9 @@ def test_one_trace_from_enqueue_through_the_worker_into_the_function_and_back(
 
     # Log lines carry the worker's span of the same trace, in Cloud Logging's fields.
     lines = [json.loads(line) for line in logs.getvalue().splitlines() if line.startswith("{")]
-    traced = [line for line in lines if line.get("job_id") == job_ids[0] and line["message"] == "job_succeeded"]
+    traced = [
+        line for line in lines if line.get("job_id") == job_ids[0] and line["message"] == "job_succeeded"
+    ]
     assert traced, lines[-5:]
     trace_id = results[job_ids[0]][0]["trace_id"]
     assert traced[0]["logging.googleapis.com/trace"] == f"projects/local-project/traces/{trace_id}"
