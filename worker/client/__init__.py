@@ -99,7 +99,6 @@ def enqueue(
         attributes={
             "messaging.system": "gcp_pubsub",
             "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
             "messaging.destination.name": settings.jobs_topic,
             "worker.job.kind": kind,
         },

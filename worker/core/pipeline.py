@@ -156,8 +156,7 @@ class Pipeline:
             return await self._batch_handler(job, kind, delivery.publish_time)
         assert kind.service is not None  # the catalog guarantees it for "call" kinds
         region = kind.region or self._region
-        with self._telemetry.step("resolve", **{"worker.service": kind.service, "cloud.region": region}):
-            url = await self._resolver.resolve(kind.service, region)
+        url = await self._resolver.resolve(kind.service, region)
         return await self._invoker.invoke(kind, url, job, region)
 
     def _span(self, span: JobSpan | None, delivery: Delivery, job: Job | None, started: datetime) -> JobSpan:

@@ -244,7 +244,6 @@ class Consumer:
                     **{
                         "messaging.system": "gcp_pubsub",
                         "messaging.operation.type": "send",
-                        "messaging.operation.name": "send",
                         "messaging.destination.name": self._results_topic,
                     },
                 ):

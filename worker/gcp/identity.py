@@ -31,6 +31,7 @@ from google.auth.compute_engine import IDTokenCredentials as MetadataIDTokenCred
 from google.oauth2 import service_account
 
 from worker.core.errors import ConfigError, PermanentJobError, TransientJobError
+from worker.telemetry import NO_TELEMETRY, Telemetry
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
@@ -118,6 +119,8 @@ class IdentityTokenSource:
         self._slots: dict[str, _Slot] = {}
         self._request = google.auth.transport.requests.Request()
         self.refreshes: Counter[str] = Counter()
+        # Set by the worker's assembly; a span per token minted (a cached token costs nothing).
+        self.telemetry: Telemetry = NO_TELEMETRY
 
     async def token(self, audience: str) -> str:
         slot = self._slots.get(audience)
@@ -128,7 +131,8 @@ class IdentityTokenSource:
             return str(creds.token)
         async with slot.lock:
             if not creds.valid:
-                await self._refresh(audience, creds)
+                with self.telemetry.step("token", **{"worker.token.audience": audience}):
+                    await self._refresh(audience, creds)
             return str(creds.token)
 
     def invalidate(self, audience: str, token: str) -> None:

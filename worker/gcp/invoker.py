@@ -114,8 +114,7 @@ class Invoker:
             refreshed = False
             while True:
                 attempts += 1
-                with self._telemetry.step("token", **{"worker.token.audience": url}):
-                    token = await self._tokens.token(url)
+                token = await self._tokens.token(url)
                 status, body, retry_after = await self._attempt(kind, url, job, token, attempts)
                 verdict = classify(status, kind)
                 if verdict == "ok":
@@ -165,7 +164,6 @@ class Invoker:
                 "url.full": url + kind.path,
                 "server.address": _host(url),
                 "http.request.resend_count": attempt - 1 or None,
-                "worker.service": kind.service,
             },
         ) as step:
             started = time.perf_counter() if self._metrics.enabled else 0.0

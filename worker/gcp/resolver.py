@@ -21,6 +21,7 @@ from worker.core.errors import PermanentJobError, TransientJobError
 from worker.core.logs import log
 from worker.core.settings import is_loopback
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
+from worker.telemetry import NO_TELEMETRY, Telemetry
 
 _ADMIN_API_TIMEOUT_S = 10.0
 
@@ -42,7 +43,9 @@ class ServiceResolver:
         ttl_s: float = 600.0,
         allow_insecure_loopback: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
+        self._telemetry = telemetry
         self._client = client
         self._project = project
         self._ttl_s = ttl_s
@@ -65,7 +68,11 @@ class ServiceResolver:
             pending = asyncio.get_running_loop().create_future()
             self._in_flight[key] = pending
             try:
-                pending.set_result(await self._refresh(service, region))
+                # A span only for a real lookup: a cache hit costs nothing worth tracing.
+                with self._telemetry.step(
+                    "resolve", **{"worker.service": service, "cloud.region": region}
+                ):
+                    pending.set_result(await self._refresh(service, region))
             except BaseException as exc:
                 pending.set_exception(exc)
                 # Waiters re-raise it; retrieve it here so an unwaited future is not logged.

@@ -123,7 +123,9 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         settings.project,
         ttl_s=settings.resolver_ttl_s,
         allow_insecure_loopback=settings.local_run_api,
+        telemetry=telemetry,
     )
+    tokens.telemetry = telemetry
     session = await stack.enter_async_context(
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)

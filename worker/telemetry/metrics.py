@@ -50,6 +50,7 @@ class SdkMetrics(Metrics):
         self._provider = MeterProvider(
             metric_readers=readers,
             resource=resource,
+            shutdown_on_exit=False,  # bounded by Telemetry.shutdown instead
             views=[
                 View(
                     instrument_name="worker.call.duration",

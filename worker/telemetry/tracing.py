@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,11 +181,9 @@ class SdkTelemetry(Telemetry):
         attributes: dict[str, Any] = {
             "messaging.system": "gcp_pubsub",
             "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
             "messaging.destination.name": self._topic,
             "messaging.destination.subscription.name": self._subscription,
             "messaging.message.id": delivery.message_id,
-            "messaging.message.body.size": len(delivery.data),
         }
         if delivery.delivery_attempt:
             attributes["messaging.gcp_pubsub.message.delivery_attempt"] = delivery.delivery_attempt
@@ -211,10 +210,20 @@ class SdkTelemetry(Telemetry):
         """Export what is queued, waiting at most `timeout_s` in all (a dead endpoint
         cannot hold the shutdown: the batch processor's thread is a daemon)."""
         deadline = time.monotonic() + timeout_s
-        for processor in self._processors:
-            left = max(0.0, deadline - time.monotonic())
-            processor.shutdown(timeout_millis=int(left * 1000))  # type: ignore[call-arg]
-        self.metrics.shutdown(max(0.0, deadline - time.monotonic()))
+
+        def stop() -> None:
+            for processor in self._processors:
+                processor.shutdown()  # a last export, then the exporter's shutdown
+            self.metrics.shutdown(max(0.0, deadline - time.monotonic()))
+
+        # The processor's own shutdown waits up to 30 s for an export in progress.
+        stopping = threading.Thread(target=stop, name="telemetry-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(timeout_s)
+        if stopping.is_alive():
+            logging.getLogger("worker.telemetry").warning(
+                "telemetry export did not finish within %.1fs at shutdown; the rest is dropped", timeout_s
+            )
 
 
 def resource() -> Resource:
@@ -253,7 +262,8 @@ def build_telemetry(config: TelemetryConfig, *, project: str, subscription: str,
     processors: list[SpanProcessor] = []
     if config.trace_exporters:
         # Sampler from OTEL_TRACES_SAMPLER(_ARG); default parent-based always-on.
-        provider = TracerProvider(resource=res)
+        # No atexit hook: it would wait up to 30 s for a dead endpoint; `shutdown` is bounded.
+        provider = TracerProvider(resource=res, shutdown_on_exit=False)
         for exporter in span_exporters(config.trace_exporters, project):
             processor = BatchSpanProcessor(exporter)  # OTEL_BSP_* apply
             provider.add_span_processor(processor)
