@@ -32,7 +32,15 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
 from localcloud import free_port
-from tests.e2e.harness import collect_results, provision, publish, uid, worker_env, write_kind
+from tests.e2e.harness import (
+    WorkerProcess,
+    collect_results,
+    provision,
+    publish,
+    uid,
+    worker_env,
+    write_kind,
+)
 from worker.client import enqueue
 from worker.core.logs import configure_logging
 from worker.core.settings import load_settings
@@ -261,3 +269,40 @@ def test_one_trace_from_enqueue_through_the_worker_into_the_function_and_back(
     calls_seen = prometheus_samples(scrape, "worker_call_duration_seconds_count")
     assert calls_seen[(("http_response_status_code", "200"), ("kind", "echo"))] == n + 1
     assert sum(prometheus_samples(scrape, "worker_token_refreshes_total").values()) >= 1
+
+
+def test_jobs_flow_and_the_worker_stops_in_time_with_the_collector_down(
+    local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path
+) -> None:
+    """`worker run` exporting spans to an OTLP endpoint where nothing listens."""
+    echo = local_cloud.add_service(f"echo-down-{uid()}", "echo")
+    catalog = tmp_path / "jobs"
+    write_kind(catalog, "echo", echo.name)
+    env = worker_env(
+        local_cloud,
+        names,
+        WORKER_CATALOG_DIR=str(catalog),
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_TRACES_SAMPLER="always_on",
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{free_port()}/v1/traces",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    provision(env)
+    jobs = [{"job_id": f"down-{i}", "kind": "echo", "payload": {"i": i}} for i in range(300)]
+    with WorkerProcess(env, name="otlp-down") as worker:
+        worker.wait_ready()
+        publish(env, jobs)
+        results = collect_results(env, {j["job_id"] for j in jobs}, timeout=120)
+        # Let the exporter fail a few times, then stop while it is retrying.
+        time.sleep(1.5)
+        started = time.monotonic()
+        assert worker.stop() == 0
+        stopped_in = time.monotonic() - started
+        logs = worker.logs()
+    assert all(r[0]["status"] == "succeeded" and r[0]["trace_id"] for r in results.values())
+    # Grace period (5 s here) plus the 2 s given to the last export, with room for a busy
+    # machine; before the bound, the SDK's exit hook waited 30 s for the dead endpoint.
+    grace = float(env["WORKER_SHUTDOWN_GRACE_SECONDS"])
+    assert stopped_in < grace + 2 + 5, f"stopped in {stopped_in:.1f}s"
+    # The exporter's complaints are rate-limited, not one per batch.
+    assert 1 <= logs.count("Failed to export") + logs.count("Transient error") <= 4, logs[-3000:]
