@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=90_000, help="backlog per run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-in-flight", type=int, default=200)
+    parser.add_argument("--latency-s", type=float, default=0.0, help="the function's added latency")
     parser.add_argument("--quick", action="store_true", help="5,000 jobs, one round")
     parser.add_argument("--only", default=f"{OFF},{ON},{DOWN}", help="contenders, in round order")
     parser.add_argument(
@@ -80,7 +81,13 @@ def main() -> None:
         CONTENDER_ENV[BASE] = {"BENCH_BASE_TREE": str(Path(args.base_tree).resolve())}
         contenders = (BASE, *contenders)
     scenario = Scenario(
-        "t", "backlog, no added latency, tracing off/on", jobs, 0.0, contenders, args.max_in_flight
+        "t",
+        f"backlog, {args.latency_s * 1000:g} ms function, tracing off/on",
+        jobs,
+        args.latency_s,
+        contenders,
+        args.max_in_flight,
+        timeout_s=max(300.0, jobs / 20),
     )
     runs = []
     spans: list[dict[str, int] | None] = []
