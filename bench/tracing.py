@@ -1,9 +1,10 @@
 """What tracing costs: `worker run` on one backlog, tracing off and on, side by side.
 
-    python -m bench.tracing [--jobs 90000] [--rounds 2] [--max-in-flight 200] [--quick]
+    python -m bench.tracing [--jobs N] [--rounds R] [--latency-s S] [--rate JOBS_PER_S] [--base-tree DIR]
 
 Each round runs, one after another on fresh topics, the same backlog (no added
-latency, so the worker is CPU-bound and any per-job cost shows in jobs/s):
+latency by default, so the worker is CPU-bound and any per-job cost shows in jobs/s),
+or with `--rate` an open loop (steady state: compare CPU per 1,000 jobs and latency):
 
 - **off**: as shipped, no OTEL_* variables (tracing and metrics off);
 - **otlp**: OTEL_TRACES_EXPORTER=otlp, OTEL_TRACES_SAMPLER=always_on, to a local
@@ -12,7 +13,10 @@ latency, so the worker is CPU-bound and any per-job cost shows in jobs/s):
   while the exporter fails (the batch processor drops what it cannot send).
 
 Rounds alternate the contenders, so a change in the shared machine's load shows as
-spread between rounds rather than as a cost of tracing.
+spread between rounds rather than as a cost of tracing. Keep a backlog small enough to
+drain within a few of the emulator's 13 s stream rotations (worker/gcp/emulator.py):
+a backlog the worker needs minutes for is handed to rotated-away streams until its
+delivery attempts run out, on the emulator only, and the run never completes.
 """
 
 from __future__ import annotations
@@ -40,10 +44,13 @@ def sink_counts(port: int) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=90_000, help="backlog per run")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=4_000, help="jobs per run")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-in-flight", type=int, default=200)
     parser.add_argument("--latency-s", type=float, default=0.0, help="the function's added latency")
+    parser.add_argument(
+        "--rate", type=float, default=None, help="open loop: publish at this rate (jobs/s) while consuming"
+    )
     parser.add_argument("--quick", action="store_true", help="5,000 jobs, one round")
     parser.add_argument("--only", default=f"{OFF},{ON},{DOWN}", help="contenders, in round order")
     parser.add_argument(
@@ -82,11 +89,12 @@ def main() -> None:
         contenders = (BASE, *contenders)
     scenario = Scenario(
         "t",
-        f"backlog, {args.latency_s * 1000:g} ms function, tracing off/on",
+        f"{'open loop' if args.rate else 'backlog'}, {args.latency_s * 1000:g} ms function, tracing off/on",
         jobs,
         args.latency_s,
         contenders,
         args.max_in_flight,
+        rate_per_s=args.rate,
         timeout_s=max(300.0, jobs / 20),
     )
     runs = []

@@ -146,7 +146,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
     telemetry.metrics.observe(
         "worker.token.refreshes",
         "ID tokens minted, by audience",
-        lambda: [(n, {"audience": audience}) for audience, n in tokens.refreshes.items()],
+        lambda: [(n, {"audience": audience}) for audience, n in list(tokens.refreshes.items())],
         unit="{token}",
         counter=True,
     )
