@@ -13,7 +13,9 @@ process (every thread: the batch span processor's export included) per job:
 - **memory**: every job sampled, spans to an in-memory exporter through the batch
   span processor (what creating and recording spans costs);
 - **otlp**: every job sampled, spans encoded and sent over OTLP/HTTP to
-  `bench/otlp_sink.py` in a process of its own (what exporting adds).
+  `bench/otlp_sink.py` in a process of its own (what exporting adds);
+- **otlp-10%**: the same with `parentbased_traceidratio` at 0.1 (one job in ten
+  recorded; the others still carry a trace context to the function).
 
 Modes alternate within each round, so load from other processes spreads evenly.
 """
@@ -35,6 +37,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from localcloud import free_port
 from worker.core.catalog import Catalog, JobKind
@@ -43,7 +46,7 @@ from worker.gcp.invoker import Invoker
 from worker.telemetry import NO_TELEMETRY, Metrics, Telemetry
 from worker.telemetry.tracing import SdkTelemetry
 
-MODES = ("off", "memory", "otlp")
+MODES = ("off", "memory", "otlp", "otlp-10%")
 
 
 class Tokens:
@@ -65,7 +68,8 @@ class Resolver:
 def telemetry(mode: str, sink_port: int) -> tuple[Telemetry, list[SpanProcessor]]:
     if mode == "off":
         return NO_TELEMETRY, []
-    provider = TracerProvider(shutdown_on_exit=False)
+    sampler = ParentBased(TraceIdRatioBased(0.1)) if mode.endswith("10%") else None
+    provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
     if mode == "memory":
         exporter: Any = InMemorySpanExporter()
     else:
@@ -87,25 +91,29 @@ async def run_mode(mode: str, jobs: int, concurrency: int, url: str, sink_port: 
         pipeline = Pipeline(
             catalog, Resolver(url), invoker, region="r", max_payload_bytes=100_000, telemetry=tel
         )
+        prefix = mode.replace("%", "pct")  # a job id allows no "%"
         bodies = [
-            json.dumps({"job_id": f"{mode}-{i}", "kind": "bench", "payload": {"n": i}}).encode()
+            json.dumps({"job_id": f"{prefix}-{i}", "kind": "bench", "payload": {"n": i}}).encode()
             for i in range(jobs)
         ]
         slots = asyncio.Semaphore(concurrency)
 
-        async def one(data: bytes, i: int) -> None:
+        async def one(data: bytes, i: int) -> str:
             async with slots:
                 outcome = await pipeline.handle(Delivery(data=data, attributes={}, message_id=str(i)))
             send = {"messaging.system": "gcp_pubsub", "messaging.operation.type": "send"}
             with outcome.span.step("send job-results", span_kind="producer", **send):
                 outcome.result.to_bytes()  # type: ignore[union-attr]
             outcome.span.end(outcome.result.status.value)  # type: ignore[union-attr]
+            return outcome.result.status.value  # type: ignore[union-attr]
 
         started = time.process_time()
-        await asyncio.gather(*(one(b, i) for i, b in enumerate(bodies)))
+        outcomes = await asyncio.gather(*(one(b, i) for i, b in enumerate(bodies)))
         for processor in processors:
             processor.force_flush()
         spent = time.process_time() - started
+        if set(outcomes) != {"succeeded"}:
+            raise RuntimeError(f"{mode}: not every job succeeded: {sorted(set(outcomes))}")
         for processor in processors:
             processor.shutdown()
     return spent / jobs

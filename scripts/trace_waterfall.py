@@ -54,7 +54,7 @@ def draw(trace: dict[str, Any], out: Path) -> None:
     rows = depth_first(trace["spans"])
     t0 = min(s["start_ns"] for _, s in rows)
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.8))
-    for y, (depth, span) in enumerate(rows):
+    for y, (_, span) in enumerate(rows):
         start = (span["start_ns"] - t0) / 1e6
         width = max((span["end_ns"] - span["start_ns"]) / 1e6, 0.3)
         ax.barh(y, width, left=start, height=0.6, color=COLORS.get(span["kind"], "#bab0ac"))

@@ -67,7 +67,8 @@ def test_a_bad_setting_names_the_variable_and_the_fix(env: dict[str, str], names
 
 
 def test_exporters_by_name() -> None:
-    config = TelemetryConfig.from_env({"OTEL_TRACES_EXPORTER": "otlp, console", "OTEL_METRICS_EXPORTER": "none"})
+    env = {"OTEL_TRACES_EXPORTER": "otlp, console", "OTEL_METRICS_EXPORTER": "none"}
+    config = TelemetryConfig.from_env(env)
     assert config.trace_exporters == ("otlp", "console") and config.metric_exporters == ()
     kinds = [type(e).__name__ for e in span_exporters(config.trace_exporters, "p")]
     assert kinds == ["OTLPSpanExporter", "ConsoleSpanExporter"]
@@ -131,7 +132,9 @@ def test_a_job_span_continues_the_senders_trace(traced: tuple[SdkTelemetry, InMe
     telemetry, exporter = traced
     outcome = asyncio.run(
         pipeline(telemetry).handle(
-            delivery({"job_id": "j", "kind": "echo", "payload": {}, "traceparent": SENDER}, delivery_attempt=2)
+            delivery(
+                {"job_id": "j", "kind": "echo", "payload": {}, "traceparent": SENDER}, delivery_attempt=2
+            )
         )
     )
     outcome.span.end("succeeded")
@@ -160,7 +163,9 @@ def test_a_malformed_traceparent_starts_a_fresh_trace_and_the_job_runs(
     telemetry, exporter = traced
     invoker = Invoker()
     outcome = asyncio.run(
-        pipeline(telemetry, invoker).handle(delivery({"job_id": "j", "kind": "echo", "payload": {}, "traceparent": bad}))
+        pipeline(telemetry, invoker).handle(
+            delivery({"job_id": "j", "kind": "echo", "payload": {}, "traceparent": bad})
+        )
     )
     outcome.span.end("succeeded")
     assert outcome.result is not None and outcome.result.status.value == "succeeded"
