@@ -90,8 +90,14 @@ class Consumer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = ConsumerStats()
         self._metrics = telemetry.metrics
-        results_topic = getattr(publisher, "results_topic", "") or ""
-        self._results_topic = results_topic.rsplit("/", 1)[-1]
+        results_topic = (getattr(publisher, "results_topic", "") or "").rsplit("/", 1)[-1]
+        self._send_span = f"send {results_topic}"
+        self._send_attributes = {
+            "span_kind": "producer",
+            "messaging.system": "gcp_pubsub",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": results_topic,
+        }
 
     @property
     def in_flight(self) -> int:
@@ -238,15 +244,7 @@ class Consumer:
         """Publish and ack, or nack: True if the message was acked."""
         if outcome.ack:
             try:
-                with outcome.span.step(
-                    f"send {self._results_topic}",
-                    span_kind="producer",
-                    **{
-                        "messaging.system": "gcp_pubsub",
-                        "messaging.operation.type": "send",
-                        "messaging.destination.name": self._results_topic,
-                    },
-                ):
+                with outcome.span.step(self._send_span, **self._send_attributes):
                     await self._publisher.publish(outcome)
             except Exception as exc:
                 # Not published means not acked: Pub/Sub will deliver it again.

@@ -30,7 +30,7 @@ from worker.core.catalog import JobKind
 from worker.core.errors import JobError, PermanentJobError, TransientJobError
 from worker.core.messages import Job, now
 from worker.core.pipeline import CallResult
-from worker.telemetry import NO_TELEMETRY, Step, Telemetry
+from worker.telemetry import NO_STEP, NO_TELEMETRY, Step, Telemetry
 
 USER_AGENT = "cloudrun-job-worker/0.1"
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -156,6 +156,8 @@ class Invoker:
         self, kind: JobKind, url: str, job: Job, token: str, attempt: int
     ) -> tuple[int, Any, float | None]:
         """One HTTP call, as a CLIENT span (HTTP semantic conventions) and a latency sample."""
+        if not self._telemetry.tracing and not self._metrics.enabled:
+            return await self._call(kind, url, job, token, NO_STEP)
         with self._telemetry.step(
             kind.method,
             span_kind="client",

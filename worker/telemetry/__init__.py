@@ -12,8 +12,6 @@ Nothing here imports OpenTelemetry, so the core modules may import it freely.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +46,13 @@ class JobSpan:
     trace_id: str | None = None
     traceparent: str | None = None  # this span's own context, for log correlation
 
-    @contextmanager
-    def active(self) -> Iterator[None]:
+    def active(self) -> Any:
         """Make this span the parent of the steps started inside (a no-op here)."""
-        yield
+        return _NO_STEP_CM
 
     def step(self, name: str, **attributes: Any) -> Any:
-        """A child span as a context manager yielding a `Step`."""
+        """A child span as a context manager yielding a `Step`; `span_kind` may be
+        "internal" (the default), "client" or "producer"."""
         return _NO_STEP_CM
 
     def end(self, status: str, error_code: str | None = None) -> None:
