@@ -18,8 +18,8 @@ from opentelemetry.trace import StatusCode
 from worker.core.catalog import JobKind
 from worker.core.errors import PermanentJobError, TransientJobError
 from worker.core.messages import Job
+from worker.core.telemetry import NO_TELEMETRY, Metrics
 from worker.gcp.invoker import Invoker
-from worker.telemetry import NO_TELEMETRY, Metrics
 from worker.telemetry.tracing import SdkTelemetry
 
 

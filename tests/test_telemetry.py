@@ -24,7 +24,8 @@ from tests.test_pipeline import Invoker, Resolver
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError, TransientJobError
 from worker.core.pipeline import Delivery, Pipeline
-from worker.telemetry import NO_TELEMETRY, Metrics, setup_telemetry, trace_id_of
+from worker.core.telemetry import NO_TELEMETRY, Metrics, trace_id_of
+from worker.telemetry import setup_telemetry
 from worker.telemetry.config import TelemetryConfig
 from worker.telemetry.metrics import SdkMetrics
 from worker.telemetry.tracing import SdkTelemetry, span_exporters

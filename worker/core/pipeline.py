@@ -15,24 +15,20 @@ from typing import Any, Protocol
 import structlog
 
 from worker.core.catalog import Catalog, JobKind
+from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.messages import (
     ErrorInfo,
     Job,
     JobStatus,
     Result,
-    clip,
     decode_job,
     now,
     salvage_identity,
 )
-from worker.telemetry import NO_SPAN, NO_TELEMETRY, JobSpan, Telemetry, trace_id_of
+from worker.core.telemetry import NO_SPAN, NO_TELEMETRY, JobSpan, Telemetry, trace_id_of
 
 log = structlog.get_logger("worker.core.pipeline")
-
-# Attributes of the original message that travel with its dead letter (Pub/Sub allows
-# 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
-_CARRIED_ATTRIBUTES = ("job_id", "kind", "replay_count", "traceparent")
 
 
 @dataclass
@@ -48,7 +44,7 @@ class CallResult:
 class Delivery:
     data: bytes
     attributes: dict[str, str]
-    message_id: str = ""
+    message_id: str = ""  # Pub/Sub's, for the job span's messaging.message.id
     delivery_attempt: int | None = None
     final_attempt: bool = False
     publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
@@ -56,7 +52,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """The original job bytes, so it can be replayed as it was, plus why it died."""
+    """The original job bytes, so it can be replayed as it was, plus why it died
+    (worker.core.dead_letters.DeadLetterAttributes)."""
 
     data: bytes
     attributes: dict[str, str]
@@ -67,7 +64,6 @@ class Outcome:
     ack: bool
     result: Result | None = None
     dead_letter: DeadLetter | None = None
-    job: Job | None = None
     span: JobSpan = NO_SPAN  # ended by whoever settles the message
     kind: str | None = None  # the catalog's kind, once the job's kind was found in it
     retry_code: str | None = None  # why a job that is not acked goes back
@@ -173,7 +169,7 @@ class Pipeline:
         error: JobError,
     ) -> Outcome:
         span = self._span(span, delivery, job, started)
-        return Outcome(ack=False, job=job, span=span, kind=known, retry_code=error.code)
+        return Outcome(ack=False, span=span, kind=known, retry_code=error.code)
 
     def _finish(
         self,
@@ -218,21 +214,9 @@ class Pipeline:
             log.info("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
-        return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job, span=span, kind=known)
+        return Outcome(ack=True, result=result, dead_letter=dead_letter, span=span, kind=known)
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
-        attrs = {k: clip(v) for k, v in delivery.attributes.items() if k in _CARRIED_ATTRIBUTES and v}
-        if result.job_id and "job_id" not in attrs:
-            attrs["job_id"] = clip(result.job_id)
-        if result.kind and "kind" not in attrs:
-            attrs["kind"] = clip(result.kind)
-        attrs.update(
-            status=result.status.value,
-            error_code=clip(error.code),
-            error_message=clip(error.message),
-            attempts=str(result.attempts),
-            delivery_attempt=str(delivery.delivery_attempt or 1),
-            dead_lettered_at=result.finished_at.isoformat(),
-        )
-        return DeadLetter(data=delivery.data, attributes=attrs)
+        why = DeadLetterAttributes.for_failure(delivery.attributes, result, error, delivery.delivery_attempt)
+        return DeadLetter(data=delivery.data, attributes=why.to_attributes())

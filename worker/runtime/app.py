@@ -21,6 +21,7 @@ from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError
 from worker.core.pipeline import Pipeline
 from worker.core.settings import Settings
+from worker.core.telemetry import Telemetry
 from worker.gcp import emulator
 from worker.gcp.batch import BatchFanOut
 from worker.gcp.consumer import Consumer, read_max_delivery_attempts
@@ -29,7 +30,7 @@ from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
 from worker.runtime.health import serve_health
-from worker.telemetry import Telemetry, setup_telemetry
+from worker.telemetry import setup_telemetry
 
 # How long the last export of spans and metrics may hold up the exit after the drain.
 TELEMETRY_FLUSH_S = 2.0
@@ -90,13 +91,11 @@ def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
 
 @dataclass
 class Worker:
-    settings: Settings
+    """What the run loop needs of a built worker: the consumer, and what it logs and probes."""
+
     catalog: Catalog
     tokens: IdentityTokenSource
-    resolver: ServiceResolver
-    pipeline: Pipeline
     consumer: Consumer
-    publisher_client: Any
     subscriber_client: Any
     telemetry: Telemetry
 
@@ -143,13 +142,6 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
     )
     invoker = Invoker(session, tokens, telemetry=telemetry)
-    telemetry.metrics.observe(
-        "worker.token.refreshes",
-        "ID tokens minted, by audience",
-        lambda: [(n, {"audience": audience}) for audience, n in list(tokens.refreshes.items())],
-        unit="{token}",
-        counter=True,
-    )
     fan_out = BatchFanOut(
         publisher_client,
         publisher_client.topic_path(settings.project, settings.jobs_topic),
@@ -177,17 +169,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         lease_extension_s=settings.lease_extension_s,
         telemetry=telemetry,
     )
-    return Worker(
-        settings,
-        catalog,
-        tokens,
-        resolver,
-        pipeline,
-        consumer,
-        publisher_client,
-        subscriber_client,
-        telemetry,
-    )
+    return Worker(catalog, tokens, consumer, subscriber_client, telemetry)
 
 
 def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None:

@@ -30,8 +30,8 @@ from google.api_core import exceptions
 
 from worker.core.errors import ConfigError
 from worker.core.settings import Settings
+from worker.core.telemetry import Metrics
 from worker.gcp.consumer import Consumer
-from worker.telemetry import Metrics
 
 log = structlog.get_logger("worker.runtime.health")
 

@@ -12,7 +12,7 @@ Instruments (Prometheus names in brackets, as `/metrics` shows them):
         when a job starts: now minus Pub/Sub's publish time (the lag that matters)
     worker.jobs.in_flight     up-down    kind           [worker_jobs_in_flight]
     worker.result.publish_failures  counter             [worker_result_publish_failures_total]
-    worker.token.refreshes    observable counter        [worker_token_refreshes_total]
+    worker.token.refreshes    counter    audience       [worker_token_refreshes_total]
     (and whatever is registered through `observe`, e.g. limiter and breaker state)
 
 Exported as Prometheus text on the health server's `/metrics` (a registry of the
@@ -33,7 +33,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 
 from worker.core.errors import ConfigError
-from worker.telemetry import Metrics
+from worker.core.telemetry import Metrics
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _AGE_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
@@ -81,6 +81,9 @@ class SdkMetrics(Metrics):
         )
         self._publish_failures = meter.create_counter(
             "worker.result.publish_failures", "{failure}", "Results or dead letters not published"
+        )
+        self._token_refreshes = meter.create_counter(
+            "worker.token.refreshes", "{token}", "ID tokens minted, by audience"
         )
 
     @classmethod
@@ -134,6 +137,9 @@ class SdkMetrics(Metrics):
 
     def publish_failed(self) -> None:
         self._publish_failures.add(1)
+
+    def token_refreshed(self, audience: str) -> None:
+        self._token_refreshes.add(1, {"audience": audience})
 
     def observe(
         self, name: str, description: str, read: Reading, *, unit: str = "1", counter: bool = False

@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from worker.core.errors import ConfigError, JobError
-from worker.telemetry import NO_SPAN, JobSpan, Metrics, Step, Telemetry
+from worker.core.telemetry import NO_SPAN, JobSpan, Metrics, Step, Telemetry
 from worker.telemetry.config import TelemetryConfig
 
 if TYPE_CHECKING:
