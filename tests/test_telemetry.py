@@ -117,7 +117,7 @@ def test_tracing_off_touches_no_opentelemetry_code_per_job() -> None:
     assert outcome.result is not None and outcome.result.status.value == "succeeded"
     assert outcome.result.trace_id == "c" * 32  # the sender's trace, still named for the web app
     assert not {name for name in called if name.startswith("opentelemetry")}, sorted(called)
-    assert "worker.telemetry" in called  # the no-op interface was called, and nothing behind it
+    assert "worker.core.telemetry" in called  # the no-op interface was called, and nothing behind it
 
 
 @pytest.fixture
