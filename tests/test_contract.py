@@ -13,6 +13,7 @@ from pydantic import AliasChoices
 
 from worker.cli import cli
 from worker.core.catalog import BatchSpec, JobKind
+from worker.core.runjob import RunJobSpec
 from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.messages import BatchRef, Job, JobStatus, Result
 from worker.core.settings import Settings
@@ -82,7 +83,11 @@ def test_every_dead_letter_attribute_is_listed() -> None:
 
 def test_every_catalog_field_is_listed() -> None:
     (names,) = tables("Job catalog")
-    fields = list(JobKind.model_fields) + [f"batch.{name}" for name in BatchSpec.model_fields]
+    fields = (
+        list(JobKind.model_fields)
+        + [f"batch.{name}" for name in BatchSpec.model_fields]
+        + [f"run_job.{name}" for name in RunJobSpec.model_fields]
+    )
     assert sorted(names) == sorted(fields)
 
 

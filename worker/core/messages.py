@@ -33,6 +33,12 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    RUNNING = "running"  # not final: a Cloud Run job execution started (worker/gcp/runjobs.py)
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self is not JobStatus.RUNNING
 
 
 class BatchRef(BaseModel):
@@ -91,6 +97,20 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class ExecutionInfo(BaseModel):
+    """The Cloud Run job execution a `run_job` kind's result is about."""
+
+    name: str  # projects/P/locations/R/jobs/J/executions/E
+    task_count: int = 0
+    succeeded_count: int = 0
+    failed_count: int = 0
+    cancelled_count: int = 0
+    retried_count: int = 0
+    log_uri: str = ""
+    create_time: datetime | None = None
+    completion_time: datetime | None = None
+
+
 class Result(BaseModel):
     """One result message per finished job, on the results topic."""
 
@@ -106,6 +126,7 @@ class Result(BaseModel):
     duration_ms: int
     batch: BatchRef | None = None
     truncated: bool = False  # response cut to fit Pub/Sub's message limit
+    execution: ExecutionInfo | None = None  # run_job kinds only
     trace_id: str | None = None  # the job's trace (32 hex), for a link to Cloud Trace
 
     def to_bytes(self) -> bytes:

@@ -53,6 +53,7 @@ class ConsumerStats:
     publish_failures: int = 0
     released: int = 0
     last_message_at: float = 0.0
+    longest_lease_s: float = 0.0  # receipt to ack or nack, of any message
 
 
 class StreamFailed(Exception):
@@ -168,6 +169,7 @@ class Consumer:
             acked=self.stats.acked,
             nacked=self.stats.nacked,
             released=self.stats.released,
+            longest_lease_s=round(self.stats.longest_lease_s, 2),
         )
 
     def _on_message(self, message: Any) -> None:
@@ -190,6 +192,7 @@ class Consumer:
     async def _process(self, message: Any) -> None:
         assert self._slots is not None
         task = asyncio.current_task()
+        received = time.monotonic()
         delivery = self._delivery(message)
         context = {
             "job_id": clip(delivery.attributes.get("job_id", ""), 128) or None,
@@ -205,6 +208,8 @@ class Consumer:
                     self._waiting.discard(task)  # type: ignore[arg-type]
                     outcome = await self._handle(delivery)
                 await self._conclude(message, outcome)
+                lease = time.monotonic() - received
+                self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
             except asyncio.CancelledError:
                 if self._streaming:
                     self.stats.nacked += 1
@@ -236,13 +241,19 @@ class Consumer:
                 code = "result_publish_failed"
         finally:
             outcome.span.end(status, code)
-            if self._metrics.enabled:
+            # A run_job follow-up held and republished has no outcome of its own to count.
+            counted = outcome.result is not None or outcome.kind is not None or not outcome.ack
+            if self._metrics.enabled and counted:
                 attempts = outcome.result.attempts if outcome.result else 0
                 self._metrics.job_finished(outcome.kind, status, attempts)
 
     async def _publish_and_settle(self, message: Any, outcome: Outcome) -> bool:
         """Publish and ack, or nack: True if the message was acked."""
         if outcome.ack:
+            if outcome.hold_s > 0:
+                # A follow-up not yet due (worker/core/followup.py): a few seconds under
+                # lease, outside the call slots, then republished and acked.
+                await asyncio.sleep(outcome.hold_s)
             try:
                 with outcome.span.step(self._send_span, **self._send_attributes):
                     await self._publisher.publish(outcome)

@@ -29,6 +29,7 @@ from worker.gcp.identity import IdentityTokenSource, build_token_source
 from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
+from worker.gcp.runjobs import RunJobs
 from worker.runtime.health import serve_health
 from worker.telemetry import setup_telemetry
 
@@ -66,11 +67,13 @@ def access_credentials(settings: Settings) -> Any:
     return creds
 
 
-def run_client(settings: Settings, credentials: Any) -> Any:
+def run_client(settings: Settings, credentials: Any, kind: str = "ServicesClient") -> Any:
+    """A `run_v2` client (ServicesClient, JobsClient, ExecutionsClient) over REST, on
+    WORKER_RUN_API_ENDPOINT when set."""
     from google.cloud import run_v2
 
     options = {"api_endpoint": settings.run_api_endpoint} if settings.run_api_endpoint else None
-    return run_v2.ServicesClient(transport="rest", credentials=credentials, client_options=options)
+    return getattr(run_v2, kind)(transport="rest", credentials=credentials, client_options=options)
 
 
 def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
@@ -140,6 +143,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         publisher_client,
         publisher_client.topic_path(settings.project, settings.results_topic),
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
+        publisher_client.topic_path(settings.project, settings.jobs_topic),
     )
     invoker = Invoker(session, tokens, telemetry=telemetry)
     fan_out = BatchFanOut(
@@ -149,6 +153,13 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         resolver,
         region=settings.region,
     )
+    run_jobs = RunJobs(
+        run_client(settings, credentials, "JobsClient"),
+        run_client(settings, credentials, "ExecutionsClient"),
+        catalog,
+        settings.project,
+        region=settings.region,
+    )
     pipeline = Pipeline(
         catalog,
         resolver,
@@ -156,12 +167,13 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         region=settings.region,
         max_payload_bytes=settings.max_payload_bytes,
         batch_handler=fan_out,
+        run_job_handler=run_jobs.start,
         telemetry=telemetry,
     )
     consumer = Consumer(
         subscriber_client,
         subscription,
-        pipeline.handle,
+        run_jobs.route(pipeline.handle),
         results,
         max_in_flight=settings.max_in_flight,
         grace_s=settings.shutdown_grace_s,
