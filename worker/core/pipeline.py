@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import structlog
 
 from worker.core.catalog import Catalog, JobKind
-from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
+from worker.core.errors import HoldJob, InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.messages import (
     ErrorInfo,
     Job,
@@ -67,6 +67,9 @@ class Outcome:
     result: Result | None = None
     dead_letter: DeadLetter | None = None
     job: Job | None = None
+    # Not now: hold the job under lease (no delivery attempt used), run it again once
+    # `hold()` returns (a paused kind, an open circuit breaker; worker/core/guard.py).
+    hold: Callable[[], Awaitable[None]] | None = None
 
 
 class Resolver(Protocol):
@@ -114,6 +117,9 @@ class Pipeline:
             structlog.contextvars.bind_contextvars(traceparent=job.traceparent)
             call = await self._run(job, kind, delivery)
             return self._finish(delivery, job, started, JobStatus.SUCCEEDED, call=call)
+        except HoldJob as exc:
+            log.debug("job_held", reason=exc.reason)
+            return Outcome(ack=False, job=job, hold=exc.wait)
         except InvalidJobError as exc:
             return self._finish(delivery, job, started, JobStatus.REJECTED, error=exc)
         except PermanentJobError as exc:

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     dead_letter_subscription: str = Field(
         "jobs-dead-letter-ops", validation_alias=_env("WORKER_DEAD_LETTER_SUBSCRIPTION")
     )
+    control_topic: str = Field("worker-control", validation_alias=_env("WORKER_CONTROL_TOPIC"))
+    # The deployment's max instances: only for printing global limits (per instance x this).
+    max_instances: int | None = Field(None, ge=1, le=100_000, validation_alias=_env("WORKER_MAX_INSTANCES"))
+    max_hold_s: float = Field(3600.0, gt=0, le=86_400, validation_alias=_env("WORKER_MAX_HOLD_SECONDS"))
+    max_held: int = Field(5000, ge=1, le=1_000_000, validation_alias=_env("WORKER_MAX_HELD"))
     max_in_flight: int = Field(100, ge=1, le=10_000, validation_alias=_env("WORKER_MAX_IN_FLIGHT"))
     max_delivery_attempts: int | None = Field(
         None, ge=5, le=100, validation_alias=_env("WORKER_MAX_DELIVERY_ATTEMPTS")

@@ -37,6 +37,28 @@ MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 MAX_IN_PROCESS_RETRY_AFTER_S = 30.0
 
 
+class Gate(Protocol):
+    """Around each HTTP attempt (worker/core/guard.py): may hold the job, wait, and learn the status."""
+
+    def call(self, kind: JobKind, region: str | None = None) -> Any: ...
+
+
+class _Open:
+    """The gate of an invoker without protections: every attempt goes at once."""
+
+    def call(self, kind: JobKind, region: str | None = None) -> _Open:
+        return self
+
+    async def __aenter__(self) -> _Open:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def answered(self, status: int) -> None:
+        return None
+
+
 class TokenSource(Protocol):
     async def token(self, audience: str) -> str: ...
 
@@ -92,10 +114,12 @@ class Invoker:
         tokens: TokenSource,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        gate: Gate | None = None,
     ) -> None:
         self._session = session
         self._tokens = tokens
         self._sleep = sleep
+        self._gate: Gate = gate or _Open()
 
     async def invoke(self, kind: JobKind, url: str, job: Job, region: str = "REGION") -> CallResult:
         attempts = 0
@@ -106,7 +130,9 @@ class Invoker:
             while True:
                 attempts += 1
                 token = await self._tokens.token(url)
-                status, body, retry_after = await self._call(kind, url, job, token)
+                async with self._gate.call(kind, region) as call:
+                    status, body, retry_after = await self._call(kind, url, job, token)
+                    call.answered(status)
                 verdict = classify(status, kind)
                 if verdict == "ok":
                     return CallResult(status, body, attempts)

@@ -19,11 +19,13 @@ import structlog
 
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError
+from worker.core.guard import Guard
 from worker.core.pipeline import Pipeline
 from worker.core.settings import Settings
 from worker.gcp import emulator
 from worker.gcp.batch import BatchFanOut
 from worker.gcp.consumer import Consumer, read_max_delivery_attempts
+from worker.gcp.control import ControlChannel
 from worker.gcp.identity import IdentityTokenSource, build_token_source
 from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
@@ -94,6 +96,21 @@ class Worker:
     consumer: Consumer
     publisher_client: Any
     subscriber_client: Any
+    guard: Guard
+    control: ControlChannel
+
+    def status(self) -> dict[str, Any]:
+        return instance_status(self.guard, self.consumer, self.control)
+
+
+def instance_status(guard: Guard, consumer: Consumer, control: ControlChannel) -> dict[str, Any]:
+    """This instance's protections, for /readyz and `worker status`."""
+    return {
+        **guard.snapshot(),
+        "in_flight": consumer.in_flight,
+        "held": consumer.stats.held,
+        "control": "listening" if control.listening else "off",
+    }
 
 
 async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
@@ -122,7 +139,10 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         publisher_client.topic_path(settings.project, settings.results_topic),
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
     )
-    invoker = Invoker(session, tokens)
+    guard = Guard(
+        catalog, region=settings.region, default_ceiling=settings.max_in_flight, capacity=resolver.capacity
+    )
+    invoker = Invoker(session, tokens, gate=guard)
     fan_out = BatchFanOut(
         publisher_client,
         publisher_client.topic_path(settings.project, settings.jobs_topic),
@@ -147,9 +167,20 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         grace_s=settings.shutdown_grace_s,
         max_delivery_attempts=max_attempts,
         lease_extension_s=settings.lease_extension_s,
+        max_hold_s=settings.max_hold_s,
+        max_held=settings.max_held,
+    )
+    control = ControlChannel(
+        publisher_client,
+        subscriber_client,
+        project=settings.project,
+        topic=settings.control_topic,
+        pauses=guard.pauses,
+        status=lambda: instance_status(guard, consumer, control),
     )
     return Worker(
-        settings, catalog, tokens, resolver, pipeline, consumer, publisher_client, subscriber_client
+        settings, catalog, tokens, resolver, pipeline, consumer, publisher_client, subscriber_client, guard,
+        control,
     )
 
 
@@ -181,8 +212,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     async with AsyncExitStack() as stack:
         health = await serve_health(settings, stack)  # None unless $PORT is set
         worker = await build_worker(settings, stack)
+        await worker.control.start()
+        stack.push_async_callback(worker.control.close)
         if health is not None:
-            health.watch(worker.consumer, worker.subscriber_client, stack)
+            health.watch(worker.consumer, worker.subscriber_client, stack, status=worker.status)
         log.info(
             "worker_ready",
             identity=worker.tokens.principal.describe(),

@@ -105,8 +105,15 @@ class Health:
         self._consumer: Consumer | None = None
         self._probe: PubSubProbe | None = None
         self._failing_reason: str | None = None
+        self._status: Callable[[], dict[str, Any]] | None = None
 
-    def watch(self, consumer: Consumer, subscriber: Any, stack: AsyncExitStack) -> None:
+    def watch(
+        self,
+        consumer: Consumer,
+        subscriber: Any,
+        stack: AsyncExitStack,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         """Start reporting on a built worker; the probe stops when `stack` closes."""
         interval = min(_MAX_PROBE_INTERVAL_S, self._settings.health_stall_s / _PROBES_PER_WINDOW)
         self._probe = PubSubProbe(
@@ -117,6 +124,7 @@ class Health:
             clock=self._clock,
         )
         self._consumer = consumer
+        self._status = status
         task = asyncio.ensure_future(self._probe.run())
         # Registered after the clients' own callbacks, so it runs first: no probe
         # reports a closed channel as an outage while the worker shuts down.
@@ -125,7 +133,10 @@ class Health:
     def readiness(self) -> Verdict:
         if self._consumer is None:
             return Verdict(False, "starting", {})
-        return Verdict(True, "ready", {"subscription": self._settings.jobs_subscription})
+        # Paused kinds and open breakers are reported, never a reason to be unready: the
+        # worker is fine, its targets are not (and other kinds still run).
+        protections = self._status() if self._status is not None else {}
+        return Verdict(True, "ready", {"subscription": self._settings.jobs_subscription, **protections})
 
     def liveness(self) -> Verdict:
         consumer, probe = self._consumer, self._probe
