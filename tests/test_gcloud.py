@@ -45,6 +45,8 @@ def test_each_principal_gets_only_what_it_uses() -> None:
         ("roles/run.viewer", "projects/acme"),
         ("roles/run.invoker", "projects/acme/locations/us-central1/services/account-scoring"),
         ("roles/run.invoker", "projects/acme/locations/europe-west1/services/echo"),
+        ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+        ("projects/acme/roles/workerControlChannel", "projects/acme"),
     }
     assert roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com") == {
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
@@ -123,9 +125,11 @@ def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() 
         assert roles_of(with_ops, member) == {
             ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-dead-letter-ops"),
             ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
+            ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+            ("projects/acme/roles/workerControlChannel", "projects/acme"),
             ("roles/iam.serviceAccountTokenCreator", f"projects/acme/serviceAccounts/{WORKER}"),
         }
-    assert len(with_ops) == len(base) + 6
+    assert len(with_ops) == len(base) + 10
 
 
 def test_an_operator_must_be_written_as_an_iam_member() -> None:

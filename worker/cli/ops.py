@@ -183,6 +183,7 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
             run_client=lambda: run_client(settings, access_credentials(settings)),
             worker_sa=worker_sa,
             audience=audience,
+            catalog=catalog,
         )
     )
     colours = {"ok": "green", "fail": "red", "fix": "cyan"}

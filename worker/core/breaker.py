@@ -119,9 +119,12 @@ class CircuitBreaker:
         self._window.clear()
         self._window_failures = 0
         self._probes_out = self._probes_ok = 0
-        level = log.warning if state == OPEN else log.info
-        level("breaker_" + state, target=self.name, was=was, reason=reason,
-              **({"open_s": self.spec.open_s} if state == OPEN else {}))
+        if state == OPEN:
+            log.warning("breaker_open", target=self.name, was=was, reason=reason, open_s=self.spec.open_s)
+        elif state == HALF_OPEN:
+            log.info("breaker_half_open", target=self.name, reason=reason, probes=self.spec.probes)
+        else:
+            log.info("breaker_closed", target=self.name, reason=reason)
         self._wake()
 
     def _wake(self) -> None:

@@ -74,6 +74,7 @@ async def diagnose(
     run_client: Any,
     worker_sa: str,
     audience: str | None = None,
+    catalog: Any = None,
 ) -> Diagnosis:
     """Check the chain for each (service, region); `audience` overrides the token's audience.
 
@@ -99,6 +100,18 @@ async def diagnose(
             report.checks.append(url_check)
             if url is None:
                 continue
+            if catalog is not None:
+                from worker.ops.limits import kind_lines, target_line
+
+                capacity = resolver.capacity(service, region)
+                own = [
+                    f"{name} {line}"
+                    for name in sorted(catalog)
+                    if catalog[name].service == service
+                    for line in kind_lines(catalog[name], settings.max_instances)
+                ]
+                summary = "; ".join([target_line(settings, catalog, service, region, capacity), *own])
+                report.checks.append(Check("limits", True, summary))
             token_check, token = await _mint(tokens, settings, principal, audience or url, url)
             report.checks.append(token_check)
             if token is None:

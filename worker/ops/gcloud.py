@@ -92,6 +92,20 @@ def iam_bindings(
         Binding(
             worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"
         ),
+        Binding(
+            worker,
+            "roles/pubsub.publisher",
+            topic(settings.control_topic),
+            "answer status requests and pass pause orders on to new instances (worker pause/status)",
+        ),
+        Binding(
+            worker,
+            control_role(settings),
+            project,
+            f"create, read and delete each instance's own subscription to {settings.control_topic} "
+            "(no predefined role narrower than roles/pubsub.editor creates subscriptions); without "
+            "it an instance runs but ignores worker pause (it logs control_channel_off)",
+        ),
     ]
     if any(kind.batch for kind in catalog.values()):
         bindings.append(
@@ -137,6 +151,21 @@ def iam_bindings(
     return bindings
 
 
+CONTROL_ROLE_ID = "workerControlChannel"
+CONTROL_PERMISSIONS = (
+    "pubsub.subscriptions.create",
+    "pubsub.subscriptions.delete",
+    "pubsub.subscriptions.consume",
+    "pubsub.subscriptions.get",
+    "pubsub.topics.attachSubscription",
+)
+
+
+def control_role(settings: Settings) -> str:
+    """The custom role the control channel's short-lived subscriptions need."""
+    return f"projects/{settings.project}/roles/{CONTROL_ROLE_ID}"
+
+
 def check_operator(member: str) -> None:
     """Raise ValueError, saying how to write it, unless `member` is an IAM member."""
     if not member.startswith(OPERATOR_MEMBER_PREFIXES):
@@ -163,6 +192,19 @@ def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[B
             "roles/pubsub.publisher",
             f"{project}/topics/{settings.jobs_topic}",
             "republish dead-lettered jobs (worker replay)",
+        ),
+        Binding(
+            member,
+            "roles/pubsub.publisher",
+            f"{project}/topics/{settings.control_topic}",
+            "send pause and resume orders and status requests (worker pause/resume/status)",
+        ),
+        Binding(
+            member,
+            control_role(settings),
+            project,
+            f"read the instances' answers on a subscription to {settings.control_topic} made for "
+            "the question and deleted after it (worker status)",
         ),
         Binding(
             member,
@@ -207,8 +249,16 @@ def resource_commands(settings: Settings, options: SetupOptions) -> list[str]:
     common = f"--ack-deadline={options.ack_deadline_s} --message-retention-duration={options.retention_days}d"
     commands = [
         f"gcloud pubsub topics create {name} {project}"
-        for name in (settings.jobs_topic, settings.results_topic, settings.dead_letter_topic)
+        for name in (
+            settings.jobs_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic
+        )
     ]
+    commands.append(
+        f"gcloud iam roles create {CONTROL_ROLE_ID} {project} "
+        "--title='Worker control channel' "
+        "--description='Make, read and delete the short-lived subscriptions of worker pause/status' "
+        f"--permissions={','.join(CONTROL_PERMISSIONS)} --stage=GA"
+    )
     commands += [
         f"gcloud pubsub subscriptions create {settings.jobs_subscription} {project} "
         f"--topic={settings.jobs_topic} {common} "
