@@ -46,7 +46,8 @@ def parse_duration(text: str) -> float:
 
 @click.command()
 @click.argument("kind")
-@click.option("--for", "duration", metavar="DURATION", help="Resume by itself after this long (90s, 15m, 2h, 1d).")
+@click.option("--for", "duration", metavar="DURATION",
+              help="Resume by itself after this long (90s, 15m, 2h, 1d).")
 @click.option("--wait", "wait_s", type=click.FloatRange(0, 60), default=3.0, show_default=True,
               help="Seconds to collect the instances' confirmations.")
 @exits_with_code

@@ -11,6 +11,7 @@ the open period ends; then they ask `admit()` again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -96,16 +97,15 @@ class CircuitBreaker:
         """Return when a call may be admitted again (or might be: ask `admit()`)."""
         while True:
             state = self.state
-            if state == CLOSED or (state == HALF_OPEN and self._probes_out + self._probes_ok < self.spec.probes):
+            probing = state == HALF_OPEN and self._probes_out + self._probes_ok < self.spec.probes
+            if state == CLOSED or probing:
                 return
             event = self._changed
             timeout = None
             if state == OPEN:
                 timeout = max(0.0, self.spec.open_s - (self._clock() - self._opened_at)) + 0.001
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _open(self, now: float, reason: str) -> None:
         self._opened_at = now

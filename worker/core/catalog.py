@@ -53,12 +53,12 @@ class BreakerSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    failures: int = Field(5, ge=1, le=1000)
-    error_rate: float = Field(0.5, gt=0, le=1)
-    window_s: float = Field(10.0, gt=0, le=3600)
-    min_calls: int = Field(20, ge=1, le=100_000)
-    open_s: float = Field(5.0, gt=0, le=3600)
-    probes: int = Field(3, ge=1, le=100)
+    failures: int = Field(default=5, ge=1, le=1000)
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    window_s: float = Field(default=10.0, gt=0, le=3600)
+    min_calls: int = Field(default=20, ge=1, le=100_000)
+    open_s: float = Field(default=5.0, gt=0, le=3600)
+    probes: int = Field(default=3, ge=1, le=100)
 
 
 class JobKind(BaseModel):
@@ -85,7 +85,7 @@ class JobKind(BaseModel):
     max_concurrency: int | None = Field(None, gt=0, le=100_000)
     rate_per_s: float | None = Field(None, gt=0, le=100_000)
     rate_burst: int | None = Field(None, gt=0, le=100_000)
-    breaker: BreakerSpec = BreakerSpec()
+    breaker: BreakerSpec = Field(default_factory=BreakerSpec)
     _validator: Any = PrivateAttr(None)
 
     @field_validator("kind")

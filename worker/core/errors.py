@@ -42,7 +42,7 @@ class InvalidJobError(PermanentJobError):
     """The message is not a valid job: its result is `rejected`."""
 
 
-class HoldJob(Exception):  # noqa: N818  (not an error: an instruction to the consumer)
+class HoldJob(Exception):
     """The job may not be called now (its kind is paused, its target's breaker is open).
 
     It is held under lease, uses up no delivery attempt, and goes round the pipeline

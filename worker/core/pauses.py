@@ -10,6 +10,7 @@ Times are wall-clock epoch seconds: they are compared across machines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -43,7 +44,9 @@ class PauseEntry:
             raise ValueError("a pause entry needs kind (string), paused (bool) and at (number)")
         if until is not None and not isinstance(until, int | float):
             raise ValueError("until must be a number (epoch seconds) or null")
-        return cls(kind, paused, float(at), None if until is None else float(until), str(raw.get("by", ""))[:200])
+        return cls(
+            kind, paused, float(at), None if until is None else float(until), str(raw.get("by", ""))[:200]
+        )
 
 
 class PauseBook:
@@ -88,7 +91,5 @@ class PauseBook:
         while self.is_paused(kind):
             until = self._entries[kind].until
             timeout = None if until is None else max(0.0, until - self._clock()) + 0.01
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
-            except TimeoutError:
-                pass

@@ -53,7 +53,7 @@ def report(
     """Lines describing every kind's limits; `capacity` None: the Services were not asked."""
     instances = settings.max_instances
     lines = [
-        f"Limits per worker instance"
+        "Limits per worker instance"
         + (f" and for WORKER_MAX_INSTANCES={instances}" if instances else
            " (set WORKER_MAX_INSTANCES to the deployment's max instances for the global figures)")
     ]
@@ -74,5 +74,6 @@ def report(
                    "read at run time; `worker doctor` shows it")
             )
         else:
-            lines.append("    " + target_line(settings, catalog, kind.service, region, capacity(kind.service, region)))
+            stated = capacity(kind.service, region)
+            lines.append("    " + target_line(settings, catalog, kind.service, region, stated))
     return lines
