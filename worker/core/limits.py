@@ -74,6 +74,7 @@ class AdaptiveLimit:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._logged_limit = self.ceiling
         self._logged_at = 0.0
+        log.info("target_limit_ceiling", target=name, ceiling=self.ceiling, source=source)
 
     @property
     def current(self) -> int:
