@@ -56,13 +56,30 @@ async def test_the_limit_cuts_once_per_round_on_overload_and_grows_back_by_one_p
     for epoch in epochs:
         limit.release(epoch, "overload")
     assert limit.current == int(20 * DECREASE) == 15
-    # A round of successes (about `limit` calls) adds one.
+    # While the limit binds, a round of successes (about `limit` calls) adds one.
+    busy = [await limit.acquire() for _ in range(15)]
     for _ in range(16):
-        limit.release(await limit.acquire(), "ok")
+        limit.release(busy.pop(0), "ok")
+        busy.append(await limit.acquire())
     assert limit.current == 16
-    for _ in range(200):
-        limit.release(await limit.acquire(), "ok")
+    for _ in range(400):
+        limit.release(busy.pop(0), "ok")
+        busy.append(await limit.acquire())
     assert limit.current == 20, "never above the ceiling"
+
+
+@run_async
+async def test_a_cut_starts_from_what_was_in_flight_and_an_idle_limit_does_not_grow() -> None:
+    limit = AdaptiveLimit("svc", 800, "Service: 10 x 80")
+    epochs = [await limit.acquire() for _ in range(40)]
+    limit.release(epochs.pop(), "overload")
+    assert limit.current == int(40 * DECREASE), "refused at 40 in flight, not at 800"
+    for epoch in epochs:
+        limit.release(epoch, "ok")
+    before = limit.current
+    for _ in range(100):
+        limit.release(await limit.acquire(), "ok")  # one at a time: the limit does not bind
+    assert limit.current == before
 
 
 @run_async

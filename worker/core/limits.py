@@ -6,10 +6,12 @@ waiters never race each other for the next one.
 
 `AdaptiveLimit` bounds calls in flight to one target. Its limit starts at the
 ceiling (what the catalog or the target's own Cloud Run `Service` allows) and moves
-by AIMD: an overload answer (429, 503) multiplies it by `DECREASE` (once per round
-of calls: answers to calls started before the last cut do not cut it again), and
-each success adds 1/limit, so it climbs back by about one per round trip. It never
-leaves [1, ceiling]. Waiters are served first come, first served.
+by AIMD: an overload answer (429, 503) sets it to `DECREASE` x the smaller of the
+limit and the calls in flight when it came (once per round of calls: answers to
+calls started before the last cut do not cut it again), and each success adds
+1/limit while the limit binds (at least half of it in use), so it climbs back by
+about one per round trip. It never leaves [1, ceiling]. Waiters are served first
+come, first served.
 """
 
 from __future__ import annotations
@@ -114,15 +116,17 @@ class AdaptiveLimit:
         self.in_flight -= 1
         if outcome == "overload":
             if epoch == self._epoch:
-                self._cut()
-        elif outcome == "ok" and self.limit < self.ceiling:
+                self._cut(self.in_flight + 1)
+        elif outcome == "ok" and self.limit < self.ceiling and 2 * (self.in_flight + 1) >= self.limit:
+            # Grown only while it binds: a limit far above what is sent proves nothing.
             self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
             self._log_growth()
         self._wake()
 
-    def _cut(self) -> None:
+    def _cut(self, in_flight: int) -> None:
+        # From what was in flight when the target refused, when that is below the limit.
         before = self.current
-        self.limit = max(1.0, self.limit * self._decrease)
+        self.limit = max(1.0, min(self.limit, float(in_flight)) * self._decrease)
         self._epoch += 1
         if self.current != before:
             log.warning(
