@@ -182,3 +182,19 @@ def test_limits_in_the_catalog_are_read() -> None:
     assert (kind.max_concurrency, kind.rate_per_s, kind.burst) == (20, 2.5, 2)
     assert (kind.breaker.failures, kind.breaker.open_s, kind.breaker.probes) == (3, 2, 3)
     assert JobKind(kind="x", service="s", rate_per_s=0.2).burst == 1
+
+
+@run_async
+async def test_a_call_waiting_for_room_when_the_kind_is_paused_is_held_not_made() -> None:
+    kind = JobKind(kind="score", service="scoring", max_concurrency=1)
+    g = guard(kind)
+    running = g.call(kind, "r")
+    await running.__aenter__()
+    waiting = asyncio.ensure_future(attempt(g, kind))
+    await asyncio.sleep(0.01)
+    g.pauses.apply(PauseEntry("score", True, at=1.0))
+    running.answered(200)
+    await running.__aexit__(None, None, None)
+    with pytest.raises(HoldJob, match="paused"):
+        await waiting
+    assert g.limit(("scoring", "r")).in_flight == 0

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from worker.core.breaker import CLOSED, CircuitBreaker
+from worker.core.breaker import CLOSED, OPEN, CircuitBreaker
 from worker.core.catalog import BreakerSpec, Catalog, JobKind
 from worker.core.errors import HoldJob, JobError
 from worker.core.limits import AdaptiveLimit, TokenBucket
@@ -191,6 +191,14 @@ class GuardedCall:
         except BaseException:
             self._let_go("none")
             raise
+        # Waiting for room may have taken a while: an order or a breaker that came
+        # meanwhile holds the job now, before its call.
+        if guard.pauses.is_paused(kind.kind):
+            self._let_go("none")
+            raise HoldJob("paused", functools.partial(guard.pauses.wait, kind.kind))
+        if breaker.state == OPEN:
+            self._let_go("none")
+            raise HoldJob("breaker_open", breaker.wait)
         return self
 
     async def __aexit__(

@@ -64,9 +64,11 @@ class PauseBook:
         self._entries[entry.kind] = entry
         now_paused = self.is_paused(entry.kind)
         if now_paused and not was_paused:
-            log.warning("kind_paused", paused_kind=entry.kind, until=entry.until, by=entry.by)
+            log.warning(
+                "kind_paused", paused_kind=entry.kind, until=entry.until, by=entry.by, ordered_at=entry.at
+            )
         elif was_paused and not now_paused:
-            log.info("kind_resumed", paused_kind=entry.kind, by=entry.by)
+            log.info("kind_resumed", paused_kind=entry.kind, by=entry.by, ordered_at=entry.at)
         self._changed.set()
         self._changed = asyncio.Event()
         return True
