@@ -171,3 +171,27 @@ def test_without_port_nothing_is_served() -> None:
             assert await serve_health(settings(), stack) is None
 
     asyncio.run(scenario())
+
+
+def test_readiness_reports_pauses_and_breakers_but_an_open_breaker_does_not_fail_it() -> None:
+    from worker.core.catalog import Catalog, JobKind
+    from worker.core.guard import Guard
+    from worker.core.pauses import PauseEntry
+
+    async def scenario() -> None:
+        kind = JobKind(kind="score", service="scoring")
+        guard = Guard(Catalog({"score": kind}), region="r", default_ceiling=100)
+        breaker = guard.breaker(("scoring", "r"))
+        for _ in range(5):
+            breaker.record(False)
+        guard.pauses.apply(PauseEntry("score", True, at=1.0))
+        health = Health(settings())
+        stack = AsyncExitStack()
+        health.watch(StubConsumer(), StubSubscriber(), stack, status=guard.snapshot)  # type: ignore[arg-type]
+        async with stack:
+            verdict = health.readiness()
+        assert verdict.ok and verdict.status == "ready"
+        assert verdict.detail["targets"]["scoring (r)"]["breaker"] == "open"
+        assert verdict.detail["paused"] == {"score": None}
+
+    asyncio.run(scenario())

@@ -69,9 +69,10 @@ def report(
         if capacity is None:
             lines.append(
                 "    calls at once: "
-                + (f"max_concurrency {kind.max_concurrency}" if kind.max_concurrency else
-                   "what the Service states (max_instance_count x max_instance_request_concurrency), "
-                   "read at run time; `worker doctor` shows it")
+                + (f"max_concurrency, {_times(kind.max_concurrency, instances)}" if kind.max_concurrency else
+                   "the Service's max_instance_count x max_instance_request_concurrency, read at run "
+                   f"time (`worker doctor` shows it), else WORKER_MAX_IN_FLIGHT: "
+                   f"{_times(settings.max_in_flight, instances)}")
             )
         else:
             stated = capacity(kind.service, region)
