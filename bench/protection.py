@@ -8,7 +8,7 @@ measurement, each with a catalog of its own:
 - capacity: a service answering 429 above C=10 requests at once, 0.1 s per request,
   whose Service claims 10 x 80; 2,000 jobs. Throughput against 0.8 x C / latency,
   the share of calls refused over time, jobs failed.
-- rate: a kind with rate_per_s = 50 (burst 1) and 3,100 jobs waiting: calls per
+- rate: a kind with rate_per_s = 50 (burst 1), jobs published at 55/s: calls per
   second at the service over `--rate-s` seconds (target: within 5% of 50).
 - outage: two kinds published open-loop (flaky 20 jobs/s, steady 100 jobs/s); the
   flaky service answers 503 for `--outage-s` seconds. When its breaker opens, the
@@ -127,28 +127,33 @@ def capacity_run(cloud: Any, *, stated: bool) -> dict[str, Any]:
 
 
 def rate(cloud: Any, seconds: float) -> dict[str, Any]:
+    """Jobs published open-loop at 1.1 x the rate, so the bucket, not the supply, sets the pace.
+
+    (A backlog of thousands consumed slowly is not used: on the emulator the worker then
+    stops being fed after about 50 s, with or without a rate; see BENCHMARKS.md.)"""
     target = 50
     service = cloud.add_service("rated-bench", "echo")
     catalog = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
     write_kind(catalog, "rated", service.name, rate_per_s=target, rate_burst=1)
     env = env_for(cloud, catalog)
-    n = int(target * seconds) + 100
-    batch = jobs("rated", n, "r")
+    supply = int(target * 1.1)
+    ticks = int(seconds) + 5
     with WorkerProcess(env, name="bench-rate") as worker:
         worker.wait_ready()
-        publish(env, batch)
-        deadline = time.monotonic() + seconds + 60
-        while service.calls < n and time.monotonic() < deadline:
-            time.sleep(0.5)
+        start = time.time()
+        for tick in range(ticks):
+            publish(env, jobs("rated", supply, f"r{tick}"))
+            time.sleep(max(0.0, start + tick + 1 - time.time()))
         worker.stop()
-    drain(env, "WORKER_RESULTS_SUBSCRIPTION", n, timeout=30)
+    drain(env, "WORKER_RESULTS_SUBSCRIPTION", supply * ticks, timeout=10)
     arrivals = sorted(r.at for r in service.requests)
-    first = arrivals[0]
-    inside = [a for a in arrivals if a - first < seconds]
+    first = arrivals[0] + 1.0  # past the first second's start-up
+    inside = [a for a in arrivals if first <= a < first + seconds]
     per_second = [sum(1 for a in arrivals if s <= a - first < s + 1) for s in range(int(seconds))]
     measured = len(inside) / seconds
     return {
         "rate_per_s": target,
+        "supplied_per_s": supply,
         "window_s": seconds,
         "calls_in_window": len(inside),
         "measured_per_s": round(measured, 2),

@@ -124,3 +124,23 @@ async def test_a_lower_ceiling_cuts_the_limit_at_once() -> None:
     assert (limit.current, limit.ceiling, limit.source) == (8, 8, "Service svc")
     limit.set_ceiling(50, "Service svc")
     assert limit.current == 8, "a higher ceiling is reached by growing, not at once"
+
+
+@run_async
+async def test_a_stalled_loop_does_not_release_a_crowd_of_waiters_at_once() -> None:
+    import time
+
+    bucket = TokenBucket(rate=100, burst=1)
+    started: list[float] = []
+
+    async def call() -> None:
+        await bucket.take()
+        started.append(time.monotonic())
+
+    tasks = [asyncio.ensure_future(call()) for _ in range(10)]
+    await asyncio.sleep(0)
+    time.sleep(0.2)  # the event loop stalls (a loaded host) while everyone waits
+    await asyncio.gather(*tasks)
+    # Without the queue, all ten reservations would be overdue and start together.
+    first_burst = [t for t in started if t - started[0] < 0.005]
+    assert len(first_burst) <= 2, len(first_burst)

@@ -38,6 +38,7 @@ class TokenBucket:
         self._clock = clock
         self._tokens = float(burst)
         self._at = clock()
+        self._turn = asyncio.Lock()
 
     def reserve(self) -> float:
         """Take the next token; the seconds to wait before using it (0 when one is at hand)."""
@@ -48,9 +49,13 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
     async def take(self) -> None:
-        delay = self.reserve()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        """Wait for a token. Waiters queue on a lock and reserve one at a time, so a
+        stalled event loop cannot release a crowd of overdue reservations at once:
+        after a stall at most `burst` calls start together."""
+        async with self._turn:
+            delay = self.reserve()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
 
 class AdaptiveLimit:
