@@ -81,3 +81,32 @@ def test_a_held_job_leaves_its_slot_keeps_its_lease_and_is_never_nacked() -> Non
         assert consumer.stats.held == 0 and len(consumer.leases) == 0
 
     asyncio.run(main())
+
+
+def test_a_job_held_too_long_on_its_last_attempt_runs_once_more_without_a_hold() -> None:
+    import asyncio
+
+    from worker.core.pipeline import Outcome
+    from worker.gcp.consumer import Consumer
+
+    async def main() -> None:
+        deliveries = []
+
+        async def never() -> None:
+            await asyncio.Event().wait()
+
+        async def handle(delivery):  # type: ignore[no-untyped-def]
+            deliveries.append(delivery)
+            return Outcome(ack=True) if not delivery.may_hold else Outcome(ack=False, hold=never)
+
+        consumer = Consumer(None, "sub", handle, Publisher(), max_in_flight=1, grace_s=1,  # type: ignore[arg-type]
+                            max_delivery_attempts=5, lease_extension_s=10, max_hold_s=0.05)
+        consumer._slots = asyncio.Semaphore(1)
+        consumer._streaming = True
+        message = Message(1)
+        message.delivery_attempt = 5
+        await asyncio.wait_for(consumer._process(message), 2)
+        assert [d.may_hold for d in deliveries] == [True, False]
+        assert message.calls[-1] == "ack" and "nack" not in message.calls
+
+    asyncio.run(main())

@@ -198,3 +198,25 @@ async def test_a_call_waiting_for_room_when_the_kind_is_paused_is_held_not_made(
     with pytest.raises(HoldJob, match="paused"):
         await waiting
     assert g.limit(("scoring", "r")).in_flight == 0
+
+
+def test_a_job_held_too_long_on_its_last_attempt_fails_with_a_result() -> None:
+    async def wait() -> None:
+        return None
+
+    class Resolver:
+        async def resolve(self, service: str, region: str) -> str:
+            return "https://scoring"
+
+    class Invoker:
+        async def invoke(self, kind, url, job, region="R"):  # type: ignore[no-untyped-def]
+            raise HoldJob("breaker_open", wait)
+
+    pipeline = Pipeline(
+        Catalog({"score": SCORE}), Resolver(), Invoker(), region="r", max_payload_bytes=10_000
+    )
+    body = json.dumps({"job_id": "j1", "kind": "score", "payload": {}}).encode()
+    outcome = asyncio.run(pipeline.handle(Delivery(body, {}, final_attempt=True, may_hold=False)))
+    assert outcome.ack and outcome.hold is None and outcome.dead_letter is not None
+    assert outcome.result is not None and outcome.result.error is not None
+    assert outcome.result.status.value == "failed" and outcome.result.error.code == "held_too_long"

@@ -195,7 +195,7 @@ def test_pause_stops_a_kind_on_every_replica_and_resume_starts_it_again(
         deadline = time.monotonic() + 30
         while paused.calls < 30 and time.monotonic() < deadline:
             time.sleep(0.05)
-        done = worker_cli(env, "pause", "pausable", "--wait", "2")
+        done = worker_cli(env, "pause", "pausable", "--wait", "3")
         assert done.returncode == 0, done.stderr
         # The confirmation is `worker status`'s question: every replica answered it paused.
         assert "3 of 3 answering worker instance(s) confirm" in done.stdout, done.stdout
@@ -211,7 +211,7 @@ def test_pause_stops_a_kind_on_every_replica_and_resume_starts_it_again(
         assert len(replies) == 3 and all("pausable" in r["paused"] for r in replies), replies
         assert sum(r["held"] for r in replies) > 0, "the paused kind's jobs are held, not failed"
         assert paused.calls == calls_at_pause < 200, "no call to a paused kind on any replica"
-        done = worker_cli(env, "resume", "pausable", "--wait", "1")
+        done = worker_cli(env, "resume", "pausable", "--wait", "3")
         assert done.returncode == 0 and "3 of 3" in done.stdout, done.stdout
         ids = {j["job_id"] for j in batch}
         results.update(collect_results(env, ids - results.keys(), timeout=60))

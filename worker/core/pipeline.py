@@ -51,6 +51,7 @@ class Delivery:
     delivery_attempt: int | None = None
     final_attempt: bool = False
     publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
+    may_hold: bool = True  # False once held for WORKER_MAX_HOLD_SECONDS on the last attempt
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,15 @@ class Pipeline:
             call = await self._run(job, kind, delivery)
             return self._finish(delivery, job, started, JobStatus.SUCCEEDED, call=call)
         except HoldJob as exc:
-            log.debug("job_held", reason=exc.reason)
-            return Outcome(ack=False, job=job, hold=exc.wait)
+            if delivery.may_hold:
+                log.debug("job_held", reason=exc.reason)
+                return Outcome(ack=False, job=job, hold=exc.wait)
+            error = TransientJobError(
+                "held_too_long",
+                f"held for WORKER_MAX_HOLD_SECONDS on its last delivery attempt ({exc.reason}): "
+                "resume the kind or mend the service, then `worker replay`",
+            )
+            return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
         except InvalidJobError as exc:
             return self._finish(delivery, job, started, JobStatus.REJECTED, error=exc)
         except PermanentJobError as exc:

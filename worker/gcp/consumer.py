@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -217,7 +218,8 @@ class Consumer:
     async def _hold(self, message: Any, delivery: Delivery, wait: Callable[[], Awaitable[None]]) -> Outcome:
         """Hold a job out of the call slots, leased and not nacked, until `wait()` returns;
         then run it again. After WORKER_MAX_HOLD_SECONDS it is nacked (which uses up a
-        delivery attempt), except on its last attempt, where a nack would dead-letter it."""
+        delivery attempt); on its last attempt it runs once more and, if it would be
+        held again, fails (a nack there would dead-letter it without a result)."""
         assert self._slots is not None
         task = asyncio.current_task()
         self.leases.take(message)
@@ -226,9 +228,12 @@ class Consumer:
         try:
             await asyncio.wait_for(wait(), self._max_hold_s)
         except TimeoutError:
+            log.warning("job_held_too_long", held_s=self._max_hold_s, final_attempt=delivery.final_attempt)
             if not delivery.final_attempt:
-                log.warning("job_held_too_long", held_s=self._max_hold_s)
                 return Outcome(ack=False)
+            # A nack now would dead-letter it without a result: run it once more, and
+            # if it would be held again, fail it (result and dead letter).
+            delivery = dataclasses.replace(delivery, may_hold=False)
         finally:
             self.stats.held -= 1
             self._waiting.discard(task)  # type: ignore[arg-type]

@@ -140,8 +140,13 @@ class ControlChannel:
             self._future.cancel()
         if self._subscription is not None:
             try:
+                # One short try: at shutdown Pub/Sub may be away, and the client's own
+                # retry would hold the exit for a minute.
                 await asyncio.to_thread(
-                    self._subscriber.delete_subscription, subscription=self._subscription, timeout=10
+                    self._subscriber.delete_subscription,
+                    subscription=self._subscription,
+                    retry=None,
+                    timeout=5,
                 )
             except Exception as exc:  # its expiration policy removes it in a day
                 log.warning("control_subscription_not_deleted", error=f"{type(exc).__name__}: {exc}"[:300])
