@@ -1,4 +1,4 @@
-"""Job and result envelopes (DESIGN.md section 2) and the decoding of raw messages.
+"""Job and result envelopes (docs/contract.md) and the decoding of raw messages.
 
 Decoding never raises anything but InvalidJobError: whatever arrives on the topic,
 the worker ends up with either a Job or a reason to reject it.

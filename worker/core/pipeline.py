@@ -15,23 +15,19 @@ from typing import Any, Protocol
 import structlog
 
 from worker.core.catalog import Catalog, JobKind
+from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import HoldJob, InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.messages import (
     ErrorInfo,
     Job,
     JobStatus,
     Result,
-    clip,
     decode_job,
     now,
     salvage_identity,
 )
 
 log = structlog.get_logger("worker.core.pipeline")
-
-# Attributes of the original message that travel with its dead letter (Pub/Sub allows
-# 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
-_CARRIED_ATTRIBUTES = ("job_id", "kind", "replay_count", "traceparent")
 
 
 @dataclass
@@ -47,7 +43,6 @@ class CallResult:
 class Delivery:
     data: bytes
     attributes: dict[str, str]
-    message_id: str = ""
     delivery_attempt: int | None = None
     final_attempt: bool = False
     publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
@@ -56,7 +51,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """The original job bytes, so it can be replayed as it was, plus why it died."""
+    """The original job bytes, so it can be replayed as it was, plus why it died
+    (worker.core.dead_letters.DeadLetterAttributes)."""
 
     data: bytes
     attributes: dict[str, str]
@@ -67,7 +63,6 @@ class Outcome:
     ack: bool
     result: Result | None = None
     dead_letter: DeadLetter | None = None
-    job: Job | None = None
     # Not now: hold the job under lease (no delivery attempt used), run it again once
     # `hold()` returns (a paused kind, an open circuit breaker; worker/core/guard.py).
     hold: Callable[[], Awaitable[None]] | None = None
@@ -121,7 +116,7 @@ class Pipeline:
         except HoldJob as exc:
             if delivery.may_hold:
                 log.debug("job_held", reason=exc.reason)
-                return Outcome(ack=False, job=job, hold=exc.wait)
+                return Outcome(ack=False, hold=exc.wait)
             error = TransientJobError(
                 "held_too_long",
                 f"held for WORKER_MAX_HOLD_SECONDS on its last delivery attempt ({exc.reason}): "
@@ -136,13 +131,13 @@ class Pipeline:
             if delivery.final_attempt:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
             log.warning("job_retry_later", code=exc.code, error=exc.message, attempts=exc.attempts)
-            return Outcome(ack=False, job=job)
+            return Outcome(ack=False)
         except Exception as exc:  # a bug must not lose the job nor stop the worker
             log.exception("job_internal_error")
             error = TransientJobError("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
             if delivery.final_attempt:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
-            return Outcome(ack=False, job=job)
+            return Outcome(ack=False)
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
@@ -193,21 +188,9 @@ class Pipeline:
             log.info("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
-        return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job)
+        return Outcome(ack=True, result=result, dead_letter=dead_letter)
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
-        attrs = {k: clip(v) for k, v in delivery.attributes.items() if k in _CARRIED_ATTRIBUTES and v}
-        if result.job_id and "job_id" not in attrs:
-            attrs["job_id"] = clip(result.job_id)
-        if result.kind and "kind" not in attrs:
-            attrs["kind"] = clip(result.kind)
-        attrs.update(
-            status=result.status.value,
-            error_code=clip(error.code),
-            error_message=clip(error.message),
-            attempts=str(result.attempts),
-            delivery_attempt=str(delivery.delivery_attempt or 1),
-            dead_lettered_at=result.finished_at.isoformat(),
-        )
-        return DeadLetter(data=delivery.data, attributes=attrs)
+        why = DeadLetterAttributes.for_failure(delivery.attributes, result, error, delivery.delivery_attempt)
+        return DeadLetter(data=delivery.data, attributes=why.to_attributes())

@@ -11,11 +11,11 @@ unary RPCs, since the client's ack path closes with the stream). Jobs still runn
 after the grace period are released: their leases lapse (within
 WORKER_LEASE_EXTENSION_SECONDS) and Pub/Sub redelivers them.
 Nacks are not sent after the stream closed: on the emulator the message would go
-straight back to this worker's closed stream, which the emulator keeps feeding until
-the stream's deadline (worker/gcp/emulator.py). Leases are extended by the client while
-a job runs. Acknowledgement rules (DESIGN.md): ack only after the result and any
-dead letter are published; nack a transient failure for redelivery; on shutdown
-stop pulling, let in-flight jobs finish within the grace period, nack the rest.
+straight back to this worker's closed stream (worker/gcp/emulator.py, fault 1).
+Leases are extended by the client while a job runs. Acknowledgement rules
+(docs/contract.md): ack only after the result and any dead letter are published;
+nack a transient failure for redelivery; on shutdown stop pulling, let in-flight jobs
+finish within the grace period, nack the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 import structlog
 from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 
+from worker.core.backoff import Backoff
 from worker.core.messages import clip
 from worker.core.pipeline import Delivery, Outcome
 from worker.gcp.lease import HeldLeases
@@ -247,7 +247,6 @@ class Consumer:
         return Delivery(
             data=bytes(message.data),
             attributes=dict(message.attributes),
-            message_id=message.message_id,
             delivery_attempt=attempt,
             final_attempt=bool(
                 self.max_delivery_attempts and attempt and attempt >= self.max_delivery_attempts
@@ -267,9 +266,10 @@ class Consumer:
                 await self._settle(message, ack=True)
                 return
         # Hold a job that must go back a little before nacking it: a nack is redelivered
-        # at once where the subscription has no retry policy (the emulator), and an
-        # outage (Admin API, metadata server, Pub/Sub publish) would otherwise burn every
-        # delivery attempt in a second. The client keeps extending the lease meanwhile.
+        # at once where the subscription has no retry policy (the emulator: fault 2 in
+        # worker/gcp/emulator.py), and an outage (Admin API, metadata server, Pub/Sub
+        # publish) would otherwise burn every delivery attempt in a second. The client
+        # keeps extending the lease meanwhile.
         await asyncio.sleep(nack_delay(message.delivery_attempt))
         await self._settle(message, ack=False)
 
@@ -299,10 +299,9 @@ class Consumer:
 
 
 def nack_delay(delivery_attempt: int | None) -> float:
-    """Seconds to hold a job before nacking it: exponential in the delivery attempt,
-    capped at NACK_DELAY_MAX_S, with equal jitter so replicas do not retry in step."""
-    ceiling = min(NACK_DELAY_MAX_S, NACK_DELAY_BASE_S * 2 ** max(0, (delivery_attempt or 1) - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    """Seconds to hold a job before nacking it: worker.core.backoff's equal jitter over
+    the delivery attempt, from NACK_DELAY_BASE_S up to NACK_DELAY_MAX_S."""
+    return Backoff(NACK_DELAY_BASE_S, NACK_DELAY_MAX_S).equal_jitter(delivery_attempt or 1)
 
 
 def read_max_delivery_attempts(subscriber: Any, subscription: str) -> int | None:

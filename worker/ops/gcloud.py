@@ -1,5 +1,7 @@
 """The gcloud commands that set a real project up: topics, subscriptions, IAM bindings.
 
+Each command is built by worker.core.gcloud_command, the one builder of printed commands.
+
 `worker setup` creates the Pub/Sub resources itself; `worker setup --print-gcloud`
 prints this instead, for a project where an operator (or Terraform) owns the
 resources. The IAM bindings are data (`iam_bindings`), so the deployment guide's
@@ -9,11 +11,11 @@ table can be checked against the same list the commands are printed from.
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.core.catalog import Catalog
+from worker.core.gcloud_command import gcloud, grant
 from worker.core.settings import Settings
 from worker.ops.provision import SetupOptions
 
@@ -217,58 +219,45 @@ def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[B
 
 def binding_command(binding: Binding) -> str:
     """The gcloud command that adds one binding."""
-    parts = binding.resource.split("/")
-    project = parts[1]
-    member_role = f"--member={_q(binding.member)} --role={binding.role}"
-    if len(parts) == 2:
-        # --condition=None: keeps gcloud from prompting when the policy has conditions.
-        return f"gcloud projects add-iam-policy-binding {project} {member_role} --condition=None"
-    if parts[2] == "topics":
-        return f"gcloud pubsub topics add-iam-policy-binding {parts[3]} --project={project} {member_role}"
-    if parts[2] == "subscriptions":
-        return (
-            f"gcloud pubsub subscriptions add-iam-policy-binding {parts[3]} "
-            f"--project={project} {member_role}"
-        )
-    if parts[2] == "locations" and parts[4] == "services":
-        return (
-            f"gcloud run services add-iam-policy-binding {parts[5]} --region={parts[3]} "
-            f"--project={project} {member_role}"
-        )
-    if parts[2] == "serviceAccounts":
-        return (
-            f"gcloud iam service-accounts add-iam-policy-binding {parts[3]} "
-            f"--project={project} {member_role}"
-        )
-    raise ValueError(f"no gcloud command for a binding on {binding.resource!r}")
+    return grant(binding.member, binding.role, binding.resource)
 
 
 def resource_commands(settings: Settings, options: SetupOptions) -> list[str]:
     """Topics and subscriptions as `worker setup` creates them (provision.SetupOptions)."""
-    project = f"--project={settings.project}"
-    common = f"--ack-deadline={options.ack_deadline_s} --message-retention-duration={options.retention_days}d"
+    common: dict[str, str | int | None] = {
+        "ack_deadline": options.ack_deadline_s,
+        "message_retention_duration": f"{options.retention_days}d",
+    }
     commands = [
-        f"gcloud pubsub topics create {name} {project}"
+        gcloud("pubsub", "topics", "create", name, project=settings.project)
         for name in (
             settings.jobs_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic
         )
     ]
     commands.append(
-        f"gcloud iam roles create {CONTROL_ROLE_ID} {project} "
-        "--title='Worker control channel' "
-        "--description='Make, read and delete the short-lived subscriptions of worker pause/status' "
-        f"--permissions={','.join(CONTROL_PERMISSIONS)} --stage=GA"
+        gcloud(
+            "iam", "roles", "create", CONTROL_ROLE_ID, project=settings.project,
+            title="Worker control channel",
+            description="Make, read and delete the short-lived subscriptions of worker pause/status",
+            permissions=",".join(CONTROL_PERMISSIONS), stage="GA",
+        )
     )
     commands += [
-        f"gcloud pubsub subscriptions create {settings.jobs_subscription} {project} "
-        f"--topic={settings.jobs_topic} {common} "
-        f"--dead-letter-topic={settings.dead_letter_topic} "
-        f"--max-delivery-attempts={options.max_delivery_attempts} "
-        f"--min-retry-delay={options.min_backoff_s}s --max-retry-delay={options.max_backoff_s}s",
-        f"gcloud pubsub subscriptions create {settings.results_subscription} {project} "
-        f"--topic={settings.results_topic} {common}",
-        f"gcloud pubsub subscriptions create {settings.dead_letter_subscription} {project} "
-        f"--topic={settings.dead_letter_topic} {common}",
+        gcloud(
+            "pubsub", "subscriptions", "create", settings.jobs_subscription,
+            project=settings.project, topic=settings.jobs_topic, **common,
+            dead_letter_topic=settings.dead_letter_topic,
+            max_delivery_attempts=options.max_delivery_attempts,
+            min_retry_delay=f"{options.min_backoff_s}s", max_retry_delay=f"{options.max_backoff_s}s",
+        ),
+        gcloud(
+            "pubsub", "subscriptions", "create", settings.results_subscription,
+            project=settings.project, topic=settings.results_topic, **common,
+        ),
+        gcloud(
+            "pubsub", "subscriptions", "create", settings.dead_letter_subscription,
+            project=settings.project, topic=settings.dead_letter_topic, **common,
+        ),
     ]
     return commands
 
@@ -291,10 +280,8 @@ def gcloud_commands(
     """
     commands = []
     if project_number is None:
-        commands.append(
-            f"PROJECT_NUMBER=\"$(gcloud projects describe {settings.project} "
-            "--format='value(projectNumber)')\""
-        )
+        describe = gcloud("projects", "describe", settings.project, format="value(projectNumber)")
+        commands.append(f'PROJECT_NUMBER="$({describe})"')
     commands += resource_commands(settings, options or SetupOptions())
     bindings = iam_bindings(
         settings,
@@ -351,17 +338,12 @@ def scheduler_commands(settings: Settings, schedule: str, time_zone: str) -> lis
         "payload": {"source": True, "daily": True},
     }
     return [
-        f"gcloud services enable cloudscheduler.googleapis.com --project={settings.project}",
-        f"gcloud scheduler jobs create pubsub {SCHEDULER_JOB} --project={settings.project} "
-        f"--location={settings.region} "
-        f"--schedule={shlex.quote(schedule)} --time-zone={shlex.quote(time_zone)} "
-        f"--topic={settings.jobs_topic} --message-body={shlex.quote(json.dumps(body))} "
-        f"--attributes=job_id={SCHEDULER_JOB},kind=batch-scoring",
+        gcloud("services", "enable", "cloudscheduler.googleapis.com", project=settings.project),
+        gcloud(
+            "scheduler", "jobs", "create", "pubsub", SCHEDULER_JOB,
+            project=settings.project, location=settings.region, schedule=schedule, time_zone=time_zone,
+            topic=settings.jobs_topic, message_body=json.dumps(body),
+            attributes=f"job_id={SCHEDULER_JOB},kind=batch-scoring",
+        ),
     ]
 
-
-def _q(value: str) -> str:
-    # "${PROJECT_NUMBER}" must expand in the shell, so it is double-quoted, not escaped.
-    if PROJECT_NUMBER_VAR in value:
-        return f'"{value}"'
-    return shlex.quote(value)

@@ -88,13 +88,11 @@ def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
 
 @dataclass
 class Worker:
-    settings: Settings
+    """What the run loop needs of a built worker: the consumer, and what it logs and probes."""
+
     catalog: Catalog
     tokens: IdentityTokenSource
-    resolver: ServiceResolver
-    pipeline: Pipeline
     consumer: Consumer
-    publisher_client: Any
     subscriber_client: Any
     guard: Guard
     control: ControlChannel
@@ -178,10 +176,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         pauses=guard.pauses,
         status=lambda: instance_status(guard, consumer, control),
     )
-    return Worker(
-        settings, catalog, tokens, resolver, pipeline, consumer, publisher_client, subscriber_client, guard,
-        control,
-    )
+    return Worker(catalog, tokens, consumer, subscriber_client, guard, control)
 
 
 def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None:
