@@ -163,6 +163,34 @@ def test_setup_refuses_an_operator_it_cannot_grant() -> None:
     assert without_print.returncode == 2 and "--print-gcloud" in without_print.stderr
 
 
+def test_a_run_job_kind_gets_the_least_role_that_runs_with_overrides_on_its_job_only() -> None:
+    from worker.core.runjob import RunJobSpec
+
+    kinds = {
+        "rescore": JobKind(
+            kind="rescore", handler="run_job", region="europe-west1", run_job=RunJobSpec(job="rescore-all")
+        ),
+    }
+    bindings = iam_bindings(
+        settings(), Catalog(kinds), WORKER, WEBAPP, project_number="1", operators=["user:ops@acme.com"]
+    )
+    worker = roles_of(bindings, f"serviceAccount:{WORKER}")
+    assert (
+        "roles/run.jobsExecutorWithOverrides",
+        "projects/acme/locations/europe-west1/jobs/rescore-all",
+    ) in worker
+    assert ("roles/pubsub.publisher", "projects/acme/topics/jobs") in worker  # the follow-ups
+    assert not {r for r, _ in worker} & {"roles/run.developer", "roles/run.admin", "roles/run.invoker"}
+    operator = roles_of(bindings, "user:ops@acme.com")
+    assert ("roles/run.jobsExecutor", "projects/acme/locations/europe-west1/jobs/rescore-all") in operator
+    assert ("roles/pubsub.publisher", "projects/acme/topics/job-results") in operator
+    commands = gcloud_commands(settings(), Catalog(kinds), WORKER, WEBAPP, project_number="1")
+    assert (
+        "gcloud run jobs add-iam-policy-binding rescore-all --region=europe-west1 --project=acme "
+        f"--member=serviceAccount:{WORKER} --role=roles/run.jobsExecutorWithOverrides"
+    ) in commands
+
+
 def test_the_builder_quotes_every_word_and_value_for_the_shell() -> None:
     from worker.core.gcloud_command import gcloud, grant
 

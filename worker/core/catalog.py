@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from worker.core.errors import ConfigError, InvalidJobError
+from worker.core.runjob import RunJobSpec
 
 DEFAULT_RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
 _SERVICE_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
@@ -68,7 +69,7 @@ class JobKind(BaseModel):
 
     kind: str
     description: str = ""
-    handler: Literal["call", "batch"] = "call"
+    handler: Literal["call", "batch", "run_job"] = "call"
     service: str | None = None
     region: str | None = None
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
@@ -86,6 +87,7 @@ class JobKind(BaseModel):
     rate_per_s: float | None = Field(None, gt=0, le=100_000)
     rate_burst: int | None = Field(None, gt=0, le=100_000)
     breaker: BreakerSpec = Field(default_factory=BreakerSpec)
+    run_job: RunJobSpec | None = None  # worker/core/runjob.py
     _validator: Any = PrivateAttr(None)
 
     @field_validator("kind")
@@ -140,6 +142,8 @@ class JobKind(BaseModel):
             raise ValueError("a 'batch' kind needs a [batch] table")
         if self.rate_burst is not None and self.rate_per_s is None:
             raise ValueError("'rate_burst' needs a 'rate_per_s'")
+        if (self.handler == "run_job") != (self.run_job is not None):
+            raise ValueError("a 'run_job' kind needs a [run_job] table, and only it may have one")
         return self
 
     @property
@@ -207,6 +211,10 @@ class Catalog(Mapping[str, JobKind]):
     def services(self, default_region: str) -> set[tuple[str, str]]:
         """(service, region) of every kind that calls one."""
         return {(k.service, k.region or default_region) for k in self._kinds.values() if k.service}
+
+    def run_jobs(self, default_region: str) -> set[tuple[str, str]]:
+        """(Cloud Run job, region) of every kind that runs one."""
+        return {(k.run_job.job, k.region or default_region) for k in self._kinds.values() if k.run_job}
 
     @classmethod
     def load(cls, directory: Path) -> Catalog:

@@ -19,6 +19,7 @@ from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import HoldJob, InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.messages import (
     ErrorInfo,
+    ExecutionInfo,
     Job,
     JobStatus,
     Result,
@@ -32,11 +33,17 @@ log = structlog.get_logger("worker.core.pipeline")
 
 @dataclass
 class CallResult:
-    """What a handler (an HTTP call, a batch fan-out) answered: status, body, attempts made."""
+    """What a handler (an HTTP call, a batch fan-out, a Cloud Run job start) answered.
 
-    http_status: int
+    A job start answers `running` with the execution it started and the follow-up
+    message that will report its end (worker/core/followup.py)."""
+
+    http_status: int | None
     response: Any
     attempts: int
+    status: JobStatus = JobStatus.SUCCEEDED
+    execution: ExecutionInfo | None = None
+    follow_up: Republish | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,14 @@ class DeadLetter:
     attributes: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Republish:
+    """A message for the jobs topic, published with the result, before the ack."""
+
+    data: bytes
+    attributes: dict[str, str]
+
+
 @dataclass
 class Outcome:
     ack: bool
@@ -66,6 +81,8 @@ class Outcome:
     # Not now: hold the job under lease (no delivery attempt used), run it again once
     # `hold()` returns (a paused kind, an open circuit breaker; worker/core/guard.py).
     hold: Callable[[], Awaitable[None]] | None = None
+    follow_up: Republish | None = None
+    hold_s: float = 0.0  # keep the message leased this long before publishing and acking
 
 
 class Resolver(Protocol):
@@ -79,6 +96,8 @@ class Caller(Protocol):
 # A batch handler fans a job out (given the job, its kind and when the message was
 # published); it returns the parent's response and child count.
 BatchHandler = Callable[[Job, JobKind, datetime | None], Awaitable[CallResult]]
+# A run-job handler starts (or finds) the Cloud Run job execution of a job.
+RunJobHandler = Callable[[Job, JobKind, Delivery], Awaitable[CallResult]]
 
 
 class Pipeline:
@@ -91,6 +110,7 @@ class Pipeline:
         region: str,
         max_payload_bytes: int,
         batch_handler: BatchHandler | None = None,
+        run_job_handler: RunJobHandler | None = None,
         clock: Callable[[], datetime] = now,
     ) -> None:
         self.catalog = catalog
@@ -99,6 +119,7 @@ class Pipeline:
         self._region = region
         self._max_payload_bytes = max_payload_bytes
         self._batch_handler = batch_handler
+        self._run_job_handler = run_job_handler
         self._clock = clock
 
     async def handle(self, delivery: Delivery) -> Outcome:
@@ -112,7 +133,7 @@ class Pipeline:
                 return self._finish(delivery, job, started, JobStatus.EXPIRED, ack_only=True)
             structlog.contextvars.bind_contextvars(traceparent=job.traceparent)
             call = await self._run(job, kind, delivery)
-            return self._finish(delivery, job, started, JobStatus.SUCCEEDED, call=call)
+            return self._finish(delivery, job, started, call.status, call=call)
         except HoldJob as exc:
             if delivery.may_hold:
                 log.debug("job_held", reason=exc.reason)
@@ -144,6 +165,12 @@ class Pipeline:
             if self._batch_handler is None:
                 raise PermanentJobError("batch_unavailable", f"kind {kind.kind!r} needs the batch fan-out")
             return await self._batch_handler(job, kind, delivery.publish_time)
+        if kind.handler == "run_job":
+            if self._run_job_handler is None:
+                raise PermanentJobError(
+                    "run_job_unavailable", f"kind {kind.kind!r} needs the Cloud Run jobs handler"
+                )
+            return await self._run_job_handler(job, kind, delivery)
         assert kind.service is not None  # the catalog guarantees it for "call" kinds
         region = kind.region or self._region
         url = await self._resolver.resolve(kind.service, region)
@@ -179,18 +206,28 @@ class Pipeline:
             finished_at=finished,
             duration_ms=int((finished - started).total_seconds() * 1000),
             batch=job.batch if job else None,
+            execution=call.execution if call else None,
         )
         dead_letter = None
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
             dead_letter = self._dead_letter(delivery, result, error)
             log.warning("job_" + status.value, code=error.code, error=error.message)
+        elif status == JobStatus.RUNNING:
+            log.info("job_running", execution=result.execution.name if result.execution else None)
         elif not ack_only:
             log.info("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
-        return Outcome(ack=True, result=result, dead_letter=dead_letter)
+        follow_up = call.follow_up if call else None
+        return Outcome(ack=True, result=result, dead_letter=dead_letter, follow_up=follow_up)
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
         why = DeadLetterAttributes.for_failure(delivery.attributes, result, error, delivery.delivery_attempt)
         return DeadLetter(data=delivery.data, attributes=why.to_attributes())
+
+
+def dead_letter_for(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
+    """The dead letter of a job that failed for good; the Cloud Run job follow-ups
+    (worker/gcp/runjobs.py) dead-letter a failed execution's original job with it."""
+    return Pipeline._dead_letter(delivery, result, error)

@@ -55,6 +55,7 @@ class ConsumerStats:
     released: int = 0
     held: int = 0
     last_message_at: float = 0.0
+    longest_lease_s: float = 0.0  # receipt to ack or nack, of any message
 
 
 class StreamFailed(Exception):
@@ -166,6 +167,7 @@ class Consumer:
             acked=self.stats.acked,
             nacked=self.stats.nacked,
             released=self.stats.released,
+            longest_lease_s=round(self.stats.longest_lease_s, 2),
         )
 
     def _on_message(self, message: Any) -> None:
@@ -188,6 +190,7 @@ class Consumer:
     async def _process(self, message: Any) -> None:
         assert self._slots is not None
         task = asyncio.current_task()
+        received = time.monotonic()
         delivery = self._delivery(message)
         context = {
             "job_id": clip(delivery.attributes.get("job_id", ""), 128) or None,
@@ -205,6 +208,8 @@ class Consumer:
                 while outcome.hold is not None:
                     outcome = await self._hold(message, delivery, outcome.hold)
                 await self._conclude(message, outcome)
+                lease = time.monotonic() - received
+                self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
             except asyncio.CancelledError:
                 if self._streaming:
                     self.stats.nacked += 1
@@ -256,6 +261,10 @@ class Consumer:
 
     async def _conclude(self, message: Any, outcome: Outcome) -> None:
         if outcome.ack:
+            if outcome.hold_s > 0:
+                # A follow-up not yet due (worker/core/followup.py): a few seconds under
+                # lease, outside the call slots, then republished and acked.
+                await asyncio.sleep(outcome.hold_s)
             try:
                 await self._publisher.publish(outcome)
             except Exception as exc:

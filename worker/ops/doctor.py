@@ -50,6 +50,7 @@ class ServiceReport:
     service: str
     region: str
     checks: list[Check] = field(default_factory=list)
+    what: str = "service"  # or "Cloud Run job" (worker/ops/jobcheck.py)
 
     @property
     def ok(self) -> bool:
@@ -76,6 +77,8 @@ async def diagnose(
     worker_sa: str,
     audience: str | None = None,
     catalog: Any = None,
+    run_jobs: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    jobs_client: Any = None,
 ) -> Diagnosis:
     """Check the chain for each (service, region); `audience` overrides the token's audience.
 
@@ -120,6 +123,12 @@ async def diagnose(
             report.checks.append(
                 await _call(session, settings, principal, service, region, url, token, audience)
             )
+    if run_jobs:
+        from worker.ops.jobcheck import check_run_job
+
+        client = jobs_client()
+        for job, region in run_jobs:
+            diagnosis.services.append(await check_run_job(client, settings, _member(principal), job, region))
     return diagnosis
 
 
@@ -322,7 +331,7 @@ def render(diagnosis: Diagnosis, project: str) -> list[tuple[str, str | None]]:
     if not diagnosis.services:
         lines.append(("  (services not checked: there is no identity to check them with)", None))
     for report in diagnosis.services:
-        lines.append((f"service {report.service} ({report.region})", None))
+        lines.append((f"{report.what} {report.service} ({report.region})", None))
         for check in report.checks:
             lines += _render_check(check, "  ")
     if diagnosis.ok:

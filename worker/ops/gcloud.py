@@ -23,6 +23,9 @@ from worker.ops.provision import SetupOptions
 PROJECT_NUMBER_VAR = "${PROJECT_NUMBER}"
 # The kinds of principal an operator binding may name (IAM's member prefixes).
 OPERATOR_MEMBER_PREFIXES = ("user:", "group:", "serviceAccount:", "domain:")
+# The least predefined role holding run.jobs.runWithOverrides (with run.jobs.run and
+# run.executions.cancel); roles/run.invoker and roles/run.jobsExecutor lack it.
+RUN_JOB_EXECUTOR = "roles/run.jobsExecutorWithOverrides"
 # The Cloud Scheduler job that fires the nightly batch.
 SCHEDULER_JOB = "nightly-batch-scoring"
 
@@ -32,8 +35,8 @@ class Binding:
     """One least-privilege IAM binding: `member` gets `role` on `resource`, because `why`.
 
     `resource` is a full resource name: projects/P, projects/P/topics/T,
-    projects/P/subscriptions/S, projects/P/locations/R/services/S or
-    projects/P/serviceAccounts/EMAIL.
+    projects/P/subscriptions/S, projects/P/locations/R/services/S,
+    projects/P/locations/R/jobs/J or projects/P/serviceAccounts/EMAIL.
     """
 
     member: str
@@ -91,9 +94,7 @@ def iam_bindings(
         ),
         Binding(worker, "roles/pubsub.publisher", topic(settings.results_topic), "publish results"),
         Binding(worker, "roles/pubsub.publisher", dead_letters, "dead-letter jobs that failed for good"),
-        Binding(
-            worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"
-        ),
+        Binding(worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"),
         Binding(
             worker,
             "roles/pubsub.publisher",
@@ -109,13 +110,18 @@ def iam_bindings(
             "it an instance runs but ignores worker pause (it logs control_channel_off)",
         ),
     ]
-    if any(kind.batch for kind in catalog.values()):
+    published = (
+        ["the child jobs of batch kinds (batch-scoring)"] if any(k.batch for k in catalog.values()) else []
+    )
+    if catalog.run_jobs(settings.region):
+        published.append("the follow-ups that watch Cloud Run job executions")
+    if published:
         bindings.append(
             Binding(
                 worker,
                 "roles/pubsub.publisher",
                 topic(settings.jobs_topic),
-                "publish the child jobs of batch kinds (batch-scoring)",
+                "publish " + " and ".join(published),
             )
         )
     for service, region in sorted(catalog.services(settings.region)):
@@ -125,6 +131,15 @@ def iam_bindings(
                 "roles/run.invoker",
                 f"{project}/locations/{region}/services/{service}",
                 "call the service with an ID token minted for its URL",
+            )
+        )
+    for job, region in sorted(catalog.run_jobs(settings.region)):
+        bindings.append(
+            Binding(
+                worker,
+                RUN_JOB_EXECUTOR,
+                f"{project}/locations/{region}/jobs/{job}",
+                "start executions with overrides (run.jobs.runWithOverrides), cancel a duplicate one",
             )
         )
     bindings += [
@@ -149,7 +164,7 @@ def iam_bindings(
         ),
     ]
     for operator in operators:
-        bindings += operator_bindings(settings, operator, worker_sa)
+        bindings += operator_bindings(settings, operator, worker_sa, catalog)
     return bindings
 
 
@@ -178,11 +193,34 @@ def check_operator(member: str) -> None:
         )
 
 
-def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[Binding]:
-    """What one operator needs for the dead-letter tools and `worker doctor`."""
+def operator_bindings(
+    settings: Settings, member: str, worker_sa: str, catalog: Catalog | None = None
+) -> list[Binding]:
+    """What one operator needs for the dead-letter tools, `worker doctor` and `worker cancel`."""
     check_operator(member)
     project = f"projects/{settings.project}"
+    jobs = sorted(catalog.run_jobs(settings.region)) if catalog is not None else []
+    cancelling = [
+        Binding(
+            member,
+            "roles/run.jobsExecutor",
+            f"{project}/locations/{region}/jobs/{job}",
+            "cancel its executions (worker cancel): run.executions.cancel",
+        )
+        for job, region in jobs
+    ]
+    if jobs:
+        cancelling += [
+            Binding(member, "roles/run.viewer", project, "find a job's execution (worker cancel)"),
+            Binding(
+                member,
+                "roles/pubsub.publisher",
+                f"{project}/topics/{settings.results_topic}",
+                "publish the cancelled result (worker cancel)",
+            ),
+        ]
     return [
+        *cancelling,
         Binding(
             member,
             "roles/pubsub.subscriber",

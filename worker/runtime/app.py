@@ -30,6 +30,7 @@ from worker.gcp.identity import IdentityTokenSource, build_token_source
 from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
+from worker.gcp.runjobs import RunJobs
 from worker.runtime.health import serve_health
 
 log = structlog.get_logger("worker")
@@ -63,11 +64,13 @@ def access_credentials(settings: Settings) -> Any:
     return creds
 
 
-def run_client(settings: Settings, credentials: Any) -> Any:
+def run_client(settings: Settings, credentials: Any, kind: str = "ServicesClient") -> Any:
+    """A `run_v2` client (ServicesClient, JobsClient, ExecutionsClient) over REST, on
+    WORKER_RUN_API_ENDPOINT when set."""
     from google.cloud import run_v2
 
     options = {"api_endpoint": settings.run_api_endpoint} if settings.run_api_endpoint else None
-    return run_v2.ServicesClient(transport="rest", credentials=credentials, client_options=options)
+    return getattr(run_v2, kind)(transport="rest", credentials=credentials, client_options=options)
 
 
 def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
@@ -136,6 +139,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         publisher_client,
         publisher_client.topic_path(settings.project, settings.results_topic),
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
+        publisher_client.topic_path(settings.project, settings.jobs_topic),
     )
     guard = Guard(
         catalog, region=settings.region, default_ceiling=settings.max_in_flight, capacity=resolver.capacity
@@ -148,6 +152,13 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         resolver,
         region=settings.region,
     )
+    run_jobs = RunJobs(
+        run_client(settings, credentials, "JobsClient"),
+        run_client(settings, credentials, "ExecutionsClient"),
+        catalog,
+        settings.project,
+        region=settings.region,
+    )
     pipeline = Pipeline(
         catalog,
         resolver,
@@ -155,11 +166,12 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         region=settings.region,
         max_payload_bytes=settings.max_payload_bytes,
         batch_handler=fan_out,
+        run_job_handler=run_jobs.start,
     )
     consumer = Consumer(
         subscriber_client,
         subscription,
-        pipeline.handle,
+        run_jobs.route(pipeline.handle),
         results,
         max_in_flight=settings.max_in_flight,
         grace_s=settings.shutdown_grace_s,
