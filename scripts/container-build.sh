@@ -70,6 +70,7 @@ if ! podman image exists "$uv_image"; then
 fi
 
 started=$SECONDS
+echo "container-build: NOTE the base is a Debian bookworm stand-in for python:3.11-slim, not the official image"
 echo "container-build: building $image from the Dockerfile, on the stand-ins (PYTHON_IMAGE=$base, UV_IMAGE=$uv_image)"
 podman build --network=host --layers \
     --build-arg "PYTHON_IMAGE=$base" --build-arg "UV_IMAGE=$uv_image" \

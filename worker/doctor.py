@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from worker import gcloud
 from worker.errors import ConfigError, JobError
 from worker.identity import TOKEN_CREATOR, IdentityTokenSource, Principal, build_token_source
 from worker.settings import Settings
@@ -186,12 +187,17 @@ async def _resolve(
     try:
         url = await resolver.resolve(service, region)
     except JobError as exc:
+        list_services = f"gcloud run services list --project={settings.project} --region={region}"
         fix = {
+            # Granted per service, roles/run.viewer cannot tell "denied" from "does not
+            # exist" (Cloud Run answers 403 for both): the list shows which it is.
             "permission_denied": [
-                f"gcloud projects add-iam-policy-binding {settings.project} "
-                f"--member={_member(principal)} --role=roles/run.viewer --condition=None"
+                gcloud.binding_command(
+                    gcloud.run_viewer_binding(_member(principal), settings.project, service, region)
+                ),
+                list_services,
             ],
-            "service_not_found": [f"gcloud run services list --project={settings.project} --region={region}"],
+            "service_not_found": [list_services],
         }.get(exc.code, [])
         summary = f"the Admin API did not give a URL ({exc.code})"
         return Check("service URL", False, summary, [exc.message], fix), None

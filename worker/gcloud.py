@@ -86,9 +86,6 @@ def iam_bindings(
         ),
         Binding(worker, "roles/pubsub.publisher", topic(settings.results_topic), "publish results"),
         Binding(worker, "roles/pubsub.publisher", dead_letters, "dead-letter jobs that failed for good"),
-        Binding(
-            worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"
-        ),
     ]
     if any(kind.batch for kind in catalog.values()):
         bindings.append(
@@ -100,14 +97,17 @@ def iam_bindings(
             )
         )
     for service, region in sorted(catalog.services(settings.region)):
-        bindings.append(
+        # Per service, not on the project: the worker reads and calls the catalog's
+        # services and no others.
+        bindings += [
+            run_viewer_binding(worker, settings.project, service, region),
             Binding(
                 worker,
                 "roles/run.invoker",
-                f"{project}/locations/{region}/services/{service}",
+                service_resource(settings.project, service, region),
                 "call the service with an ID token minted for its URL",
-            )
-        )
+            ),
+        ]
     bindings += [
         Binding(
             agent,
@@ -132,6 +132,20 @@ def iam_bindings(
     for operator in operators:
         bindings += operator_bindings(settings, operator, worker_sa)
     return bindings
+
+
+def service_resource(project: str, service: str, region: str) -> str:
+    return f"projects/{project}/locations/{region}/services/{service}"
+
+
+def run_viewer_binding(member: str, project: str, service: str, region: str) -> Binding:
+    """What resolving one service's URL through the Cloud Run Admin API needs."""
+    return Binding(
+        member,
+        "roles/run.viewer",
+        service_resource(project, service, region),
+        "resolve the service's URL through the Cloud Run Admin API",
+    )
 
 
 def check_operator(member: str) -> None:

@@ -91,9 +91,10 @@ class ServiceResolver:
         except api_exceptions.Forbidden:  # REST raises Forbidden; gRPC its subclass PermissionDenied
             raise PermanentJobError(
                 "permission_denied",
-                f"the worker's identity may not read Cloud Run service {service!r} (Admin API 403 "
-                f"for {name}); grant it roles/run.viewer: gcloud projects add-iam-policy-binding "
-                f"{self._project} --member=serviceAccount:WORKER_SA --role=roles/run.viewer",
+                f"the worker's identity may not read Cloud Run service {service!r}, or it does not "
+                f"exist (Admin API 403 for {name}); grant roles/run.viewer on the service: gcloud run "
+                f"services add-iam-policy-binding {service} --region={region} --project={self._project} "
+                "--member=serviceAccount:WORKER_SA --role=roles/run.viewer",
             ) from None
         except Exception as exc:  # any outage: API errors, refused connections, auth refresh
             if credentials_refused(exc):
