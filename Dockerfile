@@ -21,9 +21,12 @@ ENV UV_PROJECT_ENVIRONMENT=/opt/worker \
     UV_LINK_MODE=copy \
     UV_NO_CACHE=1
 WORKDIR /src
-# Dependencies first, from the lock alone: this layer is reused until uv.lock or
-# pyproject.toml change, so a code change rebuilds in seconds.
+# Dependencies first, from the lock alone: this layer is reused until uv.lock or a
+# pyproject.toml changes, so a code change rebuilds in seconds. --locked checks uv.lock
+# against the workspace's pyproject files, the local cloud's included (its metadata
+# only: the local cloud, a dev dependency, is not installed).
 COPY pyproject.toml uv.lock ./
+COPY localcloud/pyproject.toml localcloud/
 RUN uv sync --locked --no-dev --no-install-project
 # Then the worker, installed as a wheel (code plus the jobs/ catalog as worker/_catalog).
 COPY README.md ./

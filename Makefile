@@ -37,8 +37,8 @@ test-container: $(STAMP)
 	$(BIN)/pytest -q -m container
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker tests bench scripts
-	$(BIN)/mypy worker
+	$(BIN)/ruff check worker localcloud tests bench scripts
+	$(BIN)/mypy worker localcloud/src
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/check-jsonschema --builtin-schema vendor.cloudbuild cloudbuild.yaml
 

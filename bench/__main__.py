@@ -34,7 +34,7 @@ def main() -> None:
 
     from bench.report import RESULTS_DIR, run_suite, table
     from bench.scenarios import suite
-    from worker.localcloud import LocalCloud, PubSubEmulator
+    from localcloud import LocalCloud, PubSubEmulator
 
     wanted = set(args.only.split(","))
     scenarios = [

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil
 from google.cloud import pubsub_v1
 
+from localcloud import LocalCloud, PubSubEmulator
 from tests.conftest import Names
 from tests.e2e.harness import WorkerProcess, provision, publish, worker_env, write_kind
-from worker.localcloud import LocalCloud, PubSubEmulator
 
 MIB = 1024 * 1024
 

@@ -13,9 +13,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-# worker.localcloud loads lazily and ports.py imports no google module, so this is safe
+# localcloud loads lazily and ports.py imports no google module, so this is safe
 # before GCE_METADATA_HOST is set.
-from worker.localcloud.ports import free_port
+from localcloud.ports import free_port
 
 METADATA_PORT = free_port()
 os.environ["GCE_METADATA_HOST"] = f"127.0.0.1:{METADATA_PORT}"
@@ -25,7 +25,7 @@ os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
 
 import pytest  # noqa: E402
 
-from worker.localcloud import LocalCloud, PubSubEmulator, emulator_answers  # noqa: E402
+from localcloud import LocalCloud, PubSubEmulator, emulator_answers  # noqa: E402
 
 PROJECT = "local-project"
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import worker_cli
-from worker.batch import BatchFanOut, batch_id_for
-from worker.catalog import JobKind
 from worker.client import BatchProgress
-from worker.errors import PermanentJobError
-from worker.invoker import CallResult
-from worker.messages import BatchRef, Job, JobStatus, Result
+from worker.core.catalog import JobKind
+from worker.core.errors import PermanentJobError
+from worker.core.messages import BatchRef, Job, JobStatus, Result
+from worker.core.pipeline import CallResult
+from worker.gcp.batch import BatchFanOut, batch_id_for
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.catalog import Catalog, default_catalog_dir
-from worker.errors import ConfigError
+from worker.core.catalog import Catalog, default_catalog_dir
+from worker.core.errors import ConfigError
 
 
 def write(directory: Path, name: str, text: str) -> Path:

@@ -11,11 +11,11 @@ import pytest
 from google.cloud import pubsub_v1
 
 from tests.e2e.harness import drain, provision
-from worker.catalog import Catalog, JobKind
 from worker.client import ResultsReader, SeenResults, build_job, enqueue
-from worker.errors import InvalidJobError
-from worker.messages import JobStatus, Result, decode_job
-from worker.settings import Settings, load_settings
+from worker.core.catalog import Catalog, JobKind
+from worker.core.errors import InvalidJobError
+from worker.core.messages import JobStatus, Result, decode_job
+from worker.core.settings import Settings, load_settings
 
 CATALOG = Catalog(
     {

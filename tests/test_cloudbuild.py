@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from worker.settings import Settings
+from worker.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_TEXT = (REPO / "cloudbuild.yaml").read_text()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.consumer import NACK_DELAY_BASE_S, NACK_DELAY_MAX_S, nack_delay
+from worker.gcp.consumer import NACK_DELAY_BASE_S, NACK_DELAY_MAX_S, nack_delay
 
 
 def test_nack_delay_grows_with_the_delivery_attempt_and_is_capped() -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from worker import gcloud
-from worker.catalog import Catalog
-from worker.settings import Settings
+from worker.core.catalog import Catalog
+from worker.core.settings import Settings
+from worker.ops import gcloud
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = (REPO / "docs" / "deploy.md").read_text()
@@ -52,7 +52,7 @@ def test_the_operator_table_is_what_setup_grants_an_operator() -> None:
 def logged_events() -> dict[str, str]:
     """Every event the worker's modules log, with the severity Cloud Logging shows."""
     events = {}
-    for module in sorted((REPO / "worker").glob("*.py")):
+    for module in sorted((REPO / "worker").rglob("*.py")):
         source = module.read_text()
         for level, name in re.findall(r"\blog\.(\w+)\(\s*\"(\w+)\"", source):
             if name == "job_" and re.search(r"log\.\w+\(\s*\"job_\"\s*\+\s*status\.value", source):

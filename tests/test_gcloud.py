@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import worker_cli
-from worker.catalog import Catalog, JobKind
-from worker.gcloud import Binding, gcloud_commands, gcloud_script, iam_bindings
-from worker.provision import SetupOptions
-from worker.settings import Settings
+from worker.core.catalog import Catalog, JobKind
+from worker.core.settings import Settings
+from worker.ops.gcloud import Binding, gcloud_commands, gcloud_script, iam_bindings
+from worker.ops.provision import SetupOptions
 
 WORKER = "worker@acme.iam.gserviceaccount.com"
 WEBAPP = "webapp@acme.iam.gserviceaccount.com"

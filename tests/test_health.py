@@ -16,11 +16,11 @@ import pytest
 import structlog
 from google.api_core import exceptions
 
-from worker.consumer import ConsumerStats
-from worker.errors import ConfigError
-from worker.health import Health, PubSubProbe, serve_health
-from worker.localcloud import free_port
-from worker.settings import Settings, load_settings
+from localcloud import free_port
+from worker.core.errors import ConfigError
+from worker.core.settings import Settings, load_settings
+from worker.gcp.consumer import ConsumerStats
+from worker.runtime.health import Health, PubSubProbe, serve_health
 
 
 @dataclass

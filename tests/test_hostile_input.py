@@ -16,10 +16,9 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.catalog import Catalog, JobKind, default_catalog_dir
-from worker.invoker import CallResult
-from worker.messages import MAX_ATTRIBUTE_BYTES, MAX_PUBLISH_BYTES, Job, JobStatus
-from worker.pipeline import Delivery, Outcome, Pipeline
+from worker.core.catalog import Catalog, JobKind, default_catalog_dir
+from worker.core.messages import MAX_ATTRIBUTE_BYTES, MAX_PUBLISH_BYTES, Job, JobStatus
+from worker.core.pipeline import CallResult, Delivery, Outcome, Pipeline
 
 MAX_PAYLOAD = 100_000
 FIELDS = ("job_id", "kind", "payload", "created_at", "not_after", "batch", "traceparent")

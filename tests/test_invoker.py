@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from worker.catalog import JobKind
-from worker.errors import PermanentJobError, TransientJobError
-from worker.invoker import Invoker
-from worker.messages import Job
+from worker.core.catalog import JobKind
+from worker.core.errors import PermanentJobError, TransientJobError
+from worker.core.messages import Job
+from worker.gcp.invoker import Invoker
 
 
 class Tokens:

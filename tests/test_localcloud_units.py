@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from localcloud.functions import account_scoring, accounts_source
+from localcloud.iam import RUN_INVOKER, IamPolicy
+from localcloud.pubsub import group_members
+from localcloud.services import LocalService
 
-from worker.localcloud import PubSubEmulator, member_for, score_account
-from worker.localcloud.functions import account_scoring, accounts_source
-from worker.localcloud.iam import RUN_INVOKER, IamPolicy
-from worker.localcloud.pubsub import group_members
-from worker.localcloud.services import LocalService
+from localcloud import PubSubEmulator, member_for, score_account
 
 
 def test_score_account_formula() -> None:

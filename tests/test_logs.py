@@ -19,7 +19,7 @@ import structlog
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1
 
-from worker.logs import REDACTED, configure_logging
+from worker.core.logs import REDACTED, configure_logging
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"

@@ -8,11 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.catalog import Catalog, default_catalog_dir
-from worker.errors import PermanentJobError, TransientJobError
-from worker.invoker import CallResult
-from worker.messages import JobStatus
-from worker.pipeline import Delivery, Pipeline
+from worker.core.catalog import Catalog, default_catalog_dir
+from worker.core.errors import PermanentJobError, TransientJobError
+from worker.core.messages import JobStatus
+from worker.core.pipeline import CallResult, Delivery, Pipeline
 
 
 class Resolver:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 from google.api_core import exceptions as api_exceptions
 
-from worker.errors import PermanentJobError, TransientJobError
-from worker.resolver import ServiceResolver
+from worker.core.errors import PermanentJobError, TransientJobError
+from worker.gcp.resolver import ServiceResolver
 
 
 @dataclass

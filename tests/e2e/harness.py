@@ -22,8 +22,8 @@ from typing import Any
 from google.api_core import exceptions
 from google.cloud import pubsub_v1
 
-from worker.provision import SetupOptions, apply_setup, for_target
-from worker.settings import load_settings
+from worker.core.settings import load_settings
+from worker.ops.provision import SetupOptions, apply_setup, for_target
 
 REPO = Path(__file__).resolve().parents[2]
 

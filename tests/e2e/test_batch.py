@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localcloud.functions import score_account
 
 from tests.e2e.harness import WorkerProcess, provision, publish, uid, worker_env, write_kind
 from worker.client import BatchProgress, ResultsReader
-from worker.localcloud.functions import score_account
-from worker.messages import Result
-from worker.settings import load_settings
+from worker.core.messages import Result
+from worker.core.settings import load_settings
 
 pytestmark = pytest.mark.e2e
 

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
@@ -27,8 +28,8 @@ from typing import Any
 
 import pytest
 
+from localcloud import free_port, score_account
 from tests.e2e.harness import collect_results, provision, publish
-from worker.localcloud import free_port, score_account
 
 pytestmark = [pytest.mark.e2e, pytest.mark.container]
 
@@ -72,9 +73,11 @@ def test_the_image_runs_the_worker_as_a_non_root_user_without_installers(image: 
     assert done.returncode == 0, done.stderr
     assert "run" in done.stdout and "setup" in done.stdout and "doctor" in done.stdout
 
+    # No installer, no local cloud and no cryptography (only the local cloud needs it).
     probe = (
         "import importlib.util as u, shutil;"
-        "print([m for m in ('pip', 'setuptools') if u.find_spec(m)], shutil.which('uv'))"
+        "print([m for m in ('pip', 'setuptools', 'localcloud', 'cryptography') if u.find_spec(m)],"
+        " shutil.which('uv'))"
     )
     done = image.podman("run", "--rm", "--network=none", "--entrypoint", "python", image.ref, "-c", probe)
     assert done.stdout.strip() == "[] None", done.stdout + done.stderr
@@ -216,11 +219,10 @@ def test_worker_run_in_the_container_serves_probes_completes_a_job_and_stops_on_
     exit_code = image.podman("inspect", "--format", "{{.State.ExitCode}}", container_name).stdout.strip()
     assert exit_code == "0", logs()
     assert elapsed < 2.0, f"podman stop took {elapsed:.1f} s"
-    events = [json.loads(line)["message"] for line in logs().splitlines() if line.startswith("{")]
-    assert {
-        "health_listening",
-        "worker_ready",
-        "job_succeeded",
-        "shutdown_requested",
-        "consumer_stopped",
-    } <= set(events)
+    events = [json.loads(line) for line in logs().splitlines() if line.startswith("{")]
+    expected = {"health_listening", "worker_ready", "job_succeeded", "shutdown_requested", "consumer_stopped"}
+    assert expected <= {e["message"] for e in events}
+    # The catalog packaged in the image is the repository's jobs/, kind for kind.
+    ready = next(e for e in events if e["message"] == "worker_ready")
+    shipped = sorted(tomllib.loads(f.read_text())["kind"] for f in (REPO / "jobs").glob("*.toml"))
+    assert ready["kinds"] == shipped

@@ -5,7 +5,7 @@ went away alive on its side until the RPC's deadline, 1,800 s by default: it goe
 taking messages off the subscription for a stream nobody reads, and each of them comes
 back only after its ack deadline, one delivery attempt later. With replicas killed and
 restarted every few seconds, most deliveries end up in dead streams (the chaos soak
-found it). `worker.emulator.subscriber_transport` caps StreamingPull deadlines so
+found it). `worker.gcp.emulator.subscriber_transport` caps StreamingPull deadlines so
 such a stream is forgotten within that many seconds.
 
 Both halves are shown here on the real emulator: the fault with the library's default
@@ -39,7 +39,7 @@ CAP_S = 3.0
 CHILD = """
 import os, sys, time
 from google.cloud import pubsub_v1
-from worker.emulator import subscriber_transport
+from worker.gcp.emulator import subscriber_transport
 cap = float(sys.argv[2])
 if cap:
     transport = subscriber_transport(os.environ["PUBSUB_EMULATOR_HOST"], cap)
@@ -126,7 +126,7 @@ def test_the_emulator_keeps_feeding_a_killed_subscribers_stream(subscription: tu
     got = deliveries_to_live_subscriber(topic, path, wait_s=3)
     # Two dead streams and one live one compete for each message: if none went to a
     # dead stream the emulator has been fixed and the cap can go.
-    assert len(got) < MESSAGES, "the emulator no longer feeds dead streams; drop worker/emulator.py"
+    assert len(got) < MESSAGES, "the emulator no longer feeds dead streams; drop worker/gcp/emulator.py"
 
 
 def test_with_the_workers_cap_a_killed_stream_is_forgotten(subscription: tuple[str, str]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import psutil
 import pytest
 
+from localcloud import PubSubEmulator, free_port
 from tests.e2e.harness import WorkerProcess, provision, worker_env
-from worker.localcloud import PubSubEmulator, free_port
 
 pytestmark = pytest.mark.e2e
 

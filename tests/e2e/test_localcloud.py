@@ -24,8 +24,9 @@ from google.cloud import iam_credentials_v1, run_v2
 from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import id_token, service_account
+from localcloud.pubsub import group_members
 
-from worker.localcloud import (
+from localcloud import (
     RUN_VIEWER,
     TOKEN_CREATOR,
     LocalCloud,
@@ -34,7 +35,6 @@ from worker.localcloud import (
     emulator_answers,
     score_account,
 )
-from worker.localcloud.pubsub import group_members
 
 pytestmark = pytest.mark.e2e
 

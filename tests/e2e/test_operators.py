@@ -16,8 +16,8 @@ import pytest
 from google.cloud import pubsub_v1
 from google.protobuf import field_mask_pb2
 
+from localcloud import RUN_INVOKER, RUN_VIEWER, TOKEN_CREATOR, member_for
 from tests.e2e.harness import WorkerProcess, drain, provision, uid, worker_cli, worker_env, write_kind
-from worker.localcloud import RUN_INVOKER, RUN_VIEWER, TOKEN_CREATOR, member_for
 
 pytestmark = pytest.mark.e2e
 

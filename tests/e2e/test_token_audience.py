@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localcloud.iam import RUN_INVOKER, RUN_VIEWER, member_for
 
 from tests.e2e.harness import (
     WorkerProcess,
@@ -26,7 +27,6 @@ from tests.e2e.harness import (
     worker_env,
     write_kind,
 )
-from worker.localcloud.iam import RUN_INVOKER, RUN_VIEWER, member_for
 
 pytestmark = pytest.mark.e2e
 

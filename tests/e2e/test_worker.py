@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localcloud.functions import score_account
 
 from tests.e2e.harness import (
     WorkerProcess,
@@ -25,7 +26,6 @@ from tests.e2e.harness import (
     worker_env,
     write_kind,
 )
-from worker.localcloud.functions import score_account
 
 pytestmark = pytest.mark.e2e
 

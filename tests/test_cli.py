@@ -1,0 +1,98 @@
+"""The `worker` command's argument handling and its one error path, through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from worker.cli import cli
+
+
+@pytest.fixture()
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-project")
+    return CliRunner()
+
+
+def test_every_verb_is_registered_once() -> None:
+    assert set(cli.commands) == {
+        "run",
+        "setup",
+        "enqueue",
+        "dead-letters",
+        "replay",
+        "doctor",
+        "batch-status",
+        "dev",
+    }
+
+
+def test_a_missing_project_names_the_variable_and_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    done = CliRunner().invoke(cli, ["dead-letters"])
+    assert done.exit_code == 2
+    assert done.output.startswith("worker: error: GOOGLE_CLOUD_PROJECT is not set")
+
+
+def test_operator_without_print_gcloud_is_refused(runner: CliRunner) -> None:
+    done = runner.invoke(cli, ["setup", "--operator", "user:alice@example.com"])
+    assert done.exit_code == 2
+    assert "--operator goes with --print-gcloud" in done.output
+
+
+def test_an_operator_member_without_a_prefix_names_the_fix(runner: CliRunner) -> None:
+    done = runner.invoke(cli, ["setup", "--print-gcloud", "--operator", "alice@example.com"])
+    assert done.exit_code == 2
+    assert done.output.startswith("worker: error: --operator:")
+    assert "user:" in done.output
+
+
+def test_enqueue_refuses_a_payload_that_is_not_json(runner: CliRunner) -> None:
+    done = runner.invoke(cli, ["enqueue", "echo", "--payload", "{nope"])
+    assert done.exit_code == 2
+    assert "--payload is not JSON" in done.output
+
+
+def test_enqueue_refuses_an_unknown_kind_before_publishing(runner: CliRunner) -> None:
+    done = runner.invoke(cli, ["enqueue", "no-such-kind", "--payload", "{}"])
+    assert done.exit_code == 2
+    assert "job refused, nothing published" in done.output
+
+
+@pytest.mark.parametrize("batch_id", ["x[/]", "[bold]b[/bold]", "a[red"])
+def test_batch_status_prints_markup_in_an_id_literally(
+    tmp_path: Path, runner: CliRunner, batch_id: str
+) -> None:
+    results = tmp_path / "results.jsonl"
+    results.write_text("")
+    done = runner.invoke(cli, ["batch-status", batch_id, "--from-file", str(results)])
+    assert done.output == f"batch {batch_id}: no child results yet\n"
+    assert done.exit_code == 1  # not finished
+
+
+def test_batch_status_shows_progress(tmp_path: Path, runner: CliRunner) -> None:
+    results = tmp_path / "results.jsonl"
+    child = {
+        "job_id": "b1:0",
+        "kind": "account-scoring",
+        "status": "succeeded",
+        "attempts": 1,
+        "started_at": "2026-01-01T00:00:00Z",
+        "finished_at": "2026-01-01T00:00:01Z",
+        "duration_ms": 1000,
+        "batch": {"id": "b1", "index": 0, "total": 2},
+    }
+    results.write_text(json.dumps(child) + "\n[not a result]\n")
+    done = runner.invoke(cli, ["batch-status", "b1", "--from-file", str(results)])
+    assert "batch b1  1/2  50.0%" in done.output
+    assert "1 lines were not results and were skipped" in done.output
+    assert done.exit_code == 1
+
+
+def test_batch_status_names_an_unreadable_file(tmp_path: Path, runner: CliRunner) -> None:
+    done = runner.invoke(cli, ["batch-status", "b", "--from-file", str(tmp_path / "missing.jsonl")])
+    assert done.exit_code == 2
+    assert "cannot read" in done.output

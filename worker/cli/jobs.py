@@ -1,0 +1,67 @@
+"""`worker enqueue`: publish one job the way the web app does, and optionally wait for its result."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from worker.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    CommandError,
+    exits_with_code,
+    google_errors,
+    load_catalog_or_fail,
+    load_settings_or_fail,
+    operator_clients,
+)
+from worker.core.errors import InvalidJobError
+from worker.core.messages import JobStatus
+
+
+@click.command()
+@click.argument("kind")
+@click.option("--payload", required=True, help="The job's payload, as JSON.")
+@click.option("--job-id", help="The job's id, its idempotency key [a new UUID].")
+@click.option("--wait", is_flag=True, help="Print the result: exit 0 if it succeeded, 1 if not, 3 timed out.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Seconds --wait waits.")
+@exits_with_code
+def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: float) -> int:
+    """Publish one job (checked against the catalog first) and print its id."""
+    from worker.client import ResultWaiter, build_job
+    from worker.client import enqueue as publish_job
+
+    settings = load_settings_or_fail()
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        raise CommandError(f"--payload is not JSON: {exc}", EXIT_USAGE) from None
+    catalog = load_catalog_or_fail(settings)
+    try:
+        job = build_job(kind, body, job_id, catalog=catalog)
+    except InvalidJobError as exc:
+        raise CommandError(f"job refused, nothing published: {exc}", EXIT_USAGE) from None
+    publisher, subscriber = operator_clients(settings)
+    with google_errors(settings):
+        if not wait:
+            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
+            return EXIT_OK
+        with ResultWaiter(subscriber, settings, job.job_id) as waiter:
+            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
+            result = waiter.wait(timeout)
+    if result is None:
+        click.echo(
+            f"worker: no result for job {job.job_id} within {timeout:g}s; it stays queued. Is a "
+            "worker running (`worker run`)? Look for it later with `worker dead-letters`.",
+            err=True,
+        )
+        return EXIT_TIMEOUT
+    click.echo(result.model_dump_json())
+    return EXIT_OK if result.status == JobStatus.SUCCEEDED else EXIT_FAILED
+
+
+COMMANDS = [enqueue]

@@ -1,0 +1,129 @@
+"""`worker setup`: create the topics and subscriptions, or print the gcloud script (IAM included)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+from worker.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    exits_with_code,
+    load_catalog_or_fail,
+    load_settings_or_fail,
+    operator_clients,
+)
+from worker.core.settings import Settings
+from worker.ops.provision import SetupOptions
+
+
+@click.command()
+@click.option("--max-delivery-attempts", type=click.IntRange(5, 100), default=5, show_default=True)
+@click.option("--min-backoff", type=click.IntRange(0, 600), default=10, show_default=True, help="Seconds.")
+@click.option("--max-backoff", type=click.IntRange(0, 600), default=600, show_default=True, help="Seconds.")
+@click.option("--ack-deadline", type=click.IntRange(10, 600), default=60, show_default=True, help="Seconds.")
+@click.option("--retention-days", type=click.IntRange(1, 7), default=7, show_default=True)
+@click.option("--print-gcloud", is_flag=True, help="Print the gcloud commands (IAM included) instead.")
+@click.option("--worker-sa", help="Worker service account for --print-gcloud [worker@PROJECT...].")
+@click.option("--webapp-sa", help="Web app service account for --print-gcloud [webapp@PROJECT...].")
+@click.option("--schedule", default="0 2 * * *", show_default=True,
+              help="Cron schedule of the nightly batch-scoring job, for --print-gcloud.")
+@click.option("--time-zone", default="Etc/UTC", show_default=True,
+              help="Time zone of --schedule (tz database name), for --print-gcloud.")
+@click.option("--operator", "operators", multiple=True, metavar="MEMBER",
+              help="IAM member (user:alice@example.com, group:ops@example.com) to grant what "
+              "dead-letters, replay and doctor need, for --print-gcloud. Repeatable.")
+@exits_with_code
+def setup(
+    max_delivery_attempts: int,
+    min_backoff: int,
+    max_backoff: int,
+    ack_deadline: int,
+    retention_days: int,
+    print_gcloud: bool,
+    worker_sa: str | None,
+    webapp_sa: str | None,
+    schedule: str,
+    time_zone: str,
+    operators: tuple[str, ...],
+) -> int:
+    """Create the topics and subscriptions, idempotently."""
+    settings = load_settings_or_fail()
+    if operators and not print_gcloud:
+        raise CommandError(
+            "--operator goes with --print-gcloud: `worker setup` creates topics and "
+            "subscriptions, IAM bindings are printed for you to apply",
+            EXIT_USAGE,
+        )
+    options = SetupOptions(max_delivery_attempts, min_backoff, max_backoff, ack_deadline, retention_days)
+    if print_gcloud:
+        return print_script(
+            settings, worker_sa=worker_sa, webapp_sa=webapp_sa, options=options,
+            schedule=schedule, time_zone=time_zone, operators=operators,
+        )
+    return apply(settings, options)
+
+
+def apply(settings: Settings, options: SetupOptions) -> int:
+    from worker.ops.provision import apply_setup, for_target
+
+    options = for_target(options)
+    if not options.retry_policy:
+        click.echo("Pub/Sub emulator: the jobs subscription gets no retry policy (nacks redeliver at once).")
+    publisher, subscriber = operator_clients(settings)
+    changes = apply_setup(publisher, subscriber, settings, options)
+    for change in changes:
+        click.echo(
+            f"{change.action:>9}  {change.resource}" + (f"  ({change.detail})" if change.detail else "")
+        )
+    if all(c.action == "unchanged" for c in changes):
+        click.echo("No change: everything already exists as configured.")
+    return EXIT_FAILED if any(c.action == "differs" for c in changes) else EXIT_OK
+
+
+def print_script(
+    settings: Settings,
+    *,
+    worker_sa: str | None,
+    webapp_sa: str | None,
+    options: SetupOptions,
+    schedule: str,
+    time_zone: str,
+    operators: Sequence[str] = (),
+) -> int:
+    from worker.ops.gcloud import (
+        check_operator,
+        default_webapp_sa,
+        default_worker_sa,
+        gcloud_script,
+        scheduler_commands,
+    )
+
+    catalog = load_catalog_or_fail(settings)
+    try:
+        for operator in operators:
+            check_operator(operator)
+    except ValueError as exc:
+        raise CommandError(f"--operator: {exc}", EXIT_USAGE) from None
+    click.echo(
+        gcloud_script(
+            settings,
+            catalog,
+            worker_sa or default_worker_sa(settings.project),
+            webapp_sa or default_webapp_sa(settings.project),
+            options,
+            operators=operators,
+            # The nightly batch only where the catalog has the kind it publishes.
+            extra_commands=(
+                scheduler_commands(settings, schedule, time_zone) if "batch-scoring" in catalog else ()
+            ),
+        ),
+        nl=False,
+    )
+    return EXIT_OK
+
+
+COMMANDS = [setup]

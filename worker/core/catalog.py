@@ -1,0 +1,214 @@
+"""The job catalog: what each kind of job calls, loaded from TOML files in `jobs/`.
+
+What a job calls is decided here, never by the job: a job names its kind, and the
+kind names a Cloud Run service and a fixed path. Nobody who can publish a job can
+point the worker's identity anywhere else.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from worker.core.errors import ConfigError, InvalidJobError
+
+DEFAULT_RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
+_SERVICE_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
+_KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+class BatchSpec(BaseModel):
+    """How a batch kind fans out: one `child_kind` job per account id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    child_kind: str
+    page_size: int = Field(500, ge=1, le=1000)
+    max_ids: int = Field(1_000_000, ge=1)
+
+
+class JobKind(BaseModel):
+    """One kind of job. `service` and `path` fix where its calls go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    description: str = ""
+    handler: Literal["call", "batch"] = "call"
+    service: str | None = None
+    region: str | None = None
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    path: str = "/"
+    timeout_s: float = Field(30.0, gt=0, le=3600)
+    attempts: int = Field(4, ge=1, le=20)
+    backoff_initial_s: float = Field(0.2, ge=0)
+    backoff_max_s: float = Field(10.0, ge=0)
+    retry_on: tuple[int, ...] = DEFAULT_RETRYABLE_STATUSES
+    retry_on_timeout: bool = True
+    payload_schema: dict[str, Any] | None = None
+    batch: BatchSpec | None = None
+    _validator: Any = PrivateAttr(None)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind_name(cls, value: str) -> str:
+        if not _KIND_RE.match(value):
+            raise ValueError("must be lower-case letters, digits and dashes, starting with a letter")
+        return value
+
+    @field_validator("service")
+    @classmethod
+    def _service_name(cls, value: str | None) -> str | None:
+        if value is not None and not _SERVICE_NAME_RE.match(value):
+            raise ValueError("must be a Cloud Run service name (lower-case, digits, dashes)")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, value: str) -> str:
+        # The path is appended to the resolved service URL: it must stay on that host.
+        if not value.startswith("/") or value.startswith("//"):
+            raise ValueError("must start with a single '/'")
+        if any(c in value for c in "\r\n\t @\\#") or "://" in value:
+            raise ValueError("must be a plain path (no spaces, '@', '#', '\\' or scheme)")
+        if ".." in value.split("/"):
+            raise ValueError("must not contain '..'")
+        return value
+
+    @field_validator("retry_on")
+    @classmethod
+    def _statuses(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for status in value:
+            if not 400 <= status <= 599 or status in (401, 403):
+                raise ValueError(f"{status} cannot be retried (4xx/5xx only; 401 and 403 never)")
+        return value
+
+    @field_validator("payload_schema")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(value)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _handler_fields(self) -> JobKind:
+        if self.handler == "call" and not self.service:
+            raise ValueError("a 'call' kind needs a 'service'")
+        if self.handler == "batch" and self.batch is None:
+            raise ValueError("a 'batch' kind needs a [batch] table")
+        return self
+
+    def model_post_init(self, __context: Any) -> None:
+        # Built once per kind at load, not once per job on the hot path.
+        self._validator = (
+            jsonschema.Draft202012Validator(self.payload_schema) if self.payload_schema else None
+        )
+
+    def check_payload(self, payload: Any) -> None:
+        """Raise InvalidJobError if the payload does not match the kind's schema."""
+        validator = self._validator
+        if validator is None:
+            return
+        try:
+            error = jsonschema.exceptions.best_match(validator.iter_errors(payload))
+        except RecursionError:
+            raise InvalidJobError("invalid_payload", "payload is nested too deeply") from None
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "payload"
+            raise InvalidJobError(
+                "invalid_payload",
+                f"payload does not match kind {self.kind!r}: {where}: {error.message[:300]}",
+            )
+
+
+class Catalog(Mapping[str, JobKind]):
+    """All job kinds, by name. Loaded once at start-up; a broken file stops start-up."""
+
+    def __init__(self, kinds: dict[str, JobKind], source: Path | None = None) -> None:
+        self._kinds = kinds
+        self.source = source
+        for kind in kinds.values():
+            if kind.batch and kind.batch.child_kind not in kinds:
+                raise ConfigError(
+                    f"{source}: kind {kind.kind!r}: batch.child_kind {kind.batch.child_kind!r} "
+                    f"is not in the catalog (known: {', '.join(sorted(kinds))})"
+                )
+
+    def __getitem__(self, name: str) -> JobKind:
+        return self._kinds[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._kinds)
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def lookup(self, name: str) -> JobKind:
+        """The kind for a job, or InvalidJobError naming the known kinds."""
+        try:
+            return self._kinds[name]
+        except KeyError:
+            raise InvalidJobError(
+                "unknown_kind",
+                f"unknown kind {name[:128]!r}; known kinds: {', '.join(sorted(self._kinds))}",
+            ) from None
+
+    def services(self, default_region: str) -> set[tuple[str, str]]:
+        """(service, region) of every kind that calls one."""
+        return {(k.service, k.region or default_region) for k in self._kinds.values() if k.service}
+
+    @classmethod
+    def load(cls, directory: Path) -> Catalog:
+        if not directory.is_dir():
+            raise ConfigError(
+                f"job catalog {directory} is not a directory; set WORKER_CATALOG_DIR "
+                "to the folder holding the *.toml job kinds"
+            )
+        kinds: dict[str, JobKind] = {}
+        for file in sorted(directory.glob("*.toml")):
+            kind = _load_file(file)
+            if kind.kind in kinds:
+                raise ConfigError(f"{file}: kind {kind.kind!r} is defined twice")
+            kinds[kind.kind] = kind
+        if not kinds:
+            raise ConfigError(f"job catalog {directory} has no *.toml job kinds")
+        return cls(kinds, directory)
+
+
+def _load_file(file: Path) -> JobKind:
+    try:
+        raw = tomllib.loads(file.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read job kind: {exc}") from None
+    try:
+        return JobKind.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(file)"
+        raise ConfigError(f"{file}: field {field!r}: {err['msg']}") from None
+
+
+def default_catalog_dir() -> Path:
+    """`jobs/` of a source checkout, else the copy packaged into the wheel."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "jobs"
+    if checkout.is_dir():
+        return checkout
+    return package / "_catalog"

@@ -1,0 +1,199 @@
+"""One job, from raw message to outcome: validate -> resolve -> token -> invoke -> result.
+
+The pipeline knows nothing of Pub/Sub: it takes a `Delivery` (bytes, attributes and
+which delivery attempt this is) and returns an `Outcome` saying what to publish and
+whether to ack. It never raises: whatever goes wrong becomes a result or a nack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+
+from worker.core.catalog import Catalog, JobKind
+from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
+from worker.core.messages import (
+    ErrorInfo,
+    Job,
+    JobStatus,
+    Result,
+    clip,
+    decode_job,
+    now,
+    salvage_identity,
+)
+
+log = structlog.get_logger("worker.core.pipeline")
+
+# Attributes of the original message that travel with its dead letter (Pub/Sub allows
+# 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
+_CARRIED_ATTRIBUTES = ("job_id", "kind", "replay_count", "traceparent")
+
+
+@dataclass
+class CallResult:
+    """What a handler (an HTTP call, a batch fan-out) answered: status, body, attempts made."""
+
+    http_status: int
+    response: Any
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    data: bytes
+    attributes: dict[str, str]
+    message_id: str = ""
+    delivery_attempt: int | None = None
+    final_attempt: bool = False
+    publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """The original job bytes, so it can be replayed as it was, plus why it died."""
+
+    data: bytes
+    attributes: dict[str, str]
+
+
+@dataclass
+class Outcome:
+    ack: bool
+    result: Result | None = None
+    dead_letter: DeadLetter | None = None
+    job: Job | None = None
+
+
+class Resolver(Protocol):
+    async def resolve(self, service: str, region: str) -> str: ...
+
+
+class Caller(Protocol):
+    async def invoke(self, kind: JobKind, url: str, job: Job, region: str = ...) -> CallResult: ...
+
+
+# A batch handler fans a job out (given the job, its kind and when the message was
+# published); it returns the parent's response and child count.
+BatchHandler = Callable[[Job, JobKind, datetime | None], Awaitable[CallResult]]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        catalog: Catalog,
+        resolver: Resolver,
+        invoker: Caller,
+        *,
+        region: str,
+        max_payload_bytes: int,
+        batch_handler: BatchHandler | None = None,
+        clock: Callable[[], datetime] = now,
+    ) -> None:
+        self.catalog = catalog
+        self._resolver = resolver
+        self._invoker = invoker
+        self._region = region
+        self._max_payload_bytes = max_payload_bytes
+        self._batch_handler = batch_handler
+        self._clock = clock
+
+    async def handle(self, delivery: Delivery) -> Outcome:
+        started = self._clock()
+        job: Job | None = None
+        try:
+            job = decode_job(delivery.data, delivery.attributes, max_bytes=self._max_payload_bytes)
+            kind = self.catalog.lookup(job.kind)
+            kind.check_payload(job.payload)
+            if job.not_after is not None and started > job.not_after:
+                return self._finish(delivery, job, started, JobStatus.EXPIRED, ack_only=True)
+            structlog.contextvars.bind_contextvars(traceparent=job.traceparent)
+            call = await self._run(job, kind, delivery)
+            return self._finish(delivery, job, started, JobStatus.SUCCEEDED, call=call)
+        except InvalidJobError as exc:
+            return self._finish(delivery, job, started, JobStatus.REJECTED, error=exc)
+        except PermanentJobError as exc:
+            return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
+        except TransientJobError as exc:
+            if delivery.final_attempt:
+                return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
+            log.warning("job_retry_later", code=exc.code, error=exc.message, attempts=exc.attempts)
+            return Outcome(ack=False, job=job)
+        except Exception as exc:  # a bug must not lose the job nor stop the worker
+            log.exception("job_internal_error")
+            error = TransientJobError("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
+            if delivery.final_attempt:
+                return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
+            return Outcome(ack=False, job=job)
+
+    async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
+        if kind.handler == "batch":
+            if self._batch_handler is None:
+                raise PermanentJobError("batch_unavailable", f"kind {kind.kind!r} needs the batch fan-out")
+            return await self._batch_handler(job, kind, delivery.publish_time)
+        assert kind.service is not None  # the catalog guarantees it for "call" kinds
+        region = kind.region or self._region
+        url = await self._resolver.resolve(kind.service, region)
+        return await self._invoker.invoke(kind, url, job, region)
+
+    def _finish(
+        self,
+        delivery: Delivery,
+        job: Job | None,
+        started: datetime,
+        status: JobStatus,
+        *,
+        call: CallResult | None = None,
+        error: JobError | None = None,
+        ack_only: bool = False,
+    ) -> Outcome:
+        finished = self._clock()
+        job_id: str | None
+        kind_name: str | None
+        if job is not None:
+            job_id, kind_name = job.job_id, job.kind
+        else:
+            job_id, kind_name = salvage_identity(delivery.data, delivery.attributes)
+        result = Result(
+            job_id=job_id,
+            kind=kind_name,
+            status=status,
+            attempts=call.attempts if call else (error.attempts or 0) if error else 0,
+            http_status=call.http_status if call else error.http_status if error else None,
+            response=call.response if call else None,
+            error=ErrorInfo(code=error.code, message=error.message) if error else None,
+            started_at=started,
+            finished_at=finished,
+            duration_ms=int((finished - started).total_seconds() * 1000),
+            batch=job.batch if job else None,
+        )
+        dead_letter = None
+        if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
+            dead_letter = self._dead_letter(delivery, result, error)
+            log.warning("job_" + status.value, code=error.code, error=error.message)
+        elif not ack_only:
+            log.info("job_succeeded", http_status=result.http_status, attempts=result.attempts)
+        else:
+            log.info("job_expired", not_after=str(job.not_after if job else None))
+        return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job)
+
+    @staticmethod
+    def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
+        attrs = {k: clip(v) for k, v in delivery.attributes.items() if k in _CARRIED_ATTRIBUTES and v}
+        if result.job_id and "job_id" not in attrs:
+            attrs["job_id"] = clip(result.job_id)
+        if result.kind and "kind" not in attrs:
+            attrs["kind"] = clip(result.kind)
+        attrs.update(
+            status=result.status.value,
+            error_code=clip(error.code),
+            error_message=clip(error.message),
+            attempts=str(result.attempts),
+            delivery_attempt=str(delivery.delivery_attempt or 1),
+            dead_lettered_at=result.finished_at.isoformat(),
+        )
+        return DeadLetter(data=delivery.data, attributes=attrs)

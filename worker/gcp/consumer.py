@@ -1,0 +1,274 @@
+"""Pub/Sub streaming pull -> pipeline -> publish -> ack. Knows nothing of HTTP.
+
+The client library calls back on its own small thread pool; the callback only hands
+the message to the asyncio loop, so in-flight jobs are bounded by a semaphore
+(`WORKER_MAX_IN_FLIGHT`), not by that pool. The client's flow control lets through
+twice that, so a small buffer waits here.
+
+At shutdown, jobs not yet started are nacked while the pull stream is still open,
+then the stream closes and running jobs finish within the grace period (acked by
+unary RPCs, since the client's ack path closes with the stream). Jobs still running
+after the grace period are released: their leases lapse (within
+WORKER_LEASE_EXTENSION_SECONDS) and Pub/Sub redelivers them.
+Nacks are not sent after the stream closed: on the emulator the message would go
+straight back to this worker's closed stream, which the emulator keeps feeding until
+the stream's deadline (worker/gcp/emulator.py). Leases are extended by the client while
+a job runs. Acknowledgement rules (DESIGN.md): ack only after the result and any
+dead letter are published; nack a transient failure for redelivery; on shutdown
+stop pulling, let in-flight jobs finish within the grace period, nack the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
+
+from worker.core.messages import clip
+from worker.core.pipeline import Delivery, Outcome
+from worker.gcp.results import ResultPublisher
+
+log = structlog.get_logger("worker.gcp.consumer")
+
+NACK_DELAY_BASE_S = 0.5
+NACK_DELAY_MAX_S = 10.0
+# Time for the client to send the shutdown nacks before its stream closes.
+_NACK_FLUSH_S = 0.3
+
+
+@dataclass
+class ConsumerStats:
+    received: int = 0
+    acked: int = 0
+    nacked: int = 0
+    publish_failures: int = 0
+    released: int = 0
+    last_message_at: float = 0.0
+
+
+class StreamFailed(Exception):
+    """The pull stream ended by itself (subscription deleted, permission revoked...)."""
+
+
+class Consumer:
+    def __init__(
+        self,
+        subscriber: Any,
+        subscription: str,
+        handle: Callable[[Delivery], Awaitable[Outcome]],
+        publisher: ResultPublisher,
+        *,
+        max_in_flight: int,
+        grace_s: float,
+        max_delivery_attempts: int | None,
+        lease_extension_s: int = 20,
+    ) -> None:
+        self._subscriber = subscriber
+        self._subscription = subscription
+        self._handle = handle
+        self._publisher = publisher
+        self._max_in_flight = max_in_flight
+        self._lease_extension_s = lease_extension_s
+        self._grace_s = grace_s
+        self.max_delivery_attempts = max_delivery_attempts
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._streaming = False
+        self._draining = False
+        self._future: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = ConsumerStats()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def stream_alive(self) -> bool:
+        return self._streaming and self._future is not None and not self._future.done()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then drain. Raises StreamFailed if the stream dies."""
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self._max_in_flight)
+        failed = asyncio.Event()
+        # Leases are extended a short step at a time: a job released at shutdown, or
+        # held by a worker that was killed, is redelivered within one step (the
+        # client's default step is the stream's 60 s).
+        flow = pubsub_v1.types.FlowControl(
+            max_messages=2 * self._max_in_flight,
+            max_bytes=1024 * 1024 * 1024,
+            max_duration_per_lease_extension=self._lease_extension_s,
+        )
+        self._streaming = True
+        self._future = self._subscriber.subscribe(self._subscription, self._on_message, flow_control=flow)
+        self._future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(failed.set))  # type: ignore[union-attr]
+        log.info("consumer_started", subscription=self._subscription, max_in_flight=self._max_in_flight)
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        error = None if stop.is_set() else self._stream_error()
+        await self._drain()
+        if error is not None:
+            raise StreamFailed(error)
+
+    def _stream_error(self) -> str:
+        try:
+            self._future.result(timeout=0)
+        except concurrent.futures.CancelledError:
+            return "the pull stream was cancelled"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "the pull stream ended"
+
+    async def _drain(self) -> None:
+        # Give back what has not started while the stream is still open: a nack sent then
+        # is redelivered at once, to another worker (see the module docstring).
+        self._draining = True
+        for task in list(self._waiting):
+            task.cancel()
+        await asyncio.sleep(_NACK_FLUSH_S)
+        self._streaming = False
+        self._future.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self._future.result, 30)
+        pending = set(self._tasks)
+        log.info("draining", in_flight=len(pending), grace_s=self._grace_s)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self._grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("grace_period_over_releasing", jobs=len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+        await asyncio.to_thread(self._publisher.flush)
+        log.info(
+            "consumer_stopped",
+            acked=self.stats.acked,
+            nacked=self.stats.nacked,
+            released=self.stats.released,
+        )
+
+    def _on_message(self, message: Any) -> None:
+        # Runs on the client's callback thread: hand over and return at once.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._spawn, message)
+
+    def _spawn(self, message: Any) -> None:
+        self.stats.received += 1
+        self.stats.last_message_at = time.monotonic()
+        if self._draining:
+            # Arrived while shutting down (perhaps our own nack coming straight back): a
+            # second nack would only loop it back again, so let its lease lapse instead.
+            self.stats.released += 1
+            return
+        task = asyncio.ensure_future(self._process(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, message: Any) -> None:
+        assert self._slots is not None
+        task = asyncio.current_task()
+        delivery = self._delivery(message)
+        context = {
+            "job_id": clip(delivery.attributes.get("job_id", ""), 128) or None,
+            "kind": clip(delivery.attributes.get("kind", ""), 64) or None,
+            "attempt": delivery.delivery_attempt,
+        }
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                self._waiting.add(task)  # type: ignore[arg-type]
+                # The slot bounds calls to the functions; publishing the result and
+                # acking happen outside it, so a slot turns over as soon as a call ends.
+                async with self._slots:
+                    self._waiting.discard(task)  # type: ignore[arg-type]
+                    outcome = await self._handle(delivery)
+                await self._conclude(message, outcome)
+            except asyncio.CancelledError:
+                if self._streaming:
+                    self.stats.nacked += 1
+                    message.nack()
+                else:
+                    self.stats.released += 1
+                raise
+
+    def _delivery(self, message: Any) -> Delivery:
+        attempt = message.delivery_attempt
+        return Delivery(
+            data=bytes(message.data),
+            attributes=dict(message.attributes),
+            message_id=message.message_id,
+            delivery_attempt=attempt,
+            final_attempt=bool(
+                self.max_delivery_attempts and attempt and attempt >= self.max_delivery_attempts
+            ),
+            publish_time=message.publish_time,
+        )
+
+    async def _conclude(self, message: Any, outcome: Outcome) -> None:
+        if outcome.ack:
+            try:
+                await self._publisher.publish(outcome)
+            except Exception as exc:
+                # Not published means not acked: Pub/Sub will deliver it again.
+                self.stats.publish_failures += 1
+                log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            else:
+                await self._settle(message, ack=True)
+                return
+        # Hold a job that must go back a little before nacking it: a nack is redelivered
+        # at once where the subscription has no retry policy (the emulator), and an
+        # outage (Admin API, metadata server, Pub/Sub publish) would otherwise burn every
+        # delivery attempt in a second. The client keeps extending the lease meanwhile.
+        await asyncio.sleep(nack_delay(message.delivery_attempt))
+        await self._settle(message, ack=False)
+
+    async def _settle(self, message: Any, *, ack: bool) -> None:
+        if ack:
+            self.stats.acked += 1
+        else:
+            self.stats.nacked += 1
+        if self._streaming:
+            message.ack() if ack else message.nack()
+            return
+        # The stream is closed, and with it the client's ack path: use unary RPCs.
+        try:
+            if ack:
+                await asyncio.to_thread(
+                    self._subscriber.acknowledge, subscription=self._subscription, ack_ids=[message.ack_id]
+                )
+            else:
+                await asyncio.to_thread(
+                    self._subscriber.modify_ack_deadline,
+                    subscription=self._subscription,
+                    ack_ids=[message.ack_id],
+                    ack_deadline_seconds=0,
+                )
+        except Exception as exc:  # the message will simply be redelivered
+            log.warning("settle_failed", ack=ack, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def nack_delay(delivery_attempt: int | None) -> float:
+    """Seconds to hold a job before nacking it: exponential in the delivery attempt,
+    capped at NACK_DELAY_MAX_S, with equal jitter so replicas do not retry in step."""
+    ceiling = min(NACK_DELAY_MAX_S, NACK_DELAY_BASE_S * 2 ** max(0, (delivery_attempt or 1) - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def read_max_delivery_attempts(subscriber: Any, subscription: str) -> int | None:
+    """The subscription's dead-letter `max_delivery_attempts`, or None without a policy."""
+    found = subscriber.get_subscription(subscription=subscription)
+    policy = found.dead_letter_policy
+    if policy and policy.dead_letter_topic:
+        return int(policy.max_delivery_attempts or 5)
+    return None

@@ -1,0 +1,142 @@
+"""Cloud Run service name -> URL, through the Cloud Run Admin API, cached.
+
+Jobs never carry URLs: the catalog names a service, and this asks the Admin API
+(`GetService`) for its `uri`. One call per service per TTL however many jobs wait
+for it (single flight), and while the Admin API is away the last known URL is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from google.api_core import exceptions as api_exceptions
+
+from worker.core.errors import PermanentJobError, TransientJobError
+from worker.core.logs import log
+from worker.core.settings import is_loopback
+from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
+
+_ADMIN_API_TIMEOUT_S = 10.0
+
+
+@dataclass
+class _Entry:
+    url: str
+    fetched_at: float
+
+
+class ServiceResolver:
+    """Resolves services through a `run_v2.ServicesClient` (sync; called in a thread)."""
+
+    def __init__(
+        self,
+        client: Any,
+        project: str,
+        *,
+        ttl_s: float = 600.0,
+        allow_insecure_loopback: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._project = project
+        self._ttl_s = ttl_s
+        self._allow_insecure_loopback = allow_insecure_loopback
+        self._clock = clock
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._in_flight: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self.calls: Counter[str] = Counter()
+
+    def name(self, service: str, region: str) -> str:
+        return f"projects/{self._project}/locations/{region}/services/{service}"
+
+    async def resolve(self, service: str, region: str) -> str:
+        key = (service, region)
+        entry = self._cache.get(key)
+        if entry and self._clock() - entry.fetched_at < self._ttl_s:
+            return entry.url
+        pending = self._in_flight.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._in_flight[key] = pending
+            try:
+                pending.set_result(await self._refresh(service, region))
+            except BaseException as exc:
+                pending.set_exception(exc)
+                # Waiters re-raise it; retrieve it here so an unwaited future is not logged.
+                pending.exception()
+            finally:
+                del self._in_flight[key]
+        return await asyncio.shield(pending)
+
+    async def _refresh(self, service: str, region: str) -> str:
+        name = self.name(service, region)
+        self.calls[service] += 1
+        try:
+            found = await asyncio.to_thread(
+                self._client.get_service, name=name, retry=None, timeout=_ADMIN_API_TIMEOUT_S
+            )
+        except api_exceptions.NotFound:
+            raise PermanentJobError(
+                "service_not_found",
+                f"Cloud Run service {service!r} does not exist in project {self._project!r} "
+                f"region {region!r} (Admin API 404 for {name}); fix the catalog's service/region "
+                "or deploy the service",
+            ) from None
+        except api_exceptions.Forbidden:  # REST raises Forbidden; gRPC its subclass PermissionDenied
+            raise PermanentJobError(
+                "permission_denied",
+                f"the worker's identity may not read Cloud Run service {service!r}, or it does not "
+                f"exist (Admin API 403 for {name}); grant roles/run.viewer on the service: gcloud run "
+                f"services add-iam-policy-binding {service} --region={region} --project={self._project} "
+                "--member=serviceAccount:WORKER_SA --role=roles/run.viewer",
+            ) from None
+        except Exception as exc:  # any outage: API errors, refused connections, auth refresh
+            if credentials_refused(exc):
+                raise PermanentJobError(
+                    "token_creator_missing",
+                    f"the worker's credentials were refused while reading {name}: {_short(exc)}; "
+                    f"when impersonating, the caller needs {TOKEN_CREATOR} on the service account",
+                ) from None
+            stale = self._cache.get((service, region))
+            if stale is not None:
+                log.warning(
+                    "admin_api_unavailable_using_cached_url",
+                    service=service,
+                    error=_short(exc),
+                )
+                return stale.url
+            raise TransientJobError(
+                "admin_api_unavailable",
+                f"the Cloud Run Admin API did not answer for {name}: {_short(exc)}",
+            ) from None
+        url = self._check_url(service, found.uri)
+        self._cache[(service, region)] = _Entry(url, self._clock())
+        return url
+
+    def _check_url(self, service: str, uri: str) -> str:
+        parsed = urlparse(uri or "")
+        if parsed.scheme == "https" and parsed.hostname:
+            return uri.rstrip("/")
+        if (
+            parsed.scheme == "http"
+            and self._allow_insecure_loopback
+            and parsed.hostname
+            and is_loopback(parsed.hostname)
+        ):
+            return uri.rstrip("/")
+        raise PermanentJobError(
+            "insecure_service_url",
+            f"the Admin API gave service {service!r} the URL {uri!r}; the worker only sends "
+            "ID tokens to https URLs (plain http only to loopback in the local cloud)",
+        )
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,331 @@
+"""The gcloud commands that set a real project up: topics, subscriptions, IAM bindings.
+
+`worker setup` creates the Pub/Sub resources itself; `worker setup --print-gcloud`
+prints this instead, for a project where an operator (or Terraform) owns the
+resources. The IAM bindings are data (`iam_bindings`), so the deployment guide's
+table can be checked against the same list the commands are printed from.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from worker.core.catalog import Catalog
+from worker.core.settings import Settings
+from worker.ops.provision import SetupOptions
+
+# Unknown until asked: the printed script looks it up in a shell variable first.
+PROJECT_NUMBER_VAR = "${PROJECT_NUMBER}"
+# The kinds of principal an operator binding may name (IAM's member prefixes).
+OPERATOR_MEMBER_PREFIXES = ("user:", "group:", "serviceAccount:", "domain:")
+# The Cloud Scheduler job that fires the nightly batch.
+SCHEDULER_JOB = "nightly-batch-scoring"
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One least-privilege IAM binding: `member` gets `role` on `resource`, because `why`.
+
+    `resource` is a full resource name: projects/P, projects/P/topics/T,
+    projects/P/subscriptions/S, projects/P/locations/R/services/S or
+    projects/P/serviceAccounts/EMAIL.
+    """
+
+    member: str
+    role: str
+    resource: str
+    why: str
+
+
+def default_worker_sa(project: str) -> str:
+    return f"worker@{project}.iam.gserviceaccount.com"
+
+
+def default_webapp_sa(project: str) -> str:
+    return f"webapp@{project}.iam.gserviceaccount.com"
+
+
+def pubsub_service_agent(project_number: str) -> str:
+    """The Google-managed account Pub/Sub dead-letters messages as."""
+    return f"service-{project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+
+def iam_bindings(
+    settings: Settings,
+    catalog: Catalog,
+    worker_sa: str,
+    webapp_sa: str,
+    *,
+    project_number: str = PROJECT_NUMBER_VAR,
+    operators: Sequence[str] = (),
+) -> list[Binding]:
+    """Every binding the system needs, and nothing more, in the order they are applied;
+    `operators` (IAM members such as user:alice@example.com) get what `worker
+    dead-letters`, `worker replay` and `worker doctor` need."""
+    project = f"projects/{settings.project}"
+
+    def topic(name: str) -> str:
+        return f"{project}/topics/{name}"
+
+    def subscription(name: str) -> str:
+        return f"{project}/subscriptions/{name}"
+
+    worker = f"serviceAccount:{worker_sa}"
+    webapp = f"serviceAccount:{webapp_sa}"
+    agent = f"serviceAccount:{pubsub_service_agent(project_number)}"
+    jobs_sub = subscription(settings.jobs_subscription)
+    dead_letters = topic(settings.dead_letter_topic)
+    bindings = [
+        Binding(worker, "roles/pubsub.subscriber", jobs_sub, "pull and ack jobs"),
+        Binding(
+            worker,
+            "roles/pubsub.viewer",
+            jobs_sub,
+            "read the dead-letter policy's max_delivery_attempts at start-up "
+            "(not needed when WORKER_MAX_DELIVERY_ATTEMPTS is set)",
+        ),
+        Binding(worker, "roles/pubsub.publisher", topic(settings.results_topic), "publish results"),
+        Binding(worker, "roles/pubsub.publisher", dead_letters, "dead-letter jobs that failed for good"),
+    ]
+    if any(kind.batch for kind in catalog.values()):
+        bindings.append(
+            Binding(
+                worker,
+                "roles/pubsub.publisher",
+                topic(settings.jobs_topic),
+                "publish the child jobs of batch kinds (batch-scoring)",
+            )
+        )
+    for service, region in sorted(catalog.services(settings.region)):
+        # Per service, not on the project: the worker reads and calls the catalog's
+        # services and no others.
+        bindings += [
+            run_viewer_binding(worker, settings.project, service, region),
+            Binding(
+                worker,
+                "roles/run.invoker",
+                service_resource(settings.project, service, region),
+                "call the service with an ID token minted for its URL",
+            ),
+        ]
+    bindings += [
+        Binding(
+            agent,
+            "roles/pubsub.publisher",
+            dead_letters,
+            "Pub/Sub forwards jobs that exhausted their delivery attempts",
+        ),
+        Binding(
+            agent,
+            "roles/pubsub.subscriber",
+            jobs_sub,
+            "Pub/Sub acks the jobs it forwarded to the dead-letter topic",
+        ),
+        Binding(webapp, "roles/pubsub.publisher", topic(settings.jobs_topic), "publish jobs"),
+        Binding(
+            webapp,
+            "roles/pubsub.subscriber",
+            subscription(settings.results_subscription),
+            "read and ack results",
+        ),
+    ]
+    for operator in operators:
+        bindings += operator_bindings(settings, operator, worker_sa)
+    return bindings
+
+
+def service_resource(project: str, service: str, region: str) -> str:
+    return f"projects/{project}/locations/{region}/services/{service}"
+
+
+def run_viewer_binding(member: str, project: str, service: str, region: str) -> Binding:
+    """What resolving one service's URL through the Cloud Run Admin API needs."""
+    return Binding(
+        member,
+        "roles/run.viewer",
+        service_resource(project, service, region),
+        "resolve the service's URL through the Cloud Run Admin API",
+    )
+
+
+def check_operator(member: str) -> None:
+    """Raise ValueError, saying how to write it, unless `member` is an IAM member."""
+    if not member.startswith(OPERATOR_MEMBER_PREFIXES):
+        raise ValueError(
+            f"operator {member!r} is not an IAM member: write it as "
+            + ", ".join(f"{prefix}NAME" for prefix in OPERATOR_MEMBER_PREFIXES)
+            + " (for example user:alice@example.com)"
+        )
+
+
+def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[Binding]:
+    """What one operator needs for the dead-letter tools and `worker doctor`."""
+    check_operator(member)
+    project = f"projects/{settings.project}"
+    return [
+        Binding(
+            member,
+            "roles/pubsub.subscriber",
+            f"{project}/subscriptions/{settings.dead_letter_subscription}",
+            "list dead letters (worker dead-letters) and take them back (worker replay)",
+        ),
+        Binding(
+            member,
+            "roles/pubsub.publisher",
+            f"{project}/topics/{settings.jobs_topic}",
+            "republish dead-lettered jobs (worker replay)",
+        ),
+        Binding(
+            member,
+            "roles/iam.serviceAccountTokenCreator",
+            f"{project}/serviceAccounts/{worker_sa}",
+            "run worker doctor as the worker (WORKER_IMPERSONATE_SERVICE_ACCOUNT)",
+        ),
+    ]
+
+
+def binding_command(binding: Binding) -> str:
+    """The gcloud command that adds one binding."""
+    parts = binding.resource.split("/")
+    project = parts[1]
+    member_role = f"--member={_q(binding.member)} --role={binding.role}"
+    if len(parts) == 2:
+        # --condition=None: keeps gcloud from prompting when the policy has conditions.
+        return f"gcloud projects add-iam-policy-binding {project} {member_role} --condition=None"
+    if parts[2] == "topics":
+        return f"gcloud pubsub topics add-iam-policy-binding {parts[3]} --project={project} {member_role}"
+    if parts[2] == "subscriptions":
+        return (
+            f"gcloud pubsub subscriptions add-iam-policy-binding {parts[3]} "
+            f"--project={project} {member_role}"
+        )
+    if parts[2] == "locations" and parts[4] == "services":
+        return (
+            f"gcloud run services add-iam-policy-binding {parts[5]} --region={parts[3]} "
+            f"--project={project} {member_role}"
+        )
+    if parts[2] == "serviceAccounts":
+        return (
+            f"gcloud iam service-accounts add-iam-policy-binding {parts[3]} "
+            f"--project={project} {member_role}"
+        )
+    raise ValueError(f"no gcloud command for a binding on {binding.resource!r}")
+
+
+def resource_commands(settings: Settings, options: SetupOptions) -> list[str]:
+    """Topics and subscriptions as `worker setup` creates them (provision.SetupOptions)."""
+    project = f"--project={settings.project}"
+    common = f"--ack-deadline={options.ack_deadline_s} --message-retention-duration={options.retention_days}d"
+    commands = [
+        f"gcloud pubsub topics create {name} {project}"
+        for name in (settings.jobs_topic, settings.results_topic, settings.dead_letter_topic)
+    ]
+    commands += [
+        f"gcloud pubsub subscriptions create {settings.jobs_subscription} {project} "
+        f"--topic={settings.jobs_topic} {common} "
+        f"--dead-letter-topic={settings.dead_letter_topic} "
+        f"--max-delivery-attempts={options.max_delivery_attempts} "
+        f"--min-retry-delay={options.min_backoff_s}s --max-retry-delay={options.max_backoff_s}s",
+        f"gcloud pubsub subscriptions create {settings.results_subscription} {project} "
+        f"--topic={settings.results_topic} {common}",
+        f"gcloud pubsub subscriptions create {settings.dead_letter_subscription} {project} "
+        f"--topic={settings.dead_letter_topic} {common}",
+    ]
+    return commands
+
+
+def gcloud_commands(
+    settings: Settings,
+    catalog: Catalog,
+    worker_sa: str,
+    webapp_sa: str,
+    options: SetupOptions | None = None,
+    *,
+    project_number: str | None = None,
+    extra_commands: Sequence[str] = (),
+    operators: Sequence[str] = (),
+) -> list[str]:
+    """Every command, in an order that works on an empty project.
+
+    Extension point: `extra_commands` are appended after the core setup, for the
+    pieces other features add (the Cloud Scheduler job of batch scoring).
+    """
+    commands = []
+    if project_number is None:
+        commands.append(
+            f"PROJECT_NUMBER=\"$(gcloud projects describe {settings.project} "
+            "--format='value(projectNumber)')\""
+        )
+    commands += resource_commands(settings, options or SetupOptions())
+    bindings = iam_bindings(
+        settings,
+        catalog,
+        worker_sa,
+        webapp_sa,
+        project_number=project_number or PROJECT_NUMBER_VAR,
+        operators=operators,
+    )
+    commands += [binding_command(b) for b in bindings]
+    commands += extra_commands
+    return commands
+
+
+def gcloud_script(
+    settings: Settings,
+    catalog: Catalog,
+    worker_sa: str,
+    webapp_sa: str,
+    options: SetupOptions | None = None,
+    *,
+    extra_commands: Sequence[str] = (),
+    operators: Sequence[str] = (),
+) -> str:
+    """`gcloud_commands` as a commented shell script, each binding with its reason."""
+    reasons = {
+        binding_command(b): f"# {b.member.split(':', 1)[1]} {b.role}: {b.why}"
+        for b in iam_bindings(settings, catalog, worker_sa, webapp_sa, operators=operators)
+    }
+    lines = [
+        f"# Topics, subscriptions and IAM for project {settings.project} (worker setup --print-gcloud).",
+        "# Creating what already exists fails harmlessly; adding a binding twice is a no-op.",
+    ]
+    for command in gcloud_commands(
+        settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands, operators=operators
+    ):
+        if command in reasons:
+            lines.append(reasons[command])
+        lines.append(command)
+    return "\n".join(lines) + "\n"
+
+
+def scheduler_commands(settings: Settings, schedule: str, time_zone: str) -> list[str]:
+    """The Cloud Scheduler job that publishes the nightly batch-scoring job.
+
+    Cloud Scheduler publishes the same body every night and cannot put the date in
+    it, so the body says `"daily": true` and the worker makes the batch id the job id
+    plus the UTC date (worker.gcp.batch.batch_id_for): each night's children get ids of
+    their own, while redeliveries of one night's message reuse them.
+    """
+    body = {
+        "job_id": SCHEDULER_JOB,
+        "kind": "batch-scoring",
+        "payload": {"source": True, "daily": True},
+    }
+    return [
+        f"gcloud services enable cloudscheduler.googleapis.com --project={settings.project}",
+        f"gcloud scheduler jobs create pubsub {SCHEDULER_JOB} --project={settings.project} "
+        f"--location={settings.region} "
+        f"--schedule={shlex.quote(schedule)} --time-zone={shlex.quote(time_zone)} "
+        f"--topic={settings.jobs_topic} --message-body={shlex.quote(json.dumps(body))} "
+        f"--attributes=job_id={SCHEDULER_JOB},kind=batch-scoring",
+    ]
+
+
+def _q(value: str) -> str:
+    # "${PROJECT_NUMBER}" must expand in the shell, so it is double-quoted, not escaped.
+    if PROJECT_NUMBER_VAR in value:
+        return f'"{value}"'
+    return shlex.quote(value)

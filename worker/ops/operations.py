@@ -1,0 +1,334 @@
+"""Operators' tools over the dead-letter subscription: look, and replay.
+
+Looking never consumes: messages are pulled with the unary `pull` RPC, their leases
+held while the scan runs (so the same message is not pulled twice), then given
+back with `modify_ack_deadline(0)`. Replaying republishes a dead letter's original
+job bytes to the jobs topic and acks the dead letter only once that publish has
+resolved, so a job is never in neither place.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.api_core import exceptions
+
+from worker.core.messages import salvage_identity
+
+# Pub/Sub adds these when *it* dead-letters a message (the worker never acked it).
+PUBSUB_SOURCE_PREFIX = "CloudPubSubDeadLetterSource"
+EXHAUSTED = "delivery attempts exhausted"
+_HOLD_S = 600  # lease held on scanned messages, so a long scan never sees one twice
+_ACK_CHUNK = 500  # ack ids per modify call, well under the API's limit
+_ACK_BATCH = 100  # republished dead letters acked per call: small, so a crash repeats few
+_MAX_SCAN = 10_000
+_PUBLISH_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class DeadLetterEntry:
+    """One dead-lettered job as operators see it."""
+
+    ack_id: str
+    message_id: str
+    data: bytes
+    attributes: dict[str, str]
+    job_id: str | None
+    kind: str | None
+    status: str
+    error_code: str | None
+    error_message: str
+    attempts: int | None
+    dead_lettered_at: datetime | None
+    replay_count: int
+    by_pubsub: bool
+
+    @classmethod
+    def from_received(cls, received: Any) -> DeadLetterEntry:
+        message = received.message
+        attrs = dict(message.attributes)
+        data = bytes(message.data)
+        job_id, kind = attrs.get("job_id"), attrs.get("kind")
+        if not job_id or not kind:
+            salvaged_id, salvaged_kind = salvage_identity(data, attrs)
+            job_id, kind = job_id or salvaged_id, kind or salvaged_kind
+        published = _timestamp(message.publish_time)
+        common = {
+            "ack_id": received.ack_id,
+            "message_id": message.message_id,
+            "data": data,
+            "attributes": attrs,
+            "job_id": job_id,
+            "kind": kind,
+            "replay_count": _int(attrs.get("replay_count")) or 0,
+        }
+        if "error_code" not in attrs and any(k.startswith(PUBSUB_SOURCE_PREFIX) for k in attrs):
+            source = attrs.get(f"{PUBSUB_SOURCE_PREFIX}Subscription", "its subscription")
+            deliveries = _int(attrs.get(f"{PUBSUB_SOURCE_PREFIX}DeliveryCount"))
+            return cls(
+                **common,
+                status="dead-lettered by Pub/Sub",
+                error_code=None,
+                error_message=(
+                    f"{EXHAUSTED} ({deliveries or '?'} deliveries from {source}): no worker finished "
+                    "it; look for crashes or timeouts in the worker's logs around that time"
+                ),
+                attempts=deliveries,
+                dead_lettered_at=published,
+                by_pubsub=True,
+            )
+        return cls(
+            **common,
+            status=attrs.get("status", "unknown"),
+            error_code=attrs.get("error_code"),
+            error_message=attrs.get("error_message", "no reason recorded"),
+            attempts=_int(attrs.get("attempts")),
+            dead_lettered_at=_parse_time(attrs.get("dead_lettered_at")) or published,
+            by_pubsub=False,
+        )
+
+    def age(self, at: datetime) -> timedelta | None:
+        return at - self.dead_lettered_at if self.dead_lettered_at else None
+
+    def to_json(self, at: datetime) -> dict[str, Any]:
+        age = self.age(at)
+        return {
+            "message_id": self.message_id,
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "status": self.status,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "attempts": self.attempts,
+            "dead_lettered_at": self.dead_lettered_at.isoformat() if self.dead_lettered_at else None,
+            "age_s": int(age.total_seconds()) if age is not None else None,
+            "replay_count": self.replay_count,
+            "dead_lettered_by": "pubsub" if self.by_pubsub else "worker",
+        }
+
+    def matches(self, kind: str | None, job_id: str | None) -> bool:
+        return (kind is None or self.kind == kind) and (job_id is None or self.job_id == job_id)
+
+    def replay_attributes(self) -> dict[str, str]:
+        attrs = {"replay_count": str(self.replay_count + 1)}
+        if self.job_id:
+            attrs["job_id"] = self.job_id
+        if self.kind:
+            attrs["kind"] = self.kind
+        return attrs
+
+
+class DeadLetterScan:
+    """Dead letters pulled and held; `release()` gives back whatever was not acked.
+
+    Use as a context manager: leaving it releases the rest, even on Ctrl-C.
+    """
+
+    def __init__(self, subscriber: Any, subscription: str, *, pull_timeout_s: float = 2.0) -> None:
+        self._subscriber = subscriber
+        self.subscription = subscription
+        self._pull_timeout_s = pull_timeout_s
+        self.entries: list[DeadLetterEntry] = []
+        self._held: dict[str, str] = {}  # message id -> latest ack id
+        self.truncated = False
+
+    def __enter__(self) -> DeadLetterScan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def pull(self, *, stop: Callable[[list[DeadLetterEntry]], bool] | None = None,
+             max_scan: int = _MAX_SCAN) -> list[DeadLetterEntry]:
+        """Pull until the subscription has nothing more, or `stop(entries)` says enough."""
+        by_id: dict[str, DeadLetterEntry] = {}
+        while not (stop and stop(list(by_id.values()))):
+            if len(by_id) >= max_scan:
+                self.truncated = True
+                break
+            try:
+                response = self._subscriber.pull(
+                    subscription=self.subscription,
+                    max_messages=min(1000, max_scan - len(by_id)),
+                    timeout=self._pull_timeout_s,
+                )
+            except exceptions.DeadlineExceeded:
+                break
+            received = list(response.received_messages)
+            if not received:
+                break
+            ack_ids = [r.ack_id for r in received]
+            self._modify(ack_ids, _HOLD_S)
+            for item in received:
+                entry = DeadLetterEntry.from_received(item)
+                self._held[entry.message_id] = entry.ack_id
+                by_id[entry.message_id] = entry
+        self.entries = sorted(by_id.values(), key=_sort_key)
+        return self.entries
+
+    def ack(self, entries: list[DeadLetterEntry]) -> None:
+        ack_ids = [self._held.pop(e.message_id) for e in entries]
+        self._subscriber.acknowledge(subscription=self.subscription, ack_ids=ack_ids)
+
+    def give_back(self, entries: Iterable[DeadLetterEntry]) -> None:
+        ack_ids = [self._held.pop(e.message_id) for e in entries if e.message_id in self._held]
+        self._modify(ack_ids, 0)
+
+    def release(self) -> None:
+        ack_ids, self._held = list(self._held.values()), {}
+        self._modify(ack_ids, 0)
+
+    def _modify(self, ack_ids: list[str], seconds: int) -> None:
+        for start in range(0, len(ack_ids), _ACK_CHUNK):
+            self._subscriber.modify_ack_deadline(
+                subscription=self.subscription,
+                ack_ids=ack_ids[start : start + _ACK_CHUNK],
+                ack_deadline_seconds=seconds,
+            )
+
+
+def list_dead_letters(subscriber: Any, subscription: str, *, limit: int | None = None,
+                      pull_timeout_s: float = 2.0) -> tuple[list[DeadLetterEntry], bool]:
+    """Up to `limit` dead letters, oldest first, left on the subscription; and whether
+    there may be more than were listed."""
+    with DeadLetterScan(subscriber, subscription, pull_timeout_s=pull_timeout_s) as scan:
+        entries = scan.pull(stop=(lambda got: len(got) >= limit) if limit else None)
+        more = scan.truncated or bool(limit and len(entries) >= limit)
+    return entries[:limit] if limit else entries, more
+
+
+@dataclass
+class ReplayReport:
+    selected: list[DeadLetterEntry] = field(default_factory=list)
+    replayed: list[DeadLetterEntry] = field(default_factory=list)
+    failed: list[tuple[DeadLetterEntry, str]] = field(default_factory=list)
+    skipped: int = 0
+    dry_run: bool = False
+    truncated: bool = False
+
+
+def replay_dead_letters(
+    subscriber: Any,
+    publisher: Any,
+    subscription: str,
+    jobs_topic: str,
+    *,
+    kind: str | None = None,
+    job_id: str | None = None,
+    limit: int | None = None,
+    dry_run: bool = False,
+    pull_timeout_s: float = 2.0,
+    on_selected: Callable[[list[DeadLetterEntry]], None] | None = None,
+    on_settled: Callable[[DeadLetterEntry, str | None], None] | None = None,
+) -> ReplayReport:
+    """Republish matching dead letters' original data to `jobs_topic`, then ack them.
+
+    Non-matching ones (and, past `limit`, matching ones) are given back untouched.
+    `on_selected` hears what will be replayed, `on_settled` each one's fate (None
+    for success, else the reason), for a progress display.
+    """
+    report = ReplayReport(dry_run=dry_run)
+    with DeadLetterScan(subscriber, subscription, pull_timeout_s=pull_timeout_s) as scan:
+        entries = scan.pull(
+            stop=(lambda got: sum(e.matches(kind, job_id) for e in got) >= limit) if limit else None
+        )
+        report.truncated = scan.truncated
+        matching = [e for e in entries if e.matches(kind, job_id)]
+        report.selected = matching[:limit] if limit else matching
+        report.skipped = len(entries) - len(report.selected)
+        chosen = {e.message_id for e in report.selected}
+        scan.give_back(e for e in entries if e.message_id not in chosen)
+        if on_selected:
+            on_selected(report.selected)
+        if dry_run:
+            return report
+        futures = {
+            publisher.publish(jobs_topic, entry.data, **entry.replay_attributes()): entry
+            for entry in report.selected
+        }
+        published: list[DeadLetterEntry] = []
+
+        def ack_published() -> None:
+            # Acks go in batches: one RPC per dead letter would make a big replay crawl.
+            error = None
+            try:
+                scan.ack(published)
+            except exceptions.GoogleAPICallError as exc:
+                # Republished but still dead-lettered: a later replay would run them twice.
+                error = f"republished, but the dead letter was not acked: {exc.message}"
+            for entry in published:
+                _settle(report, entry, error, on_settled)
+            published.clear()
+
+        try:
+            for future in concurrent.futures.as_completed(futures, timeout=_PUBLISH_TIMEOUT_S):
+                entry = futures.pop(future)
+                error = _publish_error(future)
+                if error is not None:
+                    _settle(report, entry, error, on_settled)
+                    continue
+                published.append(entry)
+                if len(published) >= _ACK_BATCH:
+                    ack_published()
+        except concurrent.futures.TimeoutError:
+            for entry in futures.values():
+                error = "republish did not resolve in time; it stays dead-lettered (it may run twice)"
+                _settle(report, entry, error, on_settled)
+        finally:
+            if published:
+                ack_published()
+    return report
+
+
+def _settle(
+    report: ReplayReport,
+    entry: DeadLetterEntry,
+    error: str | None,
+    on_settled: Callable[[DeadLetterEntry, str | None], None] | None,
+) -> None:
+    if error is None:
+        report.replayed.append(entry)
+    else:
+        report.failed.append((entry, error))
+    if on_settled:
+        on_settled(entry, error)
+
+
+def _publish_error(future: Any) -> str | None:
+    try:
+        future.result(timeout=0)
+    except Exception as exc:
+        return f"republish failed ({type(exc).__name__}: {str(exc)[:200]}); it stays dead-lettered"
+    return None
+
+
+def _sort_key(entry: DeadLetterEntry) -> tuple[datetime, str]:
+    return (entry.dead_lettered_at or datetime.max.replace(tzinfo=UTC), entry.message_id)
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _timestamp(value: Any) -> datetime | None:
+    # proto-plus gives publish_time as a DatetimeWithNanoseconds (a datetime).
+    if isinstance(value, datetime) and value.year > 1970:
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return None

@@ -1,0 +1,198 @@
+"""Wiring: settings -> clients -> resolver, identity, invoker -> pipeline -> consumer.
+
+Every Google client is built once here, with its endpoint and credentials passed
+explicitly, and handed to the pieces that need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+
+from worker.core.catalog import Catalog, default_catalog_dir
+from worker.core.errors import ConfigError
+from worker.core.pipeline import Pipeline
+from worker.core.settings import Settings
+from worker.gcp import emulator
+from worker.gcp.batch import BatchFanOut
+from worker.gcp.consumer import Consumer, read_max_delivery_attempts
+from worker.gcp.identity import IdentityTokenSource, build_token_source
+from worker.gcp.invoker import Invoker
+from worker.gcp.resolver import ServiceResolver
+from worker.gcp.results import ResultPublisher
+from worker.runtime.health import serve_health
+
+log = structlog.get_logger("worker")
+
+
+def load_catalog(settings: Settings) -> Catalog:
+    return Catalog.load(settings.catalog_dir or default_catalog_dir())
+
+
+def access_credentials(settings: Settings) -> Any:
+    """OAuth credentials for Google APIs (Admin API, Pub/Sub), as the worker's identity."""
+    import google.auth
+    from google.auth import impersonated_credentials
+
+    from worker.gcp.identity import CLOUD_PLATFORM
+
+    creds, _ = google.auth.default(scopes=[CLOUD_PLATFORM])
+    if settings.impersonate_service_account:
+        override = None
+        if settings.iam_api_endpoint:
+            override = (
+                f"{settings.iam_api_endpoint}/v1/projects/-/serviceAccounts/"
+                f"{settings.impersonate_service_account}:generateAccessToken"
+            )
+        creds = impersonated_credentials.Credentials(
+            source_credentials=creds,
+            target_principal=settings.impersonate_service_account,
+            target_scopes=[CLOUD_PLATFORM],
+            iam_endpoint_override=override,
+        )
+    return creds
+
+
+def run_client(settings: Settings, credentials: Any) -> Any:
+    from google.cloud import run_v2
+
+    options = {"api_endpoint": settings.run_api_endpoint} if settings.run_api_endpoint else None
+    return run_v2.ServicesClient(transport="rest", credentials=credentials, client_options=options)
+
+
+def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
+    from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
+
+    # With PUBSUB_EMULATOR_HOST set the clients talk to the emulator without credentials.
+    emulator_host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    kwargs = {} if emulator_host else {"credentials": credentials}
+    publisher = pubsub_v1.PublisherClient(
+        batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005),
+        **kwargs,
+    )
+    if emulator_host:
+        # Streams rotated, see worker/gcp/emulator.py.
+        return publisher, pubsub_v1.SubscriberClient(transport=emulator.subscriber_transport(emulator_host))
+    return publisher, pubsub_v1.SubscriberClient(**kwargs)
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    catalog: Catalog
+    tokens: IdentityTokenSource
+    resolver: ServiceResolver
+    pipeline: Pipeline
+    consumer: Consumer
+    publisher_client: Any
+    subscriber_client: Any
+
+
+async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
+    catalog = load_catalog(settings)
+    tokens = build_token_source(settings.impersonate_service_account, settings.iam_api_endpoint)
+    credentials = access_credentials(settings)
+    resolver = ServiceResolver(
+        run_client(settings, credentials),
+        settings.project,
+        ttl_s=settings.resolver_ttl_s,
+        allow_insecure_loopback=settings.local_run_api,
+    )
+    session = await stack.enter_async_context(
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        )
+    )
+    publisher_client, subscriber_client = pubsub_clients(settings, credentials)
+    stack.callback(subscriber_client.close)
+    subscription = subscriber_client.subscription_path(settings.project, settings.jobs_subscription)
+    max_attempts = settings.max_delivery_attempts or await asyncio.to_thread(
+        _subscription_max_attempts, subscriber_client, subscription
+    )
+    results = ResultPublisher(
+        publisher_client,
+        publisher_client.topic_path(settings.project, settings.results_topic),
+        publisher_client.topic_path(settings.project, settings.dead_letter_topic),
+    )
+    invoker = Invoker(session, tokens)
+    fan_out = BatchFanOut(
+        publisher_client,
+        publisher_client.topic_path(settings.project, settings.jobs_topic),
+        invoker,
+        resolver,
+        region=settings.region,
+    )
+    pipeline = Pipeline(
+        catalog,
+        resolver,
+        invoker,
+        region=settings.region,
+        max_payload_bytes=settings.max_payload_bytes,
+        batch_handler=fan_out,
+    )
+    consumer = Consumer(
+        subscriber_client,
+        subscription,
+        pipeline.handle,
+        results,
+        max_in_flight=settings.max_in_flight,
+        grace_s=settings.shutdown_grace_s,
+        max_delivery_attempts=max_attempts,
+        lease_extension_s=settings.lease_extension_s,
+    )
+    return Worker(
+        settings, catalog, tokens, resolver, pipeline, consumer, publisher_client, subscriber_client
+    )
+
+
+def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None:
+    from google.api_core import exceptions
+
+    try:
+        return read_max_delivery_attempts(subscriber, subscription)
+    except exceptions.NotFound:
+        raise ConfigError(
+            f"subscription {subscription} does not exist; create the topics and subscriptions "
+            "with `worker setup` (or set WORKER_JOBS_SUBSCRIPTION)"
+        ) from None
+    except exceptions.PermissionDenied:
+        raise ConfigError(
+            f"the worker may not read subscription {subscription}; grant it roles/pubsub.viewer "
+            "on it, or set WORKER_MAX_DELIVERY_ATTEMPTS (see `worker setup --print-gcloud`)"
+        ) from None
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop`), drain, flush. Raises ConfigError at start-up."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Not possible off the main thread (worker dev runs it beside the local cloud).
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _on_signal, stop, sig)
+    async with AsyncExitStack() as stack:
+        health = await serve_health(settings, stack)  # None unless WORKER_HEALTH_PORT or PORT is set
+        worker = await build_worker(settings, stack)
+        if health is not None:
+            health.watch(worker.consumer, worker.subscriber_client, stack)
+        log.info(
+            "worker_ready",
+            identity=worker.tokens.principal.describe(),
+            kinds=sorted(worker.catalog),
+            subscription=settings.jobs_subscription,
+            max_delivery_attempts=worker.consumer.max_delivery_attempts,
+        )
+        await worker.consumer.run(stop)
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("shutdown_requested", signal=sig.name)
+    stop.set()
