@@ -69,6 +69,7 @@ if ! podman image exists "$uv_image"; then
     rm -rf "$bin"
 fi
 
+previous="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
 started=$SECONDS
 echo "container-build: NOTE the base is a Debian bookworm stand-in for python:3.11-slim, not the official image"
 echo "container-build: building $image from the Dockerfile, on the stand-ins (PYTHON_IMAGE=$base, UV_IMAGE=$uv_image)"
@@ -76,6 +77,11 @@ podman build --network=host --layers \
     --build-arg "PYTHON_IMAGE=$base" --build-arg "UV_IMAGE=$uv_image" \
     --tag "$image" .
 echo "container-build: build took $((SECONDS - started)) s; image size $(podman image inspect --format '{{.Size}}' "$image") bytes"
+# The image this tag named before is now untagged: drop it, so repeated runs on one
+# machine do not pile up images (the layer cache stays).
+if [[ -n "$previous" && "$previous" != "$(podman image inspect --format '{{.Id}}' "$image")" ]]; then
+    podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "image=$image"
 echo "containers_conf=$CONTAINERS_CONF"
 echo "base=$base"
