@@ -19,14 +19,7 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 def test_every_verb_is_registered_once() -> None:
     assert set(cli.commands) == {
-        "run",
-        "setup",
-        "enqueue",
-        "dead-letters",
-        "replay",
-        "doctor",
-        "batch-status",
-        "dev",
+        "run", "setup", "enqueue", "dead-letters", "replay", "doctor", "batch-status", "dev",
     }
 
 
@@ -76,13 +69,8 @@ def test_batch_status_prints_markup_in_an_id_literally(
 def test_batch_status_shows_progress(tmp_path: Path, runner: CliRunner) -> None:
     results = tmp_path / "results.jsonl"
     child = {
-        "job_id": "b1:0",
-        "kind": "account-scoring",
-        "status": "succeeded",
-        "attempts": 1,
-        "started_at": "2026-01-01T00:00:00Z",
-        "finished_at": "2026-01-01T00:00:01Z",
-        "duration_ms": 1000,
+        "job_id": "b1:0", "kind": "account-scoring", "status": "succeeded", "attempts": 1,
+        "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z", "duration_ms": 1000,
         "batch": {"id": "b1", "index": 0, "total": 2},
     }
     results.write_text(json.dumps(child) + "\n[not a result]\n")
