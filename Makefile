@@ -39,6 +39,7 @@ test-container: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check worker localcloud tests bench scripts
 	$(BIN)/mypy worker localcloud/src
+	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/check-jsonschema --builtin-schema vendor.cloudbuild cloudbuild.yaml
 
@@ -52,4 +53,4 @@ soak: $(STAMP)
 	SOAK_SCALE=full $(BIN)/pytest -q -m soak -s
 
 clean:
-	rm -rf $(VENV) .tools dist build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools dist build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

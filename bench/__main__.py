@@ -3,7 +3,7 @@
     python -m bench [--quick] [--max-in-flight 200] [--naive-cap-s 60] [--only a,b,c,d]
 
 Starts the Pub/Sub emulator and the local cloud in this process, runs the scenarios
-of issue #7 one contender at a time, prints a table and the targets, and writes the
+of BENCHMARKS.md one contender at a time, prints a table and the targets, and writes the
 JSON to bench/results/. The full run takes several minutes on two cores.
 """
 

@@ -1,12 +1,5 @@
-"""The emulator's fault with departed subscribers, and the worker's cap on it.
-
-The emulator (cloud-pubsub-emulator 0.8.20) keeps the streaming pull of a client that
-went away alive on its side until the RPC's deadline, 1,800 s by default: it goes on
-taking messages off the subscription for a stream nobody reads, and each of them comes
-back only after its ack deadline, one delivery attempt later. With replicas killed and
-restarted every few seconds, most deliveries end up in dead streams (the chaos soak
-found it). `worker.gcp.emulator.subscriber_transport` caps StreamingPull deadlines so
-such a stream is forgotten within that many seconds.
+"""The emulator's departed-stream fault and the worker's cap on it (worker/gcp/emulator.py,
+fault 1, where both are explained).
 
 Both halves are shown here on the real emulator: the fault with the library's default
 client, and its absence with the worker's transport once the cap has passed.
@@ -32,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 ACK_DEADLINE_S = 10
 MESSAGES = 20
-# A short cap so the test need not wait the worker's 30 s.
+# A short cap so the test need not wait the worker's STREAM_DEADLINE_S.
 CAP_S = 3.0
 
 # A subscriber that never acks, in its own process so it can be SIGKILLed like a replica.

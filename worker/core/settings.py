@@ -1,6 +1,6 @@
 """Typed configuration from the environment.
 
-Every setting has one environment variable (DESIGN.md section 2). A bad value stops
+Every setting has one environment variable (docs/contract.md, "Configuration"). A bad value stops
 start-up with a message naming the variable, never a traceback.
 """
 

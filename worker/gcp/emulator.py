@@ -1,24 +1,42 @@
-"""The subscriber transport the worker uses on the Pub/Sub emulator, and why.
+"""What runs on the Pub/Sub emulator only, and why: the emulator's two faults.
 
-The emulator (gcloud 528, cloud-pubsub-emulator 0.8.20) never notices that a
-streaming-pull client went away, killed or closed cleanly: the stream goes on taking
-messages off the subscription until the RPC's deadline, 1,800 s by default, and each
-message it takes comes back only after its ack deadline, one delivery attempt later.
-After one killed worker, half of all new jobs went to its dead stream for as long as
-we watched (tests/e2e/test_emulator_streams.py).
+This is the one place they are explained; the README, the consumer, `worker setup`
+and the tests point here. Both are faults of emulator 528 (gcloud 528,
+cloud-pubsub-emulator 0.8.20). Real Pub/Sub has neither, and the worker does none of
+this there.
 
-So on the emulator every StreamingPull call gets a deadline of STREAM_DEADLINE_S, and
-the client library, which treats DEADLINE_EXCEEDED on the stream as recoverable,
-opens the next one. A dead worker's stream is then gone within that time.
+Fault 1: departed streams. The emulator never notices that a streaming-pull client
+went away, killed or closed cleanly: the stream goes on taking messages off the
+subscription until the RPC's deadline, 1,800 s by default, and each message it takes
+comes back only after its ack deadline, one delivery attempt later. Evidence:
+tests/e2e/test_emulator_streams.py shows it with the library's default client (and
+its absence with the transport below); measured, after one killed subscriber half of
+all new messages went to its dead stream for the three minutes watched, and the chaos
+soak burned its delivery attempts on dead streams (BENCHMARKS.md, "What the fix was").
+What the worker does:
+- Every StreamingPull call on the emulator gets a deadline of STREAM_DEADLINE_S
+  (`subscriber_transport`); the client library treats DEADLINE_EXCEEDED on the stream
+  as recoverable and opens the next one, so a dead worker's stream is gone within
+  that time. The price: what the emulator hands a stream in its last moments is lost
+  with it and comes back after its ack deadline (a plain subscriber at 50 msg/s for
+  90 s: 18 of 4,430 messages, each once, about 3 per rotation; with a deep backlog
+  more, since the emulator pushes regardless of flow control). Ending the stream
+  gently does not help: after a half-close the emulator ends the call with OK, which
+  the library takes as final. The deadline is 13 s, not a divisor of the usual ack
+  deadlines (10 s, 60 s), so a job lost at one rotation does not come back just in
+  time to be lost at the next (at 10 s, 27 of 4,434 were lost, some up to 6 times).
+- The consumer never nacks after its own stream closed (worker/gcp/consumer.py): the
+  message would go straight back to that closed stream.
 
-The price: what the emulator hands a stream in its last moments is lost with it and
-comes back after its ack deadline (measured: at 50 jobs/s, about 3 jobs per
-rotation; with a deep backlog more, since the emulator pushes regardless of flow
-control). Ending the stream gently does not help: after a half-close the emulator
-ends the call with OK, which the library takes as final. The deadline is 13 s, not a
-divisor of the usual ack deadlines (10 s, 60 s), so a job lost at one rotation does
-not come back just in time to be lost at the next (at 10 s, some were lost five
-times in a row). Real Pub/Sub needs none of this and does not get it.
+Fault 2: nacks lost under a retry policy. When the jobs subscription has a retry
+policy, the emulator loses nacked messages whose subscriber stream dies before their
+backoff ends: they are never redelivered. Evidence: the CI-sized chaos soak
+(tests/e2e/test_soak.py) lost 264 of 600 jobs with a policy, the stream cap already
+in place; none without one. What the worker does: on the emulator the jobs
+subscription gets no retry policy (worker.ops.provision.for_target, used by `worker
+setup`, `worker dev` and the tests), so a nack is redelivered at once; the consumer's
+hold before each nack (worker.core.backoff, equal jitter) keeps an outage from
+burning every delivery attempt at once. Real Pub/Sub gets 10 s-600 s.
 """
 
 from __future__ import annotations
@@ -27,7 +45,6 @@ from typing import Any
 
 import grpc
 
-STREAMING_PULL = "/google.pubsub.v1.Subscriber/StreamingPull"
 STREAM_DEADLINE_S = 13.0
 
 
