@@ -241,7 +241,11 @@ def test_doctor_checks_each_job_and_names_the_role_that_runs_it(stack: dict[str,
         "--project=local-project --member=serviceAccount:worker@local-project.iam.gserviceaccount.com "
         "--role=roles/run.jobsExecutorWithOverrides"
     ) in every.stdout
-    assert "FAIL job: projects/local-project/locations/us-central1/jobs/missing-" in every.stdout
+    missing = jobs["rescore"].name.replace("rescore", "missing", 1)
+    assert (
+        f"FAIL job: the worker may not read projects/local-project/locations/us-central1/jobs/{missing}, "
+        "or it does not exist"
+    ) in every.stdout
 
 
 def test_no_pubsub_lease_was_held_longer_than_a_few_seconds(stack: dict[str, Any]) -> None:

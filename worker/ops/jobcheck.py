@@ -41,9 +41,11 @@ async def check_run_job(
             Check(
                 "job",
                 False,
-                f"the worker may not read {name}",
-                [exc.message],
-                [grant(member, "roles/run.viewer", name)],
+                f"the worker may not read {name}, or it does not exist",
+                [exc.message, "granted per job, roles/run.viewer cannot tell the two apart: Cloud Run "
+                 "answers 403 for both; the job list shows which it is"],
+                [gcloud("run", "jobs", "list", region=region, project=settings.project),
+                 grant(member, "roles/run.viewer", name)],
             )
         )
         return report
