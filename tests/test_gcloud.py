@@ -42,12 +42,15 @@ def test_each_principal_gets_only_what_it_uses() -> None:
         ("roles/pubsub.viewer", "projects/acme/subscriptions/jobs-worker"),
         ("roles/pubsub.publisher", "projects/acme/topics/job-results"),
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
-        ("roles/run.viewer", "projects/acme"),
+        ("roles/run.viewer", "projects/acme/locations/us-central1/services/account-scoring"),
         ("roles/run.invoker", "projects/acme/locations/us-central1/services/account-scoring"),
+        ("roles/run.viewer", "projects/acme/locations/europe-west1/services/echo"),
         ("roles/run.invoker", "projects/acme/locations/europe-west1/services/echo"),
         ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
         ("projects/acme/roles/workerControlChannel", "projects/acme"),
     }
+    # Nothing on the whole project: Cloud Run roles are granted per service.
+    assert not [b for b in bindings if b.resource == "projects/acme"]
     assert roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com") == {
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
         ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-worker"),
@@ -78,9 +81,10 @@ def test_commands_create_resources_as_setup_does_then_bind() -> None:
         "--role=roles/pubsub.publisher"
     ) in commands
     assert (
-        f"gcloud projects add-iam-policy-binding acme --member=serviceAccount:{WORKER} "
-        "--role=roles/run.viewer --condition=None"
+        "gcloud run services add-iam-policy-binding echo --region=europe-west1 --project=acme "
+        f"--member=serviceAccount:{WORKER} --role=roles/run.viewer"
     ) in commands
+    assert not [c for c in commands if c.startswith("gcloud projects add-iam-policy-binding")]
     bindings = iam_bindings(settings(), catalog(), WORKER, WEBAPP)
     assert len([c for c in commands if "add-iam-policy-binding" in c]) == len(bindings)
 

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     log_format: str = Field("auto", validation_alias=_env("WORKER_LOG_FORMAT"))
     log_level: str = Field("info", validation_alias=_env("WORKER_LOG_LEVEL"))
     port: int | None = Field(None, ge=1, le=65535, validation_alias=_env("PORT"))
+    # Where /healthz and /readyz listen (health.py): WORKER_HEALTH_PORT if set, else PORT.
+    health_port: int | None = Field(None, ge=1, le=65535, validation_alias=_env("WORKER_HEALTH_PORT"))
+    health_host: str = Field("0.0.0.0", validation_alias=_env("WORKER_HEALTH_HOST"))
     health_stall_s: float = Field(60.0, gt=0, validation_alias=_env("WORKER_HEALTH_STALL_SECONDS"))
 
     @field_validator("impersonate_service_account")
@@ -89,6 +92,17 @@ class Settings(BaseSettings):
             raise ValueError("plain http is only allowed for a loopback address (the local cloud)")
         return value.rstrip("/")
 
+    @field_validator("health_host")
+    @classmethod
+    def _health_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                "must be an IP address: 0.0.0.0 (all interfaces, as Cloud Run needs) or 127.0.0.1"
+            ) from None
+        return value
+
     @field_validator("log_format")
     @classmethod
     def _log_format(cls, value: str) -> str:
@@ -102,6 +116,15 @@ class Settings(BaseSettings):
         if value.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("must be one of debug, info, warning, error")
         return value.lower()
+
+    @property
+    def health_listen_port(self) -> tuple[str, int] | None:
+        """(variable, port) the health endpoints listen on: WORKER_HEALTH_PORT, else PORT, else None."""
+        if self.health_port is not None:
+            return "WORKER_HEALTH_PORT", self.health_port
+        if self.port is not None:
+            return "PORT", self.port
+        return None
 
     @property
     def local_run_api(self) -> bool:

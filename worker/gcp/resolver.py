@@ -125,9 +125,9 @@ class ServiceResolver:
         except api_exceptions.Forbidden:  # REST raises Forbidden; gRPC its subclass PermissionDenied
             raise PermanentJobError(
                 "permission_denied",
-                f"the worker's identity may not read Cloud Run service {service!r} (Admin API 403 "
-                f"for {name}); grant it roles/run.viewer: "
-                + grant("serviceAccount:WORKER_SA", "roles/run.viewer", f"projects/{self._project}"),
+                f"the worker's identity may not read Cloud Run service {service!r}, or it does not "
+                f"exist (Admin API 403 for {name}); grant roles/run.viewer on the service: "
+                + grant("serviceAccount:WORKER_SA", "roles/run.viewer", name),
             ) from None
         except Exception as exc:  # any outage: API errors, refused connections, auth refresh
             if credentials_refused(exc):

@@ -94,7 +94,6 @@ def iam_bindings(
         ),
         Binding(worker, "roles/pubsub.publisher", topic(settings.results_topic), "publish results"),
         Binding(worker, "roles/pubsub.publisher", dead_letters, "dead-letter jobs that failed for good"),
-        Binding(worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"),
         Binding(
             worker,
             "roles/pubsub.publisher",
@@ -125,23 +124,29 @@ def iam_bindings(
             )
         )
     for service, region in sorted(catalog.services(settings.region)):
-        bindings.append(
+        # Per service, not on the project: the worker reads and calls the catalog's
+        # services and no others.
+        bindings += [
+            run_viewer_binding(worker, settings.project, service, region),
             Binding(
                 worker,
                 "roles/run.invoker",
-                f"{project}/locations/{region}/services/{service}",
+                service_resource(settings.project, service, region),
                 "call the service with an ID token minted for its URL",
-            )
-        )
+            ),
+        ]
     for job, region in sorted(catalog.run_jobs(settings.region)):
-        bindings.append(
+        # Per job too: read the job and follow its executions; run them with overrides.
+        job_resource = f"{project}/locations/{region}/jobs/{job}"
+        bindings += [
+            Binding(worker, "roles/run.viewer", job_resource, "read the job and follow its executions"),
             Binding(
                 worker,
                 RUN_JOB_EXECUTOR,
-                f"{project}/locations/{region}/jobs/{job}",
+                job_resource,
                 "start executions with overrides (run.jobs.runWithOverrides), cancel a duplicate one",
-            )
-        )
+            ),
+        ]
     bindings += [
         Binding(
             agent,
@@ -181,6 +186,20 @@ CONTROL_PERMISSIONS = (
 def control_role(settings: Settings) -> str:
     """The custom role the control channel's short-lived subscriptions need."""
     return f"projects/{settings.project}/roles/{CONTROL_ROLE_ID}"
+
+
+def service_resource(project: str, service: str, region: str) -> str:
+    return f"projects/{project}/locations/{region}/services/{service}"
+
+
+def run_viewer_binding(member: str, project: str, service: str, region: str) -> Binding:
+    """What resolving one service's URL through the Cloud Run Admin API needs."""
+    return Binding(
+        member,
+        "roles/run.viewer",
+        service_resource(project, service, region),
+        "resolve the service's URL through the Cloud Run Admin API",
+    )
 
 
 def check_operator(member: str) -> None:

@@ -217,7 +217,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, _on_signal, stop, sig)
     async with AsyncExitStack() as stack:
-        health = await serve_health(settings, stack)  # None unless $PORT is set
+        health = await serve_health(settings, stack)  # None unless WORKER_HEALTH_PORT or PORT is set
         worker = await build_worker(settings, stack)
         await worker.control.start()
         stack.push_async_callback(worker.control.close)
