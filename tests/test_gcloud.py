@@ -49,8 +49,10 @@ def test_each_principal_gets_only_what_it_uses() -> None:
         ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
         ("projects/acme/roles/workerControlChannel", "projects/acme"),
     }
-    # Nothing on the whole project: Cloud Run roles are granted per service.
-    assert not [b for b in bindings if b.resource == "projects/acme"]
+    # Nothing on the whole project but the control channel's custom role: Cloud Run roles
+    # are granted per service, and creating a subscription is checked on the project.
+    on_project = [b.role for b in bindings if b.resource == "projects/acme"]
+    assert on_project == ["projects/acme/roles/workerControlChannel"]
     assert roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com") == {
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
         ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-worker"),
@@ -84,7 +86,8 @@ def test_commands_create_resources_as_setup_does_then_bind() -> None:
         "gcloud run services add-iam-policy-binding echo --region=europe-west1 --project=acme "
         f"--member=serviceAccount:{WORKER} --role=roles/run.viewer"
     ) in commands
-    assert not [c for c in commands if c.startswith("gcloud projects add-iam-policy-binding")]
+    on_project = [c for c in commands if c.startswith("gcloud projects add-iam-policy-binding")]
+    assert len(on_project) == 1 and "--role=projects/acme/roles/workerControlChannel" in on_project[0]
     bindings = iam_bindings(settings(), catalog(), WORKER, WEBAPP)
     assert len([c for c in commands if "add-iam-policy-binding" in c]) == len(bindings)
 
