@@ -16,7 +16,7 @@ import structlog
 
 from worker.core.catalog import Catalog, JobKind
 from worker.core.dead_letters import DeadLetterAttributes
-from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
+from worker.core.errors import HoldJob, InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.messages import (
     ErrorInfo,
     ExecutionInfo,
@@ -55,6 +55,7 @@ class Delivery:
     delivery_attempt: int | None = None
     final_attempt: bool = False
     publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
+    may_hold: bool = True  # False once held for WORKER_MAX_HOLD_SECONDS on the last attempt
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class Outcome:
     span: JobSpan = NO_SPAN  # ended by whoever settles the message
     kind: str | None = None  # the catalog's kind, once the job's kind was found in it
     retry_code: str | None = None  # why a job that is not acked goes back
+    # Not now: hold the job under lease (no delivery attempt used), run it again once
+    # `hold()` returns (a paused kind, an open circuit breaker; worker/core/guard.py).
+    hold: Callable[[], Awaitable[None]] | None = None
     follow_up: Republish | None = None
     hold_s: float = 0.0  # keep the message leased this long before publishing and acking
 
@@ -147,6 +151,17 @@ class Pipeline:
             with span.active():
                 call = await self._run(job, kind, delivery)
             return self._finish(delivery, job, started, call.status, span, known, call=call)
+        except HoldJob as exc:
+            if delivery.may_hold:
+                log.debug("job_held", reason=exc.reason)
+                held = self._span(span, delivery, job, started)
+                return Outcome(ack=False, hold=exc.wait, span=held, kind=known)
+            error = TransientJobError(
+                "held_too_long",
+                f"held for WORKER_MAX_HOLD_SECONDS on its last delivery attempt ({exc.reason}): "
+                "resume the kind or mend the service, then `worker replay`",
+            )
+            return self._finish(delivery, job, started, JobStatus.FAILED, span, known, error=error)
         except InvalidJobError as exc:
             return self._finish(delivery, job, started, JobStatus.REJECTED, span, known, error=exc)
         except PermanentJobError as exc:

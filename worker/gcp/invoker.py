@@ -43,6 +43,28 @@ def _host(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
 
 
+class Gate(Protocol):
+    """Around each HTTP attempt (worker/core/guard.py): may hold the job, wait, and learn the status."""
+
+    def call(self, kind: JobKind, region: str | None = None) -> Any: ...
+
+
+class _Open:
+    """The gate of an invoker without protections: every attempt goes at once."""
+
+    def call(self, kind: JobKind, region: str | None = None) -> _Open:
+        return self
+
+    async def __aenter__(self) -> _Open:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def answered(self, status: int) -> None:
+        return None
+
+
 class TokenSource(Protocol):
     async def token(self, audience: str) -> str: ...
 
@@ -100,12 +122,14 @@ class Invoker:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         telemetry: Telemetry = NO_TELEMETRY,
+        gate: Gate | None = None,
     ) -> None:
         self._session = session
         self._tokens = tokens
         self._sleep = sleep
         self._telemetry = telemetry
         self._metrics = telemetry.metrics
+        self._gate: Gate = gate or _Open()
 
     async def invoke(self, kind: JobKind, url: str, job: Job, region: str = "REGION") -> CallResult:
         attempts = 0
@@ -116,7 +140,9 @@ class Invoker:
             while True:
                 attempts += 1
                 token = await self._tokens.token(url)
-                status, body, retry_after = await self._attempt(kind, url, job, token, attempts)
+                async with self._gate.call(kind, region) as call:
+                    status, body, retry_after = await self._attempt(kind, url, job, token, attempts)
+                    call.answered(status)
                 verdict = classify(status, kind)
                 if verdict == "ok":
                     return CallResult(status, body, attempts)

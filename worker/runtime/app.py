@@ -19,12 +19,14 @@ import structlog
 
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError
+from worker.core.guard import Guard
 from worker.core.pipeline import Pipeline
 from worker.core.settings import Settings
 from worker.core.telemetry import Telemetry
 from worker.gcp import emulator
 from worker.gcp.batch import BatchFanOut
 from worker.gcp.consumer import Consumer, read_max_delivery_attempts
+from worker.gcp.control import ControlChannel
 from worker.gcp.identity import IdentityTokenSource, build_token_source
 from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
@@ -101,6 +103,21 @@ class Worker:
     consumer: Consumer
     subscriber_client: Any
     telemetry: Telemetry
+    guard: Guard
+    control: ControlChannel
+
+    def status(self) -> dict[str, Any]:
+        return instance_status(self.guard, self.consumer, self.control)
+
+
+def instance_status(guard: Guard, consumer: Consumer, control: ControlChannel) -> dict[str, Any]:
+    """This instance's protections, for /readyz and `worker status`."""
+    return {
+        **guard.snapshot(),
+        "in_flight": consumer.in_flight,
+        "held": consumer.stats.held,
+        "control": "listening" if control.listening else "off",
+    }
 
 
 def build_telemetry(settings: Settings) -> Telemetry:
@@ -145,7 +162,10 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
         publisher_client.topic_path(settings.project, settings.jobs_topic),
     )
-    invoker = Invoker(session, tokens, telemetry=telemetry)
+    guard = Guard(
+        catalog, region=settings.region, default_ceiling=settings.max_in_flight, capacity=resolver.capacity
+    )
+    invoker = Invoker(session, tokens, telemetry=telemetry, gate=guard)
     fan_out = BatchFanOut(
         publisher_client,
         publisher_client.topic_path(settings.project, settings.jobs_topic),
@@ -180,8 +200,18 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         max_delivery_attempts=max_attempts,
         lease_extension_s=settings.lease_extension_s,
         telemetry=telemetry,
+        max_hold_s=settings.max_hold_s,
+        max_held=settings.max_held,
     )
-    return Worker(catalog, tokens, consumer, subscriber_client, telemetry)
+    control = ControlChannel(
+        publisher_client,
+        subscriber_client,
+        project=settings.project,
+        topic=settings.control_topic,
+        pauses=guard.pauses,
+        status=lambda: instance_status(guard, consumer, control),
+    )
+    return Worker(catalog, tokens, consumer, subscriber_client, telemetry, guard, control)
 
 
 def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None:
@@ -217,10 +247,13 @@ async def run_worker(
     async with AsyncExitStack() as stack:
         # Closed last: spans of the drained jobs are exported, for TELEMETRY_FLUSH_S at most.
         stack.push_async_callback(asyncio.to_thread, telemetry.shutdown, TELEMETRY_FLUSH_S)
-        health = await serve_health(settings, stack, telemetry.metrics)  # None unless $PORT is set
+        # None unless WORKER_HEALTH_PORT or PORT is set
+        health = await serve_health(settings, stack, telemetry.metrics)
         worker = await build_worker(settings, stack, telemetry)
+        await worker.control.start()
+        stack.push_async_callback(worker.control.close)
         if health is not None:
-            health.watch(worker.consumer, worker.subscriber_client, stack)
+            health.watch(worker.consumer, worker.subscriber_client, stack, status=worker.status)
         log.info(
             "worker_ready",
             identity=worker.tokens.principal.describe(),
