@@ -275,3 +275,11 @@ def test_a_response_with_lone_surrogates_is_published_escaped() -> None:
         dumps({"job_id": "s", "kind": "echo", "payload": {}}), invoker=Invoker({"x": "\ud800"})
     )
     assert_publishable(outcome)
+
+
+@pytest.mark.parametrize("value", ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\n"])
+def test_a_traceparent_with_a_trailing_newline_is_not_passed_on(value: str) -> None:
+    # Python's `$` also matches before a final newline: the checks use fullmatch.
+    from worker.core.messages import usable_traceparent
+
+    assert not usable_traceparent(value)

@@ -93,14 +93,14 @@ class JobKind(BaseModel):
     @field_validator("kind")
     @classmethod
     def _kind_name(cls, value: str) -> str:
-        if not _KIND_RE.match(value):
+        if not _KIND_RE.fullmatch(value):
             raise ValueError("must be lower-case letters, digits and dashes, starting with a letter")
         return value
 
     @field_validator("service")
     @classmethod
     def _service_name(cls, value: str | None) -> str | None:
-        if value is not None and not _SERVICE_NAME_RE.match(value):
+        if value is not None and not _SERVICE_NAME_RE.fullmatch(value):
             raise ValueError("must be a Cloud Run service name (lower-case, digits, dashes)")
         return value
 

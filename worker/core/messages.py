@@ -81,7 +81,7 @@ class Job(BaseModel):
     @field_validator("traceparent")
     @classmethod
     def _traceparent(cls, value: str | None) -> str | None:
-        if value is not None and not _TRACEPARENT_RE.match(value):
+        if value is not None and not _TRACEPARENT_RE.fullmatch(value):
             raise ValueError("must be a W3C traceparent: 00-<32 hex>-<16 hex>-<2 hex>")
         return value
 
@@ -144,7 +144,7 @@ class Result(BaseModel):
 
     def attributes(self) -> dict[str, str]:
         attrs = {"status": self.status.value}
-        if self.job_id and _JOB_ID_RE.match(self.job_id):
+        if self.job_id and _JOB_ID_RE.fullmatch(self.job_id):
             attrs["job_id"] = self.job_id
         if self.kind:
             attrs["kind"] = clip(self.kind)
@@ -191,7 +191,7 @@ def usable_traceparent(value: Any) -> bool:
     """A W3C traceparent that names a trace: well formed, version not ff, ids not all zero."""
     return (
         isinstance(value, str)
-        and _TRACEPARENT_RE.match(value) is not None
+        and _TRACEPARENT_RE.fullmatch(value) is not None
         and not value.startswith("ff")
         and value[3:35] != "0" * 32
         and value[36:52] != "0" * 16
