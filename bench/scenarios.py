@@ -25,6 +25,8 @@ from tests.conftest import Names
 from tests.e2e.harness import WorkerProcess, drain, provision, publish, uid, worker_env, write_kind
 
 CONTENDERS = {"ceiling": "bench.ceiling", "naive": "bench.naive_worker", "ours": "worker"}
+# Extra environment per contender (bench/tracing.py adds `worker run` with tracing on).
+CONTENDER_ENV: dict[str, dict[str, str]] = {}
 KIND = "bench-echo"
 
 
@@ -156,6 +158,7 @@ def run_contender(cloud: Any, scenario: Scenario, contender: str) -> Run:
         WORKER_MAX_IN_FLIGHT=str(scenario.max_in_flight),
         BENCH_EXPECT=str(scenario.jobs),
         BENCH_ACKS_FILE=str(acks_file),
+        **CONTENDER_ENV.get(contender, {}),
     )
     provision(env)
     created: dict[str, float] = {}
@@ -164,15 +167,14 @@ def run_contender(cloud: Any, scenario: Scenario, contender: str) -> Run:
         created = {j["job_id"]: parse_time(j["created_at"]) for j in jobs}
         publish(env, jobs)
     tokens_before, calls_before = Counter(cloud.id_tokens_minted), Counter(cloud.admin_api_calls)
-    run = Run(
-        scenario.name, contender, scenario.jobs, scenario.max_in_flight if contender == "ours" else None
-    )
+    ours = contender not in ("ceiling", "naive")  # a `worker run`, whatever its settings
+    run = Run(scenario.name, contender, scenario.jobs, scenario.max_in_flight if ours else None)
     try:
         with WorkerProcess(env, name=f"bench-{contender}", module=CONTENDERS[contender]) as process:
             process.wait_ready(timeout=60)
             with ProcessMonitor(process.proc.pid) as monitor:
                 results = consume(env, scenario, contender, created, process, acks_file)
-            if contender == "ours":
+            if ours:
                 process.stop()
         tokens = Counter(cloud.id_tokens_minted) - tokens_before
         calls = Counter(cloud.admin_api_calls) - calls_before

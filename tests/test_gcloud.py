@@ -54,10 +54,17 @@ def test_each_principal_gets_only_what_it_uses() -> None:
         ("roles/pubsub.viewer", "projects/acme/subscriptions/jobs-worker"),
         ("roles/pubsub.publisher", "projects/acme/topics/job-results"),
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
-        ("roles/run.viewer", "projects/acme"),
+        ("roles/run.viewer", "projects/acme/locations/us-central1/services/account-scoring"),
         ("roles/run.invoker", "projects/acme/locations/us-central1/services/account-scoring"),
+        ("roles/run.viewer", "projects/acme/locations/europe-west1/services/echo"),
         ("roles/run.invoker", "projects/acme/locations/europe-west1/services/echo"),
+        ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+        ("projects/acme/roles/workerControlChannel", "projects/acme"),
     }
+    # Nothing on the whole project but the control channel's custom role: Cloud Run roles
+    # are granted per service, and creating a subscription is checked on the project.
+    on_project = [b.role for b in bindings if b.resource == "projects/acme"]
+    assert on_project == ["projects/acme/roles/workerControlChannel"]
     assert roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com") == {
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
         ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-worker"),
@@ -88,9 +95,11 @@ def test_commands_create_resources_as_setup_does_then_bind() -> None:
         "--role=roles/pubsub.publisher"
     ) in commands
     assert (
-        f"gcloud projects add-iam-policy-binding acme --member=serviceAccount:{WORKER} "
-        "--role=roles/run.viewer --condition=None"
+        "gcloud run services add-iam-policy-binding echo --region=europe-west1 --project=acme "
+        f"--member=serviceAccount:{WORKER} --role=roles/run.viewer"
     ) in commands
+    on_project = [c for c in commands if c.startswith("gcloud projects add-iam-policy-binding")]
+    assert len(on_project) == 1 and "--role=projects/acme/roles/workerControlChannel" in on_project[0]
     bindings = iam_bindings(settings(), catalog(), WORKER, WEBAPP)
     assert len([c for c in commands if "add-iam-policy-binding" in c]) == len(bindings)
 
@@ -135,9 +144,11 @@ def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() 
         assert roles_of(with_ops, member) == {
             ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-dead-letter-ops"),
             ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
+            ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+            ("projects/acme/roles/workerControlChannel", "projects/acme"),
             ("roles/iam.serviceAccountTokenCreator", f"projects/acme/serviceAccounts/{WORKER}"),
         }
-    assert len(with_ops) == len(base) + 6
+    assert len(with_ops) == len(base) + 10
 
 
 def test_an_operator_must_be_written_as_an_iam_member() -> None:

@@ -167,6 +167,9 @@ def print_script(
         ),
         nl=False,
     )
+    from worker.ops.limits import report
+
+    click.echo("\n".join(f"# {line}" for line in report(settings, catalog)))
     return EXIT_OK
 
 

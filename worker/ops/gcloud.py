@@ -150,7 +150,20 @@ def iam_bindings(
         ),
         Binding(worker, "roles/pubsub.publisher", topic(settings.results_topic), "publish results"),
         Binding(worker, "roles/pubsub.publisher", dead_letters, "dead-letter jobs that failed for good"),
-        Binding(worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"),
+        Binding(
+            worker,
+            "roles/pubsub.publisher",
+            topic(settings.control_topic),
+            "answer status requests and pass pause orders on to new instances (worker pause/status)",
+        ),
+        Binding(
+            worker,
+            control_role(settings),
+            project,
+            f"create, read and delete each instance's own subscription to {settings.control_topic} "
+            "(no predefined role narrower than roles/pubsub.editor creates subscriptions); without "
+            "it an instance runs but ignores worker pause (it logs control_channel_off)",
+        ),
     ]
     published = (
         ["the child jobs of batch kinds (batch-scoring)"] if any(k.batch for k in catalog.values()) else []
@@ -167,23 +180,29 @@ def iam_bindings(
             )
         )
     for service, region in sorted(catalog.services(settings.region)):
-        bindings.append(
+        # Per service, not on the project: the worker reads and calls the catalog's
+        # services and no others.
+        bindings += [
+            run_viewer_binding(worker, settings.project, service, region),
             Binding(
                 worker,
                 "roles/run.invoker",
-                f"{project}/locations/{region}/services/{service}",
+                service_resource(settings.project, service, region),
                 "call the service with an ID token minted for its URL",
-            )
-        )
+            ),
+        ]
     for job, region in sorted(catalog.run_jobs(settings.region)):
-        bindings.append(
+        # Per job too: read the job and follow its executions; run them with overrides.
+        job_resource = f"{project}/locations/{region}/jobs/{job}"
+        bindings += [
+            Binding(worker, "roles/run.viewer", job_resource, "read the job and follow its executions"),
             Binding(
                 worker,
                 RUN_JOB_EXECUTOR,
-                f"{project}/locations/{region}/jobs/{job}",
+                job_resource,
                 "start executions with overrides (run.jobs.runWithOverrides), cancel a duplicate one",
-            )
-        )
+            ),
+        ]
     bindings += [
         Binding(
             agent,
@@ -213,6 +232,35 @@ def iam_bindings(
     for operator in operators:
         bindings += operator_bindings(settings, operator, worker_sa, catalog)
     return bindings
+
+
+CONTROL_ROLE_ID = "workerControlChannel"
+CONTROL_PERMISSIONS = (
+    "pubsub.subscriptions.create",
+    "pubsub.subscriptions.delete",
+    "pubsub.subscriptions.consume",
+    "pubsub.subscriptions.get",
+    "pubsub.topics.attachSubscription",
+)
+
+
+def control_role(settings: Settings) -> str:
+    """The custom role the control channel's short-lived subscriptions need."""
+    return f"projects/{settings.project}/roles/{CONTROL_ROLE_ID}"
+
+
+def service_resource(project: str, service: str, region: str) -> str:
+    return f"projects/{project}/locations/{region}/services/{service}"
+
+
+def run_viewer_binding(member: str, project: str, service: str, region: str) -> Binding:
+    """What resolving one service's URL through the Cloud Run Admin API needs."""
+    return Binding(
+        member,
+        "roles/run.viewer",
+        service_resource(project, service, region),
+        "resolve the service's URL through the Cloud Run Admin API",
+    )
 
 
 def check_operator(member: str) -> None:
@@ -267,6 +315,19 @@ def operator_bindings(
         ),
         Binding(
             member,
+            "roles/pubsub.publisher",
+            f"{project}/topics/{settings.control_topic}",
+            "send pause and resume orders and status requests (worker pause/resume/status)",
+        ),
+        Binding(
+            member,
+            control_role(settings),
+            project,
+            f"read the instances' answers on a subscription to {settings.control_topic} made for "
+            "the question and deleted after it (worker status)",
+        ),
+        Binding(
+            member,
             "roles/iam.serviceAccountTokenCreator",
             f"{project}/serviceAccounts/{worker_sa}",
             "run worker doctor as the worker (WORKER_IMPERSONATE_SERVICE_ACCOUNT)",
@@ -297,8 +358,18 @@ def resource_commands(settings: Settings, options: SetupOptions, push: PushTarge
         }
     commands = [
         gcloud("pubsub", "topics", "create", name, project=settings.project)
-        for name in (settings.jobs_topic, settings.results_topic, settings.dead_letter_topic)
+        for name in (
+            settings.jobs_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic
+        )
     ]
+    commands.append(
+        gcloud(
+            "iam", "roles", "create", CONTROL_ROLE_ID, project=settings.project,
+            title="Worker control channel",
+            description="Make, read and delete the short-lived subscriptions of worker pause/status",
+            permissions=",".join(CONTROL_PERMISSIONS), stage="GA",
+        )
+    )
     commands += [
         gcloud(
             "pubsub", "subscriptions", "create", settings.jobs_subscription,

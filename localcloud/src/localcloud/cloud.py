@@ -92,7 +92,6 @@ class LocalCloud:
         self.recorder = Recorder(lambda token: self.authority.describe(token))
         self.authority = TokenAuthority(self.recorder)
         self.iam = IamPolicy(project)
-        self.iam.grant(member_for(worker_email), RUN_VIEWER, self.iam.project_resource)
 
         metadata_port = metadata_port or free_port()
         googleapis_port, run_api_port = free_port(), free_port()
@@ -226,6 +225,9 @@ class LocalCloud:
             )
             self._service_listeners[name] = listener
             listening = "services" not in self._down
+        # As `worker setup` grants them: the worker may read (resolve) every service it is
+        # given, per service rather than on the project; who may invoke it is the caller's say.
+        self.iam.grant(member_for(self.worker_email), RUN_VIEWER, f"run.service:{name}")
         for member in [member_for(self.worker_email)] if invokers is None else invokers:
             self.iam.grant(member, RUN_INVOKER, f"run.service:{name}")
         if listening:
@@ -272,6 +274,8 @@ class LocalCloud:
             if (name, region) in self._jobs:
                 raise ValueError(f"job {name!r} already exists in {region}")
             self._jobs[(name, region)] = job
+        # As `worker setup` grants it: the worker reads each job (and its executions) it runs.
+        self.iam.grant(member_for(self.worker_email), RUN_VIEWER, f"run.job:{name}")
         for member in [member_for(self.worker_email)] if executors is None else executors:
             self.iam.grant(member, executor_role, f"run.job:{name}")
         return job
