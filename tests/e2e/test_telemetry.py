@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from opentelemetry import trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -99,7 +100,10 @@ def logs() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     configure_logging("json", "info", "local-project", stream=stream)
     yield stream
-    configure_logging("console", "warning")
+    configure_logging("console", "warning")  # the stdlib handler off the StringIO
+    # and structlog as the other tests find it: a level filter left behind drops the
+    # info lines that tests capturing logs look for (test_health's probe events).
+    structlog.reset_defaults()
 
 
 def wait_http(url: str, timeout: float = 30) -> bytes:
