@@ -1,65 +1,184 @@
 """The subscriber transport the worker uses on the Pub/Sub emulator, and why.
 
-The emulator (gcloud 528, cloud-pubsub-emulator 0.8.20) never notices that a
-streaming-pull client went away, killed or closed cleanly: the stream goes on taking
-messages off the subscription until the RPC's deadline, 1,800 s by default, and each
-message it takes comes back only after its ack deadline, one delivery attempt later.
-After one killed worker, half of all new jobs went to its dead stream for as long as
-we watched (tests/e2e/test_emulator_streams.py).
+Two faults of the emulator (gcloud 528, cloud-pubsub-emulator 0.8.20) meet here; this
+is the one place they are explained (tests/e2e/test_emulator_streams.py shows each).
 
-So on the emulator every StreamingPull call gets a deadline of STREAM_DEADLINE_S, and
-the client library, which treats DEADLINE_EXCEEDED on the stream as recoverable,
-opens the next one. A dead worker's stream is then gone within that time.
+1. Departed streams. The emulator never notices that a streaming-pull client went
+   away, killed or closed cleanly: the stream goes on taking messages off the
+   subscription until the RPC's deadline, 1,800 s by default, and each message it
+   takes comes back only after its ack deadline, one delivery attempt later. After one
+   killed worker, half of all new jobs went to its dead stream for as long as we
+   watched. So every StreamingPull call gets a deadline of STREAM_DEADLINE_S, which
+   the server enforces too: a dead worker's stream is gone within it.
 
-The price: what the emulator hands a stream in its last moments is lost with it and
-comes back after its ack deadline (measured: at 50 jobs/s, about 3 jobs per
-rotation; with a deep backlog more, since the emulator pushes regardless of flow
-control). Ending the stream gently does not help: after a half-close the emulator
-ends the call with OK, which the library takes as final. The deadline is 13 s, not a
-divisor of the usual ack deadlines (10 s, 60 s), so a job lost at one rotation does
-not come back just in time to be lost at the next (at 10 s, some were lost five
-times in a row). Real Pub/Sub needs none of this and does not get it.
+2. Streams ignore flow control. The emulator writes as much of the backlog into a
+   stream as the transport takes (thousands of jobs), whatever the client asked for.
+   A call that is cut, by its deadline or a cancel, strands all of that: each comes
+   back after its ack deadline (with a deep backlog, ~2,000 jobs per cut, and the
+   run's last jobs 10 s late), and on a subscription with a retry policy the emulator
+   never redelivers many of them at all (1,796 of 20,000 in one run).
+
+So a live worker never lets the deadline cut its stream: after ROTATE_AFTER_S it
+half-closes it. The emulator then stops handing the stream new messages, sends what
+it had queued for it and ends the call with OK; the client library reads all of it.
+The library takes OK as the end of the subscription, so that one status is reported
+to it as DEADLINE_EXCEEDED, which it treats as recoverable: it opens the next stream.
+Nothing is stranded (a deep backlog, with and without a retry policy: every job once).
+The deadline stays as the bound for streams whose client is gone.
+
+Real Pub/Sub needs none of this and does not get it: the worker builds this transport
+only when PUBSUB_EMULATOR_HOST is set (worker/runtime/app.py).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-STREAMING_PULL = "/google.pubsub.v1.Subscriber/StreamingPull"
+# The server-side bound on any stream: a departed client's stream ends within it.
+# 13 s, not a divisor of the usual ack deadlines (10 s, 60 s).
 STREAM_DEADLINE_S = 13.0
+# When a live client ends its own stream, leaving the emulator's flush (milliseconds)
+# and the library's reading of it (a few flow-control turns) 5 s before the deadline.
+ROTATE_AFTER_S = 8.0
+
+_HALF_CLOSE = object()
 
 
-class _CappedStreamingPull(grpc.StreamStreamMultiCallable):  # type: ignore[misc]
-    """The StreamingPull stub, with the call's deadline capped at `seconds`."""
+class _HalfClosingRequests:
+    """The library's request iterator, ended (half-closing the call) after `seconds`.
 
-    def __init__(self, stub: Any, seconds: float) -> None:
+    gRPC reads requests on a thread of its own, and the library's iterator blocks
+    until it has one; so a pump thread moves them to a queue this iterator can stop
+    waiting on."""
+
+    def __init__(self, requests: Iterator[Any], seconds: float) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.half_closed = False
+        self._timer = threading.Timer(seconds, self._queue.put, (_HALF_CLOSE,))
+        self._timer.daemon = True
+        self._timer.start()
+        # Ends with the library's iterator, which ends when the call is no longer active.
+        threading.Thread(target=self._pump, args=(requests,), daemon=True).start()
+
+    def _pump(self, requests: Iterator[Any]) -> None:
+        for request in requests:
+            self._queue.put(request)
+
+    def __iter__(self) -> _HalfClosingRequests:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is _HALF_CLOSE:
+            self.half_closed = True
+            raise StopIteration
+        return item
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _RotatedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A StreamingPull call that reads as DEADLINE_EXCEEDED, not OK, once the worker
+    half-closed it (everything else passes through)."""
+
+    def __init__(self, call: Any, requests: _HalfClosingRequests) -> None:
+        self._call = call
+        self._requests = requests
+        call.add_done_callback(lambda _: requests.cancel())
+
+    def _rotated(self) -> bool:
+        return bool(
+            self._requests.half_closed and self._call.done() and self._call.code() == grpc.StatusCode.OK
+        )
+
+    def __iter__(self) -> _RotatedCall:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._call)
+        except StopIteration:
+            if self._rotated():
+                raise self from None
+            raise
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED if self._rotated() else self._call.code()
+
+    def details(self) -> str | None:
+        if self._rotated():
+            return "stream rotated by the worker on the emulator (worker/gcp/emulator.py)"
+        return self._call.details()  # type: ignore[no-any-return]
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._call.add_done_callback(lambda _: callback(self))
+
+    def initial_metadata(self) -> Any:
+        return self._call.initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._call.trailing_metadata()
+
+    def is_active(self) -> bool:
+        return self._call.is_active()  # type: ignore[no-any-return]
+
+    def time_remaining(self) -> float | None:
+        return self._call.time_remaining()  # type: ignore[no-any-return]
+
+    def cancel(self) -> bool:
+        return self._call.cancel()  # type: ignore[no-any-return]
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return self._call.add_callback(callback)  # type: ignore[no-any-return]
+
+    def done(self) -> bool:
+        return self._call.done()  # type: ignore[no-any-return]
+
+
+class _RotatingStreamingPull(grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    """The StreamingPull stub: deadline capped at `deadline_s`, half-closed at `rotate_after_s`."""
+
+    def __init__(self, stub: Any, deadline_s: float, rotate_after_s: float | None) -> None:
         self._stub = stub
-        self._seconds = seconds
+        self._deadline_s = deadline_s
+        self._rotate_after_s = rotate_after_s
 
     def __call__(self, request_iterator: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        timeout = self._seconds if timeout is None else min(timeout, self._seconds)
-        return self._stub(request_iterator, timeout=timeout, **kwargs)
+        timeout = self._deadline_s if timeout is None else min(timeout, self._deadline_s)
+        if self._rotate_after_s is None:
+            return self._stub(request_iterator, timeout=timeout, **kwargs)
+        requests = _HalfClosingRequests(iter(request_iterator), self._rotate_after_s)
+        return _RotatedCall(self._stub(requests, timeout=timeout, **kwargs), requests)
 
 
-def subscriber_transport(host: str, stream_deadline_s: float = STREAM_DEADLINE_S) -> Any:
+def subscriber_transport(
+    host: str,
+    stream_deadline_s: float = STREAM_DEADLINE_S,
+    rotate_after_s: float | None = ROTATE_AFTER_S,
+) -> Any:
     """The plain-text channel the client library itself would open to the emulator,
-    with StreamingPull deadlines capped.
+    with StreamingPull deadlines capped and streams rotated (`rotate_after_s` None:
+    cut by the deadline instead, which strands jobs; kept to measure against).
 
-    A subclass of the library's gRPC transport whose `streaming_pull` stub caps the
-    deadline. (A gRPC client interceptor would be the obvious tool, but with any
-    stream-stream interceptor on the channel, closing the client while the emulator
-    is unreachable hangs inside grpc: tests/e2e/test_health.py found it.)"""
+    A subclass of the library's gRPC transport whose `streaming_pull` stub is wrapped.
+    (A gRPC client interceptor would be the obvious tool, but with any stream-stream
+    interceptor on the channel, closing the client while the emulator is unreachable
+    hangs inside grpc: tests/e2e/test_health.py found it.)"""
     from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-    class CappedTransport(SubscriberGrpcTransport):  # type: ignore[misc]
+    class RotatingTransport(SubscriberGrpcTransport):  # type: ignore[misc]
         @property
         def streaming_pull(self) -> Any:
-            if "capped_streaming_pull" not in self._stubs:
-                self._stubs["capped_streaming_pull"] = _CappedStreamingPull(
-                    super().streaming_pull, stream_deadline_s
+            if "rotating_streaming_pull" not in self._stubs:
+                self._stubs["rotating_streaming_pull"] = _RotatingStreamingPull(
+                    super().streaming_pull, stream_deadline_s, rotate_after_s
                 )
-            return self._stubs["capped_streaming_pull"]
+            return self._stubs["rotating_streaming_pull"]
 
-    return CappedTransport(host=host, channel=grpc.insecure_channel(host))
+    return RotatingTransport(host=host, channel=grpc.insecure_channel(host))
