@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml localcloud/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]' -e ./localcloud
+	$(BIN)/pip install --quiet -e '.[dev,bench]' -e ./localcloud
 	touch $(STAMP)
 
 dev: $(STAMP)
