@@ -213,6 +213,7 @@ class Consumer:
             acked=self.stats.acked,
             nacked=self.stats.nacked,
             released=self.stats.released,
+            **self.stats.finished,
         )
 
     async def _summarize(self) -> None:

@@ -27,11 +27,14 @@ Nothing is stranded (a deep backlog, with and without a retry policy: every job 
 The deadline stays as the bound for streams whose client is gone.
 
 Real Pub/Sub needs none of this and does not get it: the worker builds this transport
-only when PUBSUB_EMULATOR_HOST is set (worker/runtime/app.py).
+only when PUBSUB_EMULATOR_HOST is set (worker/runtime/app.py), and not when
+WORKER_EMULATOR_PLAIN_STREAMS=1, which tests set to run the worker on the emulator
+through the client library's own transport: the path real Pub/Sub takes.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -47,6 +50,12 @@ STREAM_DEADLINE_S = 13.0
 ROTATE_AFTER_S = 8.0
 
 _HALF_CLOSE = object()
+PLAIN_STREAMS_VARIABLE = "WORKER_EMULATOR_PLAIN_STREAMS"
+
+
+def wanted() -> bool:
+    """Whether the worker, on the emulator, uses this transport (see the module docstring)."""
+    return os.environ.get(PLAIN_STREAMS_VARIABLE, "") not in ("1", "true", "yes")
 
 
 class _HalfClosingRequests:
@@ -145,11 +154,15 @@ class _RotatingStreamingPull(grpc.StreamStreamMultiCallable):  # type: ignore[mi
     """The StreamingPull stub: deadline capped at `deadline_s`, half-closed at `rotate_after_s`."""
 
     def __init__(self, stub: Any, deadline_s: float, rotate_after_s: float | None) -> None:
+        if rotate_after_s is not None and rotate_after_s >= deadline_s:
+            raise ValueError(f"rotate_after_s {rotate_after_s} must be under the deadline {deadline_s}")
         self._stub = stub
         self._deadline_s = deadline_s
         self._rotate_after_s = rotate_after_s
+        self.opened = 0  # streams opened so far (tests count rotations with it)
 
     def __call__(self, request_iterator: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        self.opened += 1
         timeout = self._deadline_s if timeout is None else min(timeout, self._deadline_s)
         if self._rotate_after_s is None:
             return self._stub(request_iterator, timeout=timeout, **kwargs)

@@ -78,7 +78,7 @@ def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
         batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005),
         **kwargs,
     )
-    if emulator_host:
+    if emulator_host and emulator.wanted():
         # Streams rotated, see worker/gcp/emulator.py.
         return publisher, pubsub_v1.SubscriberClient(transport=emulator.subscriber_transport(emulator_host))
     return publisher, pubsub_v1.SubscriberClient(**kwargs)
