@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
+from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from bench.measure import MIB, GroupMonitor, ProcessMonitor, parse_time, percentile
@@ -176,6 +178,25 @@ def publish_open_loop(env: dict[str, str], scenario: Scenario, created: dict[str
     publisher.stop()
 
 
+class InlineScheduler(Scheduler):  # type: ignore[misc]
+    """Runs the results subscriber's callback on the client's stream thread: it only
+    parses and acks, and the default thread pool's hop per message took driver CPU
+    (shared with the worker being measured)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+
+    @property
+    def queue(self) -> queue.Queue[Any]:
+        return self._queue
+
+    def schedule(self, callback: Any, *args: Any, **kwargs: Any) -> None:
+        callback(*args, **kwargs)
+
+    def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
+        return []
+
+
 class ResultsSubscriber:
     """The web app's side: a streaming-pull subscriber on the results subscription that
     notes when each job's first result arrived (later ones count as duplicates)."""
@@ -188,7 +209,9 @@ class ResultsSubscriber:
         self.arrived: dict[str, float] = {}
         self.duplicates = 0
         flow = pubsub_v1.types.FlowControl(max_messages=10_000)
-        self._future = self._client.subscribe(path, self._on_message, flow_control=flow)
+        self._future = self._client.subscribe(
+            path, self._on_message, flow_control=flow, scheduler=InlineScheduler()
+        )
 
     def _on_message(self, message: Any) -> None:
         at = time.time()
