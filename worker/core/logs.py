@@ -43,6 +43,15 @@ _SEVERITY = {
 _job_fields: ContextVar[dict[str, Any] | None] = ContextVar("worker_job_fields", default=None)
 
 
+_debug = False
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines are written. A filtered-out call on a module's lazy logger
+    still builds a bound logger first: per-job debug lines are guarded with this."""
+    return _debug
+
+
 def bind_job_fields(**fields: Any) -> None:
     """Add `fields` (None values are left out) to every line the current task logs."""
     current = _job_fields.get()
@@ -119,6 +128,8 @@ def configure_logging(
     else:
         renderer = [redact_secrets, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     numeric = getattr(logging, level.upper(), logging.INFO)
+    global _debug
+    _debug = numeric <= logging.DEBUG
     structlog.configure(
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -16,7 +16,7 @@ import structlog
 
 from worker.core.catalog import Catalog, JobKind
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
-from worker.core.logs import bind_job_fields
+from worker.core.logs import bind_job_fields, debug_enabled
 from worker.core.messages import (
     ErrorInfo,
     Job,
@@ -179,7 +179,8 @@ class Pipeline:
         elif not ack_only:
             # Debug: at thousands of jobs a second a line per success was the worker's
             # largest avoidable cost; the consumer logs counts every minute (jobs_done).
-            log.debug("job_succeeded", http_status=result.http_status, attempts=result.attempts)
+            if debug_enabled():
+                log.debug("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
         return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job)
