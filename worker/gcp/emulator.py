@@ -20,9 +20,11 @@ is the one place they are explained (tests/e2e/test_emulator_streams.py shows ea
 
 So a live worker never lets the deadline cut its stream: after ROTATE_AFTER_S it
 half-closes it. The emulator then stops handing the stream new messages, sends what
-it had queued for it and ends the call with OK; the client library reads all of it.
-The library takes OK as the end of the subscription, so that one status is reported
-to it as DEADLINE_EXCEEDED, which it treats as recoverable: it opens the next stream.
+it had queued for it and ends the call with OK. The library's next read takes all of
+that in one response (read one response per flow-control turn, thousands of queued
+jobs outlived the deadline when the worker was slow) and leases it. The library
+takes OK as the end of the subscription, so that one status is reported to it as
+DEADLINE_EXCEEDED, which it treats as recoverable: it opens the next stream.
 Nothing is stranded (a deep backlog, with and without a retry policy: every job once).
 The deadline stays as the bound for streams whose client is gone.
 
@@ -93,12 +95,20 @@ class _HalfClosingRequests:
 
 
 class _RotatedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """A StreamingPull call that reads as DEADLINE_EXCEEDED, not OK, once the worker
-    half-closed it (everything else passes through)."""
+    """A StreamingPull call as the library sees it once the worker half-closed it: the
+    next read takes everything the emulator flushes, in one response (so the library
+    leases all of it at once, however far its flow control has paused it), then the
+    end reads as DEADLINE_EXCEEDED, not OK. Until that end is read the call counts as
+    active, so the library neither reopens from gRPC's done callback nor reads it from
+    another thread while responses are still to be handed over. Before the half-close
+    everything passes through."""
 
     def __init__(self, call: Any, requests: _HalfClosingRequests) -> None:
         self._call = call
         self._requests = requests
+        self._lock = threading.Lock()
+        self._ended = False  # the library has read the end
+        self._error: BaseException | None = None
         call.add_done_callback(lambda _: requests.cancel())
 
     def _rotated(self) -> bool:
@@ -110,12 +120,40 @@ class _RotatedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         return self
 
     def __next__(self) -> Any:
-        try:
-            return next(self._call)
-        except StopIteration:
-            if self._rotated():
-                raise self from None
-            raise
+        with self._lock:
+            if self._error is not None:
+                self._ended = True
+                raise self._error
+            try:
+                response = next(self._call)
+            except StopIteration:
+                self._ended = True
+                if self._rotated():
+                    raise self from None
+                raise
+            except BaseException:
+                self._ended = True
+                raise
+            if self._requests.half_closed:
+                response = self._drain(response)
+            return response
+
+    def _drain(self, response: Any) -> Any:
+        """`response` and all the rest of the call's responses, merged into one."""
+        merged = None
+        while True:
+            try:
+                more = next(self._call)
+            except StopIteration:
+                break  # the end is read by the next call
+            except BaseException as exc:  # e.g. the deadline cut the flush short
+                self._error = exc
+                break
+            if merged is None:
+                merged = type(response)()
+                merged._pb.MergeFrom(response._pb)
+            merged._pb.MergeFrom(more._pb)
+        return response if merged is None else merged
 
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.DEADLINE_EXCEEDED if self._rotated() else self._call.code()
@@ -135,6 +173,8 @@ class _RotatedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         return self._call.trailing_metadata()
 
     def is_active(self) -> bool:
+        if self._requests.half_closed:
+            return not self._ended
         return self._call.is_active()  # type: ignore[no-any-return]
 
     def time_remaining(self) -> float | None:
