@@ -25,6 +25,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check worker localcloud tests bench
 	$(BIN)/mypy worker localcloud/src
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
@@ -33,4 +34,4 @@ soak: $(STAMP)
 	SOAK_SCALE=full $(BIN)/pytest -q -m soak -s
 
 clean:
-	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

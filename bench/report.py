@@ -1,4 +1,4 @@
-"""Run a suite, then judge it: the table, the ratios, the issue's targets, the JSON."""
+"""Run a suite, then judge it: the table, the ratios, BENCHMARKS.md's targets, the JSON."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def ratios(runs: list[Run]) -> dict[str, float | None]:
 def targets(
     runs: list[Run], ratio: dict[str, float | None], scenarios: dict[str, Scenario]
 ) -> list[dict[str, Any]]:
-    """The issue's targets that this run's scenarios can judge; `met` None when unmeasured."""
+    """BENCHMARKS.md's targets that this run's scenarios can judge; `met` None when unmeasured."""
     found: list[dict[str, Any]] = []
 
     def add(name: str, goal: str, value: Any, met: bool | None) -> None:

@@ -65,7 +65,7 @@ class Scenario:
 
 
 def suite(*, quick: bool, max_in_flight: int, naive_cap_s: float) -> list[Scenario]:
-    """The issue's scenarios (a)-(d); `quick` shrinks them to a smoke size."""
+    """BENCHMARKS.md's scenarios (a)-(d); `quick` shrinks them to a smoke size."""
     scale = 20 if quick else 1
     cap = min(naive_cap_s, 20.0) if quick else naive_cap_s
     duration_s = 10 if quick else 60

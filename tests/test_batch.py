@@ -160,6 +160,8 @@ def test_batch_status_counts_a_results_file(tmp_path: Path) -> None:
         "failed": 1,
         "rejected": 0,
         "expired": 0,
+        "cancelled": 0,
+        "running": 0,
         "outstanding": 1,
         "done": False,
         "unreadable_lines": 1,
@@ -300,3 +302,14 @@ def test_a_total_size_that_is_not_a_count_is_a_bad_page(bad: Any) -> None:
     job = make_job(job_id="b1", kind="batch-scoring", payload={"source": True})
     with pytest.raises(PermanentJobError, match="total_size"):
         asyncio.run(fan_out(source, publisher)(job, batch_kind()))
+
+
+def test_a_running_child_is_outstanding_and_never_replaces_a_final_status() -> None:
+    progress = BatchProgress("b1", total=2)
+    assert progress.update(child(0, "running"))
+    assert (progress.running, progress.finished, progress.outstanding) == (1, 0, 2)
+    assert progress.update(child(0, "cancelled"))
+    assert (progress.running, progress.cancelled, progress.outstanding) == (0, 1, 1)
+    assert not progress.update(child(0, "running"))  # late, or a replay not yet ended
+    assert progress.update(child(1, "failed")) and progress.done
+    assert progress.as_dict()["cancelled"] == 1 and progress.as_dict()["running"] == 0

@@ -19,7 +19,7 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 def test_every_verb_is_registered_once() -> None:
     assert set(cli.commands) == {
-        "run", "setup", "enqueue", "dead-letters", "replay", "doctor", "batch-status", "dev",
+        "run", "setup", "enqueue", "cancel", "dead-letters", "replay", "doctor", "batch-status", "dev",
     }
 
 
@@ -56,7 +56,9 @@ def test_enqueue_refuses_an_unknown_kind_before_publishing(runner: CliRunner) ->
 
 
 @pytest.mark.parametrize("batch_id", ["x[/]", "[bold]b[/bold]", "a[red"])
-def test_batch_status_prints_markup_in_an_id_literally(tmp_path: Path, runner: CliRunner, batch_id: str) -> None:
+def test_batch_status_prints_markup_in_an_id_literally(
+    tmp_path: Path, runner: CliRunner, batch_id: str
+) -> None:
     results = tmp_path / "results.jsonl"
     results.write_text("")
     done = runner.invoke(cli, ["batch-status", batch_id, "--from-file", str(results)])
@@ -82,3 +84,37 @@ def test_batch_status_names_an_unreadable_file(tmp_path: Path, runner: CliRunner
     done = runner.invoke(cli, ["batch-status", "b", "--from-file", str(tmp_path / "missing.jsonl")])
     assert done.exit_code == 2
     assert "cannot read" in done.output
+
+
+MARKUP = "x[/] [bold]b[/bold] a[red"
+
+
+def test_batch_status_prints_markup_in_a_parents_answer_literally(tmp_path: Path, runner: CliRunner) -> None:
+    at = {"started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z", "duration_ms": 1000}
+    child = {"job_id": "b1:0", "kind": "k", "status": "succeeded",
+             "batch": {"id": "b1", "index": 0, "total": 1}}
+    parent = {"job_id": "b1", "kind": "batch-scoring", "status": "succeeded",
+              "response": {"batch_id": "b1", "children_published": MARKUP}}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({**child, **at}) + "\n" + json.dumps({**parent, **at}) + "\n")
+    done = runner.invoke(cli, ["batch-status", "b1", "--from-file", str(results)])
+    assert done.exit_code == 0, done.output
+    assert "batch b1  1/1  100.0%" in done.output
+    assert f"batch job succeeded: {MARKUP} children published" in done.output
+
+
+def test_tables_and_the_replay_log_print_markup_in_user_text_literally(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from worker.cli.common import table
+    from worker.cli.ops import _Progress
+
+    table(MARKUP, ["job id", "error"], [[MARKUP, MARKUP]])
+    printed = capsys.readouterr().out
+    assert printed.count(MARKUP) == 3, printed
+    progress = _Progress(enabled=True)
+    with progress:
+        progress.start(1)
+        progress.log(f"failed: {MARKUP}: republish failed")
+        progress.advance()
+    assert f"failed: {MARKUP}: republish failed" in capsys.readouterr().out

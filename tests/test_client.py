@@ -14,7 +14,7 @@ from tests.e2e.harness import drain, provision
 from worker.client import ResultsReader, SeenResults, build_job, enqueue
 from worker.core.catalog import Catalog, JobKind
 from worker.core.errors import InvalidJobError
-from worker.core.messages import JobStatus, Result, decode_job
+from worker.core.messages import ExecutionInfo, JobStatus, Result, decode_job
 from worker.core.settings import Settings, load_settings
 
 CATALOG = Catalog(
@@ -122,3 +122,21 @@ def test_reader_acks_a_result_only_once_the_loop_moves_past_it(topics: Settings)
     # given back with the rest, at once (not after the lease): at-least-once, never lost.
     assert taken == ["first"] or taken == ["second"]
     assert left == {"first", "second"}
+
+
+def test_running_is_replaced_by_its_executions_end_and_a_late_running_is_a_duplicate() -> None:
+    seen = SeenResults()
+    first = ExecutionInfo(name="projects/p/locations/r/jobs/j/executions/j-1")
+    replay = ExecutionInfo(name="projects/p/locations/r/jobs/j/executions/j-2")
+    for update, new in [
+        (result("j", JobStatus.RUNNING, execution=first), True),
+        (result("j", JobStatus.RUNNING, execution=first), False),  # Pub/Sub's duplicate
+        (result("j", JobStatus.FAILED, execution=first), True),
+        (result("j", JobStatus.RUNNING, execution=first), False),  # late: that execution ended
+        (result("j", JobStatus.RUNNING, execution=replay), True),  # the replay's execution
+        (result("j", JobStatus.SUCCEEDED, execution=replay), True),
+        (result("j", JobStatus.RUNNING, execution=replay), False),
+    ]:
+        assert seen.is_new(update) is new, update.status
+        if new:
+            seen.add(update)

@@ -1,8 +1,376 @@
-"""The consumer's own policy: how long a job is held before it goes back to Pub/Sub."""
+"""The consumer's acknowledgement rules (docs/contract.md), on the Pub/Sub stand-in.
+
+Each test runs `Consumer.run` against tests/pubsub_stub.py in milliseconds: ack only
+after the result (and dead letter) is published, no ack when a publish fails, hold
+then nack, the final delivery attempt, and shutdown (nack what has not started while
+the stream is open, finish what runs within the grace period over unary RPCs, release
+the rest). The emulator's behaviour is tested end to end in tests/e2e/.
+"""
 
 from __future__ import annotations
 
-from worker.gcp.consumer import NACK_DELAY_BASE_S, NACK_DELAY_MAX_S, nack_delay
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.pubsub_stub import StubMessage, StubPubSub
+from tests.test_pipeline import Invoker, Resolver
+from worker.core.catalog import Catalog, default_catalog_dir
+from worker.core.errors import TransientJobError
+from worker.core.messages import JobStatus, Result
+from worker.core.pipeline import DeadLetter, Delivery, Outcome, Pipeline
+from worker.gcp import consumer as consumer_module
+from worker.gcp.consumer import (
+    NACK_DELAY_BASE_S,
+    NACK_DELAY_MAX_S,
+    Consumer,
+    StreamFailed,
+    nack_delay,
+    read_max_delivery_attempts,
+)
+from worker.gcp.results import ResultPublisher
+
+SUBSCRIPTION = "projects/p/subscriptions/jobs-worker"
+RESULTS = "projects/p/topics/job-results"
+DEAD_LETTERS = "projects/p/topics/jobs-dead-letter"
+Handle = Callable[[Delivery], Awaitable[Outcome]]
+
+
+@pytest.fixture(autouse=True)
+def short_holds(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """Holds of 20 ms instead of 0.25-10 s (the policy itself is tested below), and a
+    5 ms nack flush at shutdown; returns the delivery attempts holds were asked for."""
+    asked: list[int | None] = []
+
+    def hold(attempt: int | None) -> float:
+        asked.append(attempt)
+        return 0.02
+
+    monkeypatch.setattr(consumer_module, "nack_delay", hold)
+    monkeypatch.setattr(consumer_module, "_NACK_FLUSH_S", 0.005)
+    return asked
+
+
+def result_for(delivery: Delivery, status: JobStatus = JobStatus.SUCCEEDED) -> Result:
+    body = json.loads(delivery.data)
+    at = datetime.now(UTC)
+    return Result(job_id=body["job_id"], kind=body["kind"], status=status, started_at=at, finished_at=at,
+                  duration_ms=0)
+
+
+async def succeed(delivery: Delivery) -> Outcome:
+    return Outcome(ack=True, result=result_for(delivery))
+
+
+def job(job_id: str = "j1") -> bytes:
+    return json.dumps({"job_id": job_id, "kind": "account-scoring", "payload": {"account_id": "a"}}).encode()
+
+
+class Running:
+    """A consumer running on the stand-in, in the test's event loop."""
+
+    def __init__(self, pubsub: StubPubSub, handle: Handle, *, max_in_flight: int = 4, grace_s: float = 1.0,
+                 max_delivery_attempts: int | None = 5) -> None:
+        self.pubsub = pubsub
+        self.consumer = Consumer(
+            pubsub.subscriber,
+            SUBSCRIPTION,
+            handle,
+            ResultPublisher(pubsub.publisher, RESULTS, DEAD_LETTERS),
+            max_in_flight=max_in_flight,
+            grace_s=grace_s,
+            max_delivery_attempts=max_delivery_attempts,
+        )
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Running:
+        self.task = asyncio.ensure_future(self.consumer.run(self.stop))
+        await until(lambda: self.pubsub.subscriber.stream is not None)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 5)
+
+    async def deliver(self, data: bytes, **kw: Any) -> StubMessage:
+        return await asyncio.to_thread(self.pubsub.subscriber.deliver, data, **kw)
+
+    async def settled(self, message: StubMessage) -> list[str]:
+        await until(lambda: bool(self.pubsub.settles(message)))
+        return [f"{e.what}/{e.via}" for e in self.pubsub.settles(message)]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
+def test_a_job_is_acked_on_its_stream_only_once_its_result_is_published() -> None:
+    pubsub = StubPubSub()
+    pubsub.publisher.hold = True
+
+    async def scenario() -> None:
+        async with Running(pubsub, succeed) as running:
+            message = await running.deliver(job("j1"), attributes={"job_id": "j1", "kind": "account-scoring"})
+            await until(lambda: pubsub.publisher.held == 1)
+            await asyncio.sleep(0.01)
+            assert pubsub.settles(message) == [], "acked before the result was published"
+            pubsub.publisher.release()
+            assert await running.settled(message) == ["ack/stream"]
+            (result,) = pubsub.published(RESULTS)
+            (ack,) = pubsub.settles(message)
+            assert pubsub.index(result) < pubsub.index(ack)
+            assert result.attributes == {"status": "succeeded", "job_id": "j1", "kind": "account-scoring"}
+            assert running.consumer.stats.acked == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_result_that_fails_to_publish_is_not_acked_but_held_then_nacked(short_holds: list) -> None:
+    pubsub = StubPubSub()
+    pubsub.publisher.error = RuntimeError("results topic deleted")
+
+    async def scenario() -> None:
+        async with Running(pubsub, succeed) as running:
+            message = await running.deliver(job(), delivery_attempt=3)
+            assert await running.settled(message) == ["nack/stream"]
+            assert pubsub.published(RESULTS) == []
+            assert running.consumer.stats.publish_failures == 1
+            assert running.consumer.stats.acked == 0
+        assert short_holds == [3]
+
+    asyncio.run(scenario())
+
+
+def test_a_transient_failure_is_held_for_the_attempts_delay_then_nacked(short_holds: list) -> None:
+    pubsub = StubPubSub()
+    finished = asyncio.Event()
+
+    async def retry_later(delivery: Delivery) -> Outcome:
+        finished.set()
+        return Outcome(ack=False)
+
+    async def scenario() -> None:
+        async with Running(pubsub, retry_later) as running:
+            message = await running.deliver(job(), delivery_attempt=2)
+            await finished.wait()
+            await asyncio.sleep(0.005)
+            assert pubsub.settles(message) == [], "nacked before its hold"
+            assert await running.settled(message) == ["nack/stream"]
+            assert pubsub.events == pubsub.settles(message), "nothing was published"
+        assert short_holds == [2]
+
+    asyncio.run(scenario())
+
+
+def pipeline_failing_transiently() -> Pipeline:
+    failing = Invoker(TransientJobError("http_503", "account-scoring answered 503", http_status=503))
+    return Pipeline(Catalog.load(default_catalog_dir()), Resolver(), failing, region="europe-west1",
+                    max_payload_bytes=10_000)
+
+
+def test_the_final_delivery_attempt_publishes_failed_and_a_dead_letter_then_acks() -> None:
+    pubsub = StubPubSub()
+    pipeline = pipeline_failing_transiently()
+
+    async def scenario() -> None:
+        async with Running(pubsub, pipeline.handle, max_delivery_attempts=5) as running:
+            earlier = await running.deliver(job("j4"), delivery_attempt=4)
+            assert await running.settled(earlier) == ["nack/stream"]
+            final = await running.deliver(job("j5"), attributes={"traceparent": "x"}, delivery_attempt=5)
+            assert await running.settled(final) == ["ack/stream"]
+        (result,) = pubsub.published(RESULTS)
+        assert json.loads(result.data)["status"] == "failed"
+        (dead,) = pubsub.published(DEAD_LETTERS)
+        assert dead.data == job("j5"), "the dead letter carries the original job bytes"
+        assert dead.attributes["error_code"] == "http_503" and dead.attributes["delivery_attempt"] == "5"
+        (ack,) = pubsub.settles(final)
+        assert pubsub.index(result) < pubsub.index(ack) and pubsub.index(dead) < pubsub.index(ack)
+
+    asyncio.run(scenario())
+
+
+def test_without_a_dead_letter_policy_no_attempt_is_final() -> None:
+    pubsub = StubPubSub()
+    pipeline = pipeline_failing_transiently()
+
+    async def scenario() -> None:
+        async with Running(pubsub, pipeline.handle, max_delivery_attempts=None) as running:
+            message = await running.deliver(job(), delivery_attempt=100)
+            assert await running.settled(message) == ["nack/stream"]
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_letter_that_fails_to_publish_keeps_the_job() -> None:
+    pubsub = StubPubSub()
+
+    async def rejected(delivery: Delivery) -> Outcome:
+        return Outcome(ack=True, result=result_for(delivery, JobStatus.REJECTED),
+                       dead_letter=DeadLetter(delivery.data, {"error_code": "invalid_job"}))
+
+    async def scenario() -> None:
+        pubsub.publisher.topic_errors[DEAD_LETTERS] = RuntimeError("dead-letter topic gone")
+        async with Running(pubsub, rejected) as running:
+            message = await running.deliver(job())
+            # The result lands, the dead letter does not: no ack.
+            assert await running.settled(message) == ["nack/stream"]
+            assert len(pubsub.published(RESULTS)) == 1 and pubsub.published(DEAD_LETTERS) == []
+
+    asyncio.run(scenario())
+
+
+def test_shutdown_gives_back_waiting_jobs_on_the_open_stream_and_acks_running_ones_by_unary_rpc() -> None:
+    pubsub = StubPubSub()
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def slow(delivery: Delivery) -> Outcome:
+        started.append(json.loads(delivery.data)["job_id"])
+        await release.wait()
+        return await succeed(delivery)
+
+    async def scenario() -> None:
+        running = Running(pubsub, slow, max_in_flight=1, grace_s=2.0)
+        async with running:
+            first = await running.deliver(job("first"))
+            second = await running.deliver(job("second"))  # waits for the only slot
+            await until(lambda: started == ["first"])
+            running.stop.set()
+            assert await running.settled(second) == ["nack/stream"], "given back while the stream is open"
+            await until(lambda: not pubsub.subscriber.stream.open)  # type: ignore[union-attr]
+            release.set()
+            assert await running.settled(first) == ["ack/unary"]
+        assert first.lost == [], "nothing was sent on the closed stream"
+        assert started == ["first"]
+        assert pubsub.publisher.stopped, "the publisher is flushed at the end"
+        stats = running.consumer.stats
+        assert (stats.acked, stats.nacked, stats.released) == (1, 1, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_still_running_after_the_grace_period_is_released_not_nacked() -> None:
+    pubsub = StubPubSub()
+
+    async def hangs(delivery: Delivery) -> Outcome:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def scenario() -> None:
+        running = Running(pubsub, hangs, grace_s=0.02)
+        async with running:
+            message = await running.deliver(job())
+            await until(lambda: running.consumer.in_flight == 1)
+        assert pubsub.settles(message) == [] and message.lost == []
+        assert running.consumer.stats.released == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_held_job_at_shutdown_is_nacked_by_unary_rpc_once_the_stream_closed() -> None:
+    pubsub = StubPubSub()
+    finished = asyncio.Event()
+
+    async def retry_later(delivery: Delivery) -> Outcome:
+        finished.set()
+        return Outcome(ack=False)
+
+    async def scenario() -> None:
+        running = Running(pubsub, retry_later)
+        async with running:
+            message = await running.deliver(job())
+            await finished.wait()
+            running.stop.set()  # the 20 ms hold outlasts the 5 ms nack flush
+        assert [(e.what, e.via, e.seconds) for e in pubsub.settles(message)] == [("modack", "unary", 0)]
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_unary_settle_is_logged_and_the_job_left_to_redelivery() -> None:
+    pubsub = StubPubSub()
+    release = asyncio.Event()
+
+    async def slow(delivery: Delivery) -> Outcome:
+        await release.wait()
+        return await succeed(delivery)
+
+    async def scenario() -> None:
+        running = Running(pubsub, slow)
+        async with running:
+            message = await running.deliver(job())
+            await until(lambda: running.consumer.in_flight == 1)
+            pubsub.subscriber.unary_error = RuntimeError("unavailable")
+            running.stop.set()
+            await until(lambda: not pubsub.subscriber.stream.open)  # type: ignore[union-attr]
+            release.set()
+        assert pubsub.settles(message) == [] and message.lost == []
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_that_ends_by_itself_drains_and_raises_stream_failed() -> None:
+    pubsub = StubPubSub()
+
+    async def scenario() -> None:
+        running = Running(pubsub, succeed)
+        task = asyncio.ensure_future(running.consumer.run(running.stop))
+        await until(lambda: pubsub.subscriber.stream is not None)
+        assert running.consumer.stream_alive
+        pubsub.subscriber.stream.fail(PermissionError("403 subscription access revoked"))  # type: ignore[union-attr]
+        with pytest.raises(StreamFailed, match="PermissionError: 403 subscription access revoked"):
+            await asyncio.wait_for(task, 5)
+        assert not running.consumer.stream_alive
+
+    asyncio.run(scenario())
+
+
+def test_the_stream_leases_twice_the_in_flight_bound_and_extends_leases_a_short_step() -> None:
+    pubsub = StubPubSub()
+
+    async def scenario() -> None:
+        async with Running(pubsub, succeed, max_in_flight=7):
+            flow = pubsub.subscriber.stream.flow_control  # type: ignore[union-attr]
+            assert flow.max_messages == 14 and flow.max_duration_per_lease_extension == 20
+
+    asyncio.run(scenario())
+
+
+def test_the_delivery_carries_the_attempt_publish_time_and_attributes() -> None:
+    pubsub = StubPubSub()
+    seen: list[Delivery] = []
+    published = datetime(2026, 3, 1, 23, 59, tzinfo=UTC)
+
+    async def record(delivery: Delivery) -> Outcome:
+        seen.append(delivery)
+        return await succeed(delivery)
+
+    async def scenario() -> None:
+        async with Running(pubsub, record, max_delivery_attempts=5) as running:
+            message = await running.deliver(job(), attributes={"kind": "account-scoring"}, delivery_attempt=5,
+                                            publish_time=published)
+            await running.settled(message)
+
+    asyncio.run(scenario())
+    (delivery,) = seen
+    assert delivery.final_attempt and delivery.delivery_attempt == 5
+    assert delivery.publish_time == published and delivery.attributes == {"kind": "account-scoring"}
+
+
+def test_max_delivery_attempts_is_read_from_the_dead_letter_policy() -> None:
+    pubsub = StubPubSub()
+    assert read_max_delivery_attempts(pubsub.subscriber, SUBSCRIPTION) is None
+    pubsub.subscriber.max_delivery_attempts = 7
+    assert read_max_delivery_attempts(pubsub.subscriber, SUBSCRIPTION) == 7
 
 
 def test_nack_delay_grows_with_the_delivery_attempt_and_is_capped() -> None:

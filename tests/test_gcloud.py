@@ -157,3 +157,69 @@ def test_setup_refuses_an_operator_it_cannot_grant() -> None:
     assert bare.returncode == 2 and "user:alice@example.com" in bare.stderr and not bare.stdout
     without_print = worker_cli(env, "setup", "--operator", "user:alice@acme.com")
     assert without_print.returncode == 2 and "--print-gcloud" in without_print.stderr
+
+
+def test_a_run_job_kind_gets_the_least_role_that_runs_with_overrides_on_its_job_only() -> None:
+    from worker.core.runjob import RunJobSpec
+
+    kinds = {
+        "rescore": JobKind(
+            kind="rescore", handler="run_job", region="europe-west1", run_job=RunJobSpec(job="rescore-all")
+        ),
+    }
+    bindings = iam_bindings(
+        settings(), Catalog(kinds), WORKER, WEBAPP, project_number="1", operators=["user:ops@acme.com"]
+    )
+    worker = roles_of(bindings, f"serviceAccount:{WORKER}")
+    assert (
+        "roles/run.jobsExecutorWithOverrides",
+        "projects/acme/locations/europe-west1/jobs/rescore-all",
+    ) in worker
+    assert ("roles/pubsub.publisher", "projects/acme/topics/jobs") in worker  # the follow-ups
+    assert not {r for r, _ in worker} & {"roles/run.developer", "roles/run.admin", "roles/run.invoker"}
+    operator = roles_of(bindings, "user:ops@acme.com")
+    assert ("roles/run.jobsExecutor", "projects/acme/locations/europe-west1/jobs/rescore-all") in operator
+    assert ("roles/pubsub.publisher", "projects/acme/topics/job-results") in operator
+    commands = gcloud_commands(settings(), Catalog(kinds), WORKER, WEBAPP, project_number="1")
+    assert (
+        "gcloud run jobs add-iam-policy-binding rescore-all --region=europe-west1 --project=acme "
+        f"--member=serviceAccount:{WORKER} --role=roles/run.jobsExecutorWithOverrides"
+    ) in commands
+
+
+def test_the_builder_quotes_every_word_and_value_for_the_shell() -> None:
+    from worker.core.gcloud_command import gcloud, grant
+
+    assert gcloud("run", "services", "list", project="p", region="europe-west1") == (
+        "gcloud run services list --project=p --region=europe-west1"
+    )
+    assert gcloud("scheduler", "jobs", "create", "pubsub", "n", time_zone="Etc/UTC", schedule="0 2 * * *",
+                  message_body='{"a": 1}', location=None) == (
+        "gcloud scheduler jobs create pubsub n --time-zone=Etc/UTC --schedule='0 2 * * *' "
+        "--message-body='{\"a\": 1}'"
+    )
+    # A member naming a shell variable is double-quoted so the shell expands it; one
+    # with a quote in it is escaped, never able to end the argument.
+    assert grant("serviceAccount:s-${PROJECT_NUMBER}@x", "roles/r", "projects/p/topics/t") == (
+        "gcloud pubsub topics add-iam-policy-binding t --project=p "
+        '--member="serviceAccount:s-${PROJECT_NUMBER}@x" --role=roles/r'
+    )
+    assert "--member='user:o'\"'\"'brien@x'" in grant("user:o'brien@x", "roles/r", "projects/p")
+    with pytest.raises(ValueError, match="no gcloud command"):
+        grant("user:a@x", "roles/r", "projects/p/buckets/b")
+
+
+def test_every_printed_gcloud_command_comes_from_the_one_builder() -> None:
+    import ast
+    import re
+
+    by_hand = re.compile(r"\bgcloud (projects|pubsub|run|iam|auth|services|scheduler)\b")
+    root = Path(__file__).parent.parent / "worker"
+    found = []
+    for path in root.rglob("*.py"):
+        if path.name == "gcloud_command.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and by_hand.search(node.value):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value[:60]!r}")
+    assert not found, "written by hand instead of worker.core.gcloud_command.gcloud():\n" + "\n".join(found)

@@ -1,11 +1,10 @@
-"""The emulator's two stream faults, and the worker's transport for them.
+"""The emulator's stream faults and the worker's transport for them, shown on the real
+emulator (explained once, in worker/gcp/emulator.py, faults 1 and 3):
 
-Explained once, in worker/gcp/emulator.py; shown here on the real emulator:
-
-1. A departed subscriber's stream stays alive until the RPC's deadline (1,800 s by
+- Fault 1: a departed subscriber's stream stays alive until the RPC's deadline (1,800 s by
    default) and goes on taking messages: shown with the library's default client; and
    gone once the worker's deadline has passed.
-2. A stream cut by its deadline strands what the emulator had queued on it (it ignores
+- Fault 3: a stream cut by its deadline strands what the emulator had queued on it (it ignores
    flow control): shown on a backlog read slower than the emulator pushes; and the
    worker's rotation (half-close, read the rest, reopen) strands nothing, with a retry
    policy on the subscription too.
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.e2e
 
 ACK_DEADLINE_S = 10
 MESSAGES = 20
-# A short cap so the test need not wait the worker's 13 s.
+# A short cap so the test need not wait the worker's STREAM_DEADLINE_S.
 CAP_S = 3.0
 ROTATE_S = 2.0
 

@@ -1,4 +1,4 @@
-"""Chaos soak (issue #8): jobs over three `worker run` replicas while everything fails.
+"""Chaos soak: jobs over three `worker run` replicas while everything fails.
 
 While jobs are published at a steady rate, the function answers 503 to 20% of calls
 and hangs on 5% (past the kind's 1 s timeout), one replica is SIGKILLed and restarted

@@ -147,6 +147,13 @@ def test_the_wheel_carries_the_code_and_the_catalog_and_nothing_else(image_root:
     expected = {"worker/_catalog/account-scoring.toml", "worker/_catalog/echo.toml", "worker/cli/__init__.py"}
     assert expected <= set(names)
     assert not [n for n in names if n.startswith(("tests/", "bench/", "jobs/")) or "__pycache__" in n]
+    # The local cloud is a distribution of its own (localcloud/): `pip install .` brings
+    # neither it nor what only it needs.
+    assert not [n for n in names if "localcloud" in n]
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    requires = [line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert requires and not [line for line in requires if "cryptography" in line or "localcloud" in line]
 
 
 def test_the_installed_worker_imports_from_the_venv_with_its_packaged_catalog(

@@ -4,7 +4,7 @@
 |---|---|
 | `run.py` | `run` |
 | `setup.py` | `setup` (and `--print-gcloud`) |
-| `jobs.py` | `enqueue` |
+| `jobs.py` | `enqueue`, `cancel` |
 | `ops.py` | `dead-letters`, `replay`, `doctor` |
 | `batch.py` | `batch-status` |
 | `dev.py` | `dev` (needs the local cloud) |

@@ -74,7 +74,9 @@ def _render(progress: BatchProgress, unreadable: int) -> None:
             ("failed", progress.failed, "red"),
             ("rejected", progress.rejected, "red"),
             ("expired", progress.expired, "yellow"),
+            ("cancelled", progress.cancelled, "yellow"),
             ("outstanding", progress.outstanding, "cyan"),
+            ("  of which running", progress.running, "cyan"),
         ):
             table.add_row(f"[{style}]{label}[/]", str(value))
         console.print(table)

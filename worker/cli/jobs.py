@@ -1,4 +1,5 @@
-"""`worker enqueue`: publish one job the way the web app does, and optionally wait for its result."""
+"""`worker enqueue`: publish one job the way the web app does, and optionally wait for its result;
+`worker cancel`: cancel the Cloud Run job execution a job started."""
 
 from __future__ import annotations
 
@@ -64,4 +65,50 @@ def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: fl
     return EXIT_OK if result.status == JobStatus.SUCCEEDED else EXIT_FAILED
 
 
-COMMANDS = [enqueue]
+@click.command()
+@click.argument("job_id")
+@click.option("--kind", help="Only look at this run_job kind's Cloud Run job [every run_job kind's].")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for the execution to stop.")
+@exits_with_code
+def cancel(job_id: str, kind: str | None, timeout: float) -> int:
+    """Cancel a job's running Cloud Run job execution and publish its `cancelled` result."""
+    from google.api_core import exceptions
+
+    from worker.ops.cancel import CancelError, cancel_job, cancelled_result
+    from worker.runtime.app import access_credentials, run_client
+
+    settings = load_settings_or_fail()
+    catalog = load_catalog_or_fail(settings)
+    executions = run_client(settings, access_credentials(settings), "ExecutionsClient")
+    try:
+        report = cancel_job(
+            executions, catalog, settings.project, settings.region, job_id, kind=kind, wait_s=timeout
+        )
+    except CancelError as exc:
+        raise CommandError(str(exc)) from None
+    except exceptions.Forbidden as exc:
+        raise CommandError(
+            f"the Admin API refused: {exc.message}; cancelling needs roles/run.jobsExecutor on the job "
+            "and roles/run.viewer (see `worker setup --print-gcloud --operator MEMBER`)"
+        ) from None
+    except exceptions.GoogleAPICallError as exc:
+        raise CommandError(f"the Cloud Run Admin API failed: {exc.message}") from None
+    publisher, _ = operator_clients(settings)
+    topic = publisher.topic_path(settings.project, settings.results_topic)
+    with google_errors(settings):
+        for job_kind, execution in report.cancelled:
+            result = cancelled_result(job_id, job_kind, execution)
+            publisher.publish(topic, result.to_bytes(), **result.attributes()).result(timeout=60)
+            click.echo(
+                f"cancelled {execution.name} ({execution.cancelled_count} of {execution.task_count} "
+                f"task(s) cancelled); published job {job_id}'s `cancelled` result"
+            )
+    for _, execution, state in report.ended_otherwise:
+        click.echo(f"{execution.name} ended {state} before the cancel took effect")
+    for _, execution in report.still_running:
+        click.echo(f"{execution.name} is still stopping after {timeout:g}s; the worker records how it ends")
+    return EXIT_OK if report.cancelled else EXIT_FAILED
+
+
+COMMANDS = [enqueue, cancel]

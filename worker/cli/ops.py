@@ -56,7 +56,8 @@ def replay(kind: str | None, job_id: str | None, limit: int | None, dry_run: boo
 @click.option("--worker-sa", help="The service account to impersonate, for the fix commands.")
 @exits_with_code
 def doctor(service: str | None, audience: str | None, worker_sa: str | None) -> int:
-    """Diagnose the identity chain (credentials, ID token, URL, call) and print the fix."""
+    """Diagnose the identity chain (credentials, ID token, URL, call; Cloud Run jobs: the job,
+    the run permission) and print the fix."""
     return diagnose(load_settings_or_fail(), service, audience=audience, worker_sa=worker_sa)
 
 
@@ -173,8 +174,10 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
 
     catalog = load_catalog_or_fail(settings)
     known = sorted(catalog.services(settings.region))
+    jobs = sorted(catalog.run_jobs(settings.region))
     if service is not None:
-        known = [s for s in known if s[0] == service] or [(service, settings.region)]
+        jobs = [j for j in jobs if j[0] == service]
+        known = [s for s in known if s[0] == service] or ([] if jobs else [(service, settings.region)])
     worker_sa = worker_sa or settings.impersonate_service_account or default_worker_sa(settings.project)
     diagnosis = asyncio.run(
         chain.diagnose(
@@ -183,6 +186,8 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
             run_client=lambda: run_client(settings, access_credentials(settings)),
             worker_sa=worker_sa,
             audience=audience,
+            run_jobs=jobs,
+            jobs_client=lambda: run_client(settings, access_credentials(settings), "JobsClient"),
         )
     )
     colours = {"ok": "green", "fail": "red", "fix": "cyan"}

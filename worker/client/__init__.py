@@ -90,12 +90,15 @@ class SeenResults:
 
     A job's result is new if its id was not seen, or if the last one was not
     `succeeded` and this one has another status: a replayed job that then succeeds
-    must reach the web app, while Pub/Sub's redeliveries must not.
+    must reach the web app, while Pub/Sub's redeliveries must not. A `running` result
+    (a Cloud Run job execution started) is not final: the final status of the same
+    execution replaces it, and a late `running` of an execution that already ended
+    is a duplicate; a replay's new execution is new.
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
-        self._status: OrderedDict[str, JobStatus] = OrderedDict()
+        self._status: OrderedDict[str, tuple[JobStatus, str | None]] = OrderedDict()
 
     def is_new(self, result: Result) -> bool:
         if result.job_id is None:
@@ -104,19 +107,34 @@ class SeenResults:
         if seen is None:
             return True
         self._status.move_to_end(result.job_id)
-        return seen != JobStatus.SUCCEEDED and seen != result.status
+        status, execution = seen
+        if result.status == JobStatus.RUNNING and status.final:
+            return status != JobStatus.SUCCEEDED and execution != _execution(result)
+        return status != JobStatus.SUCCEEDED and status != result.status
 
     def add(self, result: Result) -> None:
         if result.job_id is None:
             return
-        self._status[result.job_id] = result.status
+        self._status[result.job_id] = (result.status, _execution(result))
         self._status.move_to_end(result.job_id)
         while len(self._status) > self._capacity:
             self._status.popitem(last=False)
 
 
-# A child's state in BatchProgress: 0 while no result has arrived.
-_STATUS_CODES = {JobStatus.SUCCEEDED: 1, JobStatus.FAILED: 2, JobStatus.REJECTED: 3, JobStatus.EXPIRED: 4}
+def _execution(result: Result) -> str | None:
+    return result.execution.name if result.execution else None
+
+
+# A child's state in BatchProgress: 0 while no result has arrived; `running` (5) is not final.
+_STATUS_CODES = {
+    JobStatus.SUCCEEDED: 1,
+    JobStatus.FAILED: 2,
+    JobStatus.REJECTED: 3,
+    JobStatus.EXPIRED: 4,
+    JobStatus.RUNNING: 5,
+    JobStatus.CANCELLED: 6,
+}
+_FINAL_CODES = (1, 2, 3, 4, 6)
 
 
 class BatchProgress:
@@ -126,14 +144,15 @@ class BatchProgress:
     the state is one byte per child: 50,000 children cost 50 kB. A child's last
     status counts, except that `succeeded` is final: a replayed child that failed
     and then succeeds moves from failed to succeeded, and a stale failure delivered
-    after its success changes nothing.
+    after its success changes nothing. `running` (a Cloud Run job execution) is
+    outstanding, and never replaces a final status.
     """
 
     def __init__(self, batch_id: str, total: int | None = None) -> None:
         self.batch_id = batch_id
         self.total = total
         self._states = bytearray(total or 0)
-        self._counts = [0, 0, 0, 0, 0]
+        self._counts = [0] * 7
         self.parent: Result | None = None  # the batch job's own result, once it arrives
 
     def update(self, result: Result) -> bool:
@@ -153,6 +172,8 @@ class BatchProgress:
         old, new = self._states[batch.index], _STATUS_CODES[result.status]
         if old == new or old == _STATUS_CODES[JobStatus.SUCCEEDED]:
             return False
+        if new == _STATUS_CODES[JobStatus.RUNNING] and old in _FINAL_CODES:
+            return False  # a late `running`; a replay counts again once it ends
         self._counts[old] -= 1
         self._counts[new] += 1
         self._states[batch.index] = new
@@ -175,8 +196,16 @@ class BatchProgress:
         return self._counts[4]
 
     @property
+    def running(self) -> int:
+        return self._counts[5]
+
+    @property
+    def cancelled(self) -> int:
+        return self._counts[6]
+
+    @property
     def finished(self) -> int:
-        return sum(self._counts[1:])
+        return sum(self._counts[code] for code in _FINAL_CODES)
 
     @property
     def outstanding(self) -> int | None:
@@ -194,6 +223,8 @@ class BatchProgress:
             "failed": self.failed,
             "rejected": self.rejected,
             "expired": self.expired,
+            "cancelled": self.cancelled,
+            "running": self.running,
             "outstanding": self.outstanding,
             "done": self.done,
         }
@@ -344,7 +375,7 @@ class ResultWaiter:
             log.warning("wait_subscription_not_deleted", subscription=self.subscription, error=str(error))
 
     def wait(self, timeout_s: float) -> Result | None:
-        """The job's result, or None if none arrived within `timeout_s`."""
+        """The job's final result, or None if none arrived within `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -360,6 +391,7 @@ class ResultWaiter:
             )
             for received in response.received_messages:
                 result = _parse(received.message.data)
-                if result is not None and result.job_id == self.job_id:
+                # A Cloud Run job's `running` result is not the answer: wait for its end.
+                if result is not None and result.job_id == self.job_id and result.status.final:
                     return result
         return None

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from worker.core.errors import ConfigError, InvalidJobError
+from worker.core.runjob import RunJobSpec
 
 DEFAULT_RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
 _SERVICE_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
@@ -48,7 +49,7 @@ class JobKind(BaseModel):
 
     kind: str
     description: str = ""
-    handler: Literal["call", "batch"] = "call"
+    handler: Literal["call", "batch", "run_job"] = "call"
     service: str | None = None
     region: str | None = None
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
@@ -61,6 +62,7 @@ class JobKind(BaseModel):
     retry_on_timeout: bool = True
     payload_schema: dict[str, Any] | None = None
     batch: BatchSpec | None = None
+    run_job: RunJobSpec | None = None  # worker/core/runjob.py
     _validator: Any = PrivateAttr(None)
 
     @field_validator("kind")
@@ -113,6 +115,8 @@ class JobKind(BaseModel):
             raise ValueError("a 'call' kind needs a 'service'")
         if self.handler == "batch" and self.batch is None:
             raise ValueError("a 'batch' kind needs a [batch] table")
+        if (self.handler == "run_job") != (self.run_job is not None):
+            raise ValueError("a 'run_job' kind needs a [run_job] table, and only it may have one")
         return self
 
     def model_post_init(self, __context: Any) -> None:
@@ -173,6 +177,10 @@ class Catalog(Mapping[str, JobKind]):
     def services(self, default_region: str) -> set[tuple[str, str]]:
         """(service, region) of every kind that calls one."""
         return {(k.service, k.region or default_region) for k in self._kinds.values() if k.service}
+
+    def run_jobs(self, default_region: str) -> set[tuple[str, str]]:
+        """(Cloud Run job, region) of every kind that runs one."""
+        return {(k.run_job.job, k.region or default_region) for k in self._kinds.values() if k.run_job}
 
     @classmethod
     def load(cls, directory: Path) -> Catalog:

@@ -1,4 +1,4 @@
-"""Job and result envelopes (DESIGN.md section 2) and the decoding of raw messages.
+"""Job and result envelopes (docs/contract.md) and the decoding of raw messages.
 
 Decoding never raises anything but InvalidJobError: whatever arrives on the topic,
 the worker ends up with either a Job or a reason to reject it.
@@ -30,6 +30,12 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    RUNNING = "running"  # not final: a Cloud Run job execution started (worker/gcp/runjobs.py)
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self is not JobStatus.RUNNING
 
 
 class BatchRef(BaseModel):
@@ -88,6 +94,20 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class ExecutionInfo(BaseModel):
+    """The Cloud Run job execution a `run_job` kind's result is about."""
+
+    name: str  # projects/P/locations/R/jobs/J/executions/E
+    task_count: int = 0
+    succeeded_count: int = 0
+    failed_count: int = 0
+    cancelled_count: int = 0
+    retried_count: int = 0
+    log_uri: str = ""
+    create_time: datetime | None = None
+    completion_time: datetime | None = None
+
+
 class Result(BaseModel):
     """One result message per finished job, on the results topic."""
 
@@ -103,6 +123,7 @@ class Result(BaseModel):
     duration_ms: int
     batch: BatchRef | None = None
     truncated: bool = False  # response cut to fit Pub/Sub's message limit
+    execution: ExecutionInfo | None = None  # run_job kinds only
 
     def to_bytes(self) -> bytes:
         try:

@@ -15,14 +15,15 @@ from typing import Any, Protocol
 import structlog
 
 from worker.core.catalog import Catalog, JobKind
+from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.logs import bind_job_fields, debug_enabled
 from worker.core.messages import (
     ErrorInfo,
+    ExecutionInfo,
     Job,
     JobStatus,
     Result,
-    clip,
     decode_job,
     now,
     salvage_identity,
@@ -30,25 +31,26 @@ from worker.core.messages import (
 
 log = structlog.get_logger("worker.core.pipeline")
 
-# Attributes of the original message that travel with its dead letter (Pub/Sub allows
-# 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
-_CARRIED_ATTRIBUTES = ("job_id", "kind", "replay_count", "traceparent")
-
 
 @dataclass
 class CallResult:
-    """What a handler (an HTTP call, a batch fan-out) answered: status, body, attempts made."""
+    """What a handler (an HTTP call, a batch fan-out, a Cloud Run job start) answered.
 
-    http_status: int
+    A job start answers `running` with the execution it started and the follow-up
+    message that will report its end (worker/core/followup.py)."""
+
+    http_status: int | None
     response: Any
     attempts: int
+    status: JobStatus = JobStatus.SUCCEEDED
+    execution: ExecutionInfo | None = None
+    follow_up: Republish | None = None
 
 
 @dataclass(frozen=True)
 class Delivery:
     data: bytes
     attributes: dict[str, str]
-    message_id: str = ""
     delivery_attempt: int | None = None
     final_attempt: bool = False
     publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
@@ -56,7 +58,16 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """The original job bytes, so it can be replayed as it was, plus why it died."""
+    """The original job bytes, so it can be replayed as it was, plus why it died
+    (worker.core.dead_letters.DeadLetterAttributes)."""
+
+    data: bytes
+    attributes: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Republish:
+    """A message for the jobs topic, published with the result, before the ack."""
 
     data: bytes
     attributes: dict[str, str]
@@ -67,7 +78,8 @@ class Outcome:
     ack: bool
     result: Result | None = None
     dead_letter: DeadLetter | None = None
-    job: Job | None = None
+    follow_up: Republish | None = None
+    hold_s: float = 0.0  # keep the message leased this long before publishing and acking
 
 
 class Resolver(Protocol):
@@ -81,6 +93,8 @@ class Caller(Protocol):
 # A batch handler fans a job out (given the job, its kind and when the message was
 # published); it returns the parent's response and child count.
 BatchHandler = Callable[[Job, JobKind, datetime | None], Awaitable[CallResult]]
+# A run-job handler starts (or finds) the Cloud Run job execution of a job.
+RunJobHandler = Callable[[Job, JobKind, Delivery], Awaitable[CallResult]]
 
 
 class Pipeline:
@@ -93,6 +107,7 @@ class Pipeline:
         region: str,
         max_payload_bytes: int,
         batch_handler: BatchHandler | None = None,
+        run_job_handler: RunJobHandler | None = None,
         clock: Callable[[], datetime] = now,
     ) -> None:
         self.catalog = catalog
@@ -101,6 +116,7 @@ class Pipeline:
         self._region = region
         self._max_payload_bytes = max_payload_bytes
         self._batch_handler = batch_handler
+        self._run_job_handler = run_job_handler
         self._clock = clock
 
     async def handle(self, delivery: Delivery) -> Outcome:
@@ -114,7 +130,7 @@ class Pipeline:
                 return self._finish(delivery, job, started, JobStatus.EXPIRED, ack_only=True)
             bind_job_fields(traceparent=job.traceparent)
             call = await self._run(job, kind, delivery)
-            return self._finish(delivery, job, started, JobStatus.SUCCEEDED, call=call)
+            return self._finish(delivery, job, started, call.status, call=call)
         except InvalidJobError as exc:
             return self._finish(delivery, job, started, JobStatus.REJECTED, error=exc)
         except PermanentJobError as exc:
@@ -123,19 +139,25 @@ class Pipeline:
             if delivery.final_attempt:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
             log.warning("job_retry_later", code=exc.code, error=exc.message, attempts=exc.attempts)
-            return Outcome(ack=False, job=job)
+            return Outcome(ack=False)
         except Exception as exc:  # a bug must not lose the job nor stop the worker
             log.exception("job_internal_error")
             error = TransientJobError("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
             if delivery.final_attempt:
                 return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
-            return Outcome(ack=False, job=job)
+            return Outcome(ack=False)
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
             if self._batch_handler is None:
                 raise PermanentJobError("batch_unavailable", f"kind {kind.kind!r} needs the batch fan-out")
             return await self._batch_handler(job, kind, delivery.publish_time)
+        if kind.handler == "run_job":
+            if self._run_job_handler is None:
+                raise PermanentJobError(
+                    "run_job_unavailable", f"kind {kind.kind!r} needs the Cloud Run jobs handler"
+                )
+            return await self._run_job_handler(job, kind, delivery)
         assert kind.service is not None  # the catalog guarantees it for "call" kinds
         region = kind.region or self._region
         url = await self._resolver.resolve(kind.service, region)
@@ -171,11 +193,14 @@ class Pipeline:
             finished_at=finished,
             duration_ms=int((finished - started).total_seconds() * 1000),
             batch=job.batch if job else None,
+            execution=call.execution if call else None,
         )
         dead_letter = None
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
             dead_letter = self._dead_letter(delivery, result, error)
             log.warning("job_" + status.value, code=error.code, error=error.message)
+        elif status == JobStatus.RUNNING:
+            log.info("job_running", execution=result.execution.name if result.execution else None)
         elif not ack_only:
             # Debug: at thousands of jobs a second a line per success was the worker's
             # largest avoidable cost; the consumer logs counts every minute (jobs_done).
@@ -183,21 +208,16 @@ class Pipeline:
                 log.debug("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
-        return Outcome(ack=True, result=result, dead_letter=dead_letter, job=job)
+        follow_up = call.follow_up if call else None
+        return Outcome(ack=True, result=result, dead_letter=dead_letter, follow_up=follow_up)
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
-        attrs = {k: clip(v) for k, v in delivery.attributes.items() if k in _CARRIED_ATTRIBUTES and v}
-        if result.job_id and "job_id" not in attrs:
-            attrs["job_id"] = clip(result.job_id)
-        if result.kind and "kind" not in attrs:
-            attrs["kind"] = clip(result.kind)
-        attrs.update(
-            status=result.status.value,
-            error_code=clip(error.code),
-            error_message=clip(error.message),
-            attempts=str(result.attempts),
-            delivery_attempt=str(delivery.delivery_attempt or 1),
-            dead_lettered_at=result.finished_at.isoformat(),
-        )
-        return DeadLetter(data=delivery.data, attributes=attrs)
+        why = DeadLetterAttributes.for_failure(delivery.attributes, result, error, delivery.delivery_attempt)
+        return DeadLetter(data=delivery.data, attributes=why.to_attributes())
+
+
+def dead_letter_for(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
+    """The dead letter of a job that failed for good; the Cloud Run job follow-ups
+    (worker/gcp/runjobs.py) dead-letter a failed execution's original job with it."""
+    return Pipeline._dead_letter(delivery, result, error)

@@ -1,6 +1,6 @@
 """Typed configuration from the environment.
 
-Every setting has one environment variable (DESIGN.md section 2). A bad value stops
+Every setting has one environment variable (docs/contract.md, "Configuration"). A bad value stops
 start-up with a message naming the variable, never a traceback.
 """
 
@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     log_level: str = Field("info", validation_alias=_env("WORKER_LOG_LEVEL"))
     port: int | None = Field(None, ge=1, le=65535, validation_alias=_env("PORT"))
     health_stall_s: float = Field(60.0, gt=0, validation_alias=_env("WORKER_HEALTH_STALL_SECONDS"))
+    # On the emulator only: the client library's own transport, as on real Pub/Sub
+    # (worker/gcp/emulator.py); tests use it to cover that path.
+    emulator_plain_streams: bool = Field(False, validation_alias=_env("WORKER_EMULATOR_PLAIN_STREAMS"))
 
     @field_validator("impersonate_service_account")
     @classmethod

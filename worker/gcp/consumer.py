@@ -11,11 +11,11 @@ unary RPCs, since the client's ack path closes with the stream). Jobs still runn
 after the grace period are released: their leases lapse (within
 WORKER_LEASE_EXTENSION_SECONDS) and Pub/Sub redelivers them.
 Nacks are not sent after the stream closed: on the emulator the message would go
-straight back to this worker's closed stream, which the emulator keeps feeding until
-the stream's deadline (worker/gcp/emulator.py). Leases are extended by the client while
-a job runs. Acknowledgement rules (DESIGN.md): ack only after the result and any
-dead letter are published; nack a transient failure for redelivery; on shutdown
-stop pulling, let in-flight jobs finish within the grace period, nack the rest.
+straight back to this worker's closed stream (worker/gcp/emulator.py, fault 1).
+Leases are extended by the client while a job runs. Acknowledgement rules
+(docs/contract.md): ack only after the result and any dead letter are published;
+nack a transient failure for redelivery; on shutdown stop pulling, let in-flight jobs
+finish within the grace period, nack the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import queue
-import random
 import threading
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ import structlog
 from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 
+from worker.core.backoff import Backoff
 from worker.core.logs import bind_job_fields
 from worker.core.messages import clip
 from worker.core.pipeline import Delivery, Outcome
@@ -60,6 +60,7 @@ class ConsumerStats:
     publish_failures: int = 0
     released: int = 0
     last_message_at: float = 0.0
+    longest_lease_s: float = 0.0  # receipt to ack or nack, of any message
     # Results published, by status (succeeded, failed, rejected, expired).
     finished: Counter[str] = field(default_factory=Counter)
 
@@ -213,6 +214,7 @@ class Consumer:
             acked=self.stats.acked,
             nacked=self.stats.nacked,
             released=self.stats.released,
+            longest_lease_s=round(self.stats.longest_lease_s, 2),
             **self.stats.finished,
         )
 
@@ -242,6 +244,7 @@ class Consumer:
     async def _process(self, message: Any) -> None:
         assert self._slots is not None
         task = asyncio.current_task()
+        received = time.monotonic()
         delivery = self._delivery(message)
         bind_job_fields(
             job_id=clip(delivery.attributes.get("job_id", ""), 128) or None,
@@ -256,6 +259,8 @@ class Consumer:
                 self._waiting.discard(task)  # type: ignore[arg-type]
                 outcome = await self._handle(delivery)
             await self._conclude(message, outcome)
+            lease = time.monotonic() - received
+            self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
         except asyncio.CancelledError:
             if self._streaming:
                 self.stats.nacked += 1
@@ -269,7 +274,6 @@ class Consumer:
         return Delivery(
             data=bytes(message.data),
             attributes=dict(message.attributes),
-            message_id=message.message_id,
             delivery_attempt=attempt,
             final_attempt=bool(
                 self.max_delivery_attempts and attempt and attempt >= self.max_delivery_attempts
@@ -279,6 +283,10 @@ class Consumer:
 
     async def _conclude(self, message: Any, outcome: Outcome) -> None:
         if outcome.ack:
+            if outcome.hold_s > 0:
+                # A follow-up not yet due (worker/core/followup.py): a few seconds under
+                # lease, outside the call slots, then republished and acked.
+                await asyncio.sleep(outcome.hold_s)
             try:
                 await self._publisher.publish(outcome)
             except Exception as exc:
@@ -291,9 +299,10 @@ class Consumer:
                 await self._settle(message, ack=True)
                 return
         # Hold a job that must go back a little before nacking it: a nack is redelivered
-        # at once where the subscription has no retry policy (the emulator), and an
-        # outage (Admin API, metadata server, Pub/Sub publish) would otherwise burn every
-        # delivery attempt in a second. The client keeps extending the lease meanwhile.
+        # at once where the subscription has no retry policy (the emulator: fault 2 in
+        # worker/gcp/emulator.py), and an outage (Admin API, metadata server, Pub/Sub
+        # publish) would otherwise burn every delivery attempt in a second. The client
+        # keeps extending the lease meanwhile.
         await asyncio.sleep(nack_delay(message.delivery_attempt))
         await self._settle(message, ack=False)
 
@@ -323,10 +332,9 @@ class Consumer:
 
 
 def nack_delay(delivery_attempt: int | None) -> float:
-    """Seconds to hold a job before nacking it: exponential in the delivery attempt,
-    capped at NACK_DELAY_MAX_S, with equal jitter so replicas do not retry in step."""
-    ceiling = min(NACK_DELAY_MAX_S, NACK_DELAY_BASE_S * 2 ** max(0, (delivery_attempt or 1) - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    """Seconds to hold a job before nacking it: worker.core.backoff's equal jitter over
+    the delivery attempt, from NACK_DELAY_BASE_S up to NACK_DELAY_MAX_S."""
+    return Backoff(NACK_DELAY_BASE_S, NACK_DELAY_MAX_S).equal_jitter(delivery_attempt or 1)
 
 
 def read_max_delivery_attempts(subscriber: Any, subscription: str) -> int | None:

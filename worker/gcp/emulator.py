@@ -1,42 +1,58 @@
-"""The subscriber transport the worker uses on the Pub/Sub emulator, and why.
+"""What runs on the Pub/Sub emulator only, and why: the emulator's three faults.
 
-Two faults of the emulator (gcloud 528, cloud-pubsub-emulator 0.8.20) meet here; this
-is the one place they are explained (tests/e2e/test_emulator_streams.py shows each).
+This is the one place they are explained; the README, the consumer, `worker setup`,
+BENCHMARKS.md and the tests point here. All are faults of emulator 528 (gcloud 528,
+cloud-pubsub-emulator 0.8.20). Real Pub/Sub has none of them, and the worker does none
+of this there: it builds this transport only when PUBSUB_EMULATOR_HOST is set
+(worker/runtime/app.py), and not when WORKER_EMULATOR_PLAIN_STREAMS=1 (a setting), which tests set
+to run the worker on the emulator through the client library's own transport, the
+path real Pub/Sub takes.
 
-1. Departed streams. The emulator never notices that a streaming-pull client went
-   away, killed or closed cleanly: the stream goes on taking messages off the
-   subscription until the RPC's deadline, 1,800 s by default, and each message it
-   takes comes back only after its ack deadline, one delivery attempt later. After one
-   killed worker, half of all new jobs went to its dead stream for as long as we
-   watched. So every StreamingPull call gets a deadline of STREAM_DEADLINE_S, which
-   the server enforces too: a dead worker's stream is gone within it.
+Fault 1: departed streams. The emulator never notices that a streaming-pull client
+went away, killed or closed cleanly: the stream goes on taking messages off the
+subscription until the RPC's deadline, 1,800 s by default, and each message it takes
+comes back only after its ack deadline, one delivery attempt later. Evidence:
+tests/e2e/test_emulator_streams.py shows it with the library's default client (and
+its absence with the transport below); after one killed subscriber half of all new
+messages went to its dead stream for the three minutes watched, and the chaos soak
+burned its delivery attempts on dead streams (BENCHMARKS.md, the soak's first column).
+What the worker does: every StreamingPull call on the emulator gets a deadline of
+STREAM_DEADLINE_S, which the server enforces too, so a dead worker's stream is gone
+within it; and the consumer never nacks after its own stream closed
+(worker/gcp/consumer.py): the message would go straight back to that closed stream.
 
-2. Streams ignore flow control. The emulator writes as much of the backlog into a
-   stream as the transport takes (thousands of jobs), whatever the client asked for.
-   A call that is cut, by its deadline or a cancel, strands all of that: each comes
-   back after its ack deadline (with a deep backlog, ~2,000 jobs per cut, and the
-   run's last jobs 10 s late), and on a subscription with a retry policy the emulator
-   never redelivers many of them at all (1,796 of 20,000 in one run).
+Fault 2: nacks lost under a retry policy. When the jobs subscription has a retry
+policy, the emulator loses nacked messages whose subscriber stream dies before their
+backoff ends: they are never redelivered. Evidence: the CI-sized chaos soak
+(tests/e2e/test_soak.py) lost 264 of 600 jobs with a policy; none without one. What
+the worker does: on the emulator the jobs subscription gets no retry policy
+(worker.ops.provision.for_target, used by `worker setup`, `worker dev` and the tests),
+so a nack is redelivered at once; the consumer's hold before each nack
+(worker.core.backoff, equal jitter) keeps an outage from burning every delivery
+attempt at once. Real Pub/Sub gets 10 s-600 s.
 
-So a live worker never lets the deadline cut its stream: after ROTATE_AFTER_S it
-half-closes it. The emulator then stops handing the stream new messages, sends what
-it had queued for it and ends the call with OK. The library's next read takes all of
-that in one response (read one response per flow-control turn, thousands of queued
-jobs outlived the deadline when the worker was slow) and leases it. The library
-takes OK as the end of the subscription, so that one status is reported to it as
-DEADLINE_EXCEEDED, which it treats as recoverable: it opens the next stream.
-Nothing is stranded (a deep backlog, with and without a retry policy: every job once).
-The deadline stays as the bound for streams whose client is gone.
-
-Real Pub/Sub needs none of this and does not get it: the worker builds this transport
-only when PUBSUB_EMULATOR_HOST is set (worker/runtime/app.py), and not when
-WORKER_EMULATOR_PLAIN_STREAMS=1, which tests set to run the worker on the emulator
-through the client library's own transport: the path real Pub/Sub takes.
+Fault 3: streams ignore flow control, and a cut strands what was queued. The emulator
+writes as much of the backlog into a stream as the transport takes (thousands of
+jobs), whatever the client asked for. A call that is cut, by its deadline or a
+cancel, strands all of that: each comes back after its ack deadline, and under a retry
+policy many never do. Evidence: tests/e2e/test_emulator_streams.py; `python -m
+bench.streams` (BENCHMARKS.md): cut at 13 s, a 40,000-message backlog read at 1,500/s
+needed 1,700-2,800 second deliveries and finished at 0.36 of the plain client's rate;
+the worker cut at 13 s lost 1,796 of 20,000 jobs under a retry policy. What the worker
+does: a live worker never lets the deadline cut its own stream. After ROTATE_AFTER_S
+it half-closes it; the emulator then stops handing the stream new messages, sends
+what it had queued for it and ends the call with OK. The library's next read takes
+all of that in one response (read one response per flow-control turn, the tail of a
+flush outlived the deadline when the worker was slow: 1,197 of 140,000 jobs lost under
+a retry policy) and leases it. The library takes OK as the end of the subscription,
+so that one status is reported to it as DEADLINE_EXCEEDED, which it treats as
+recoverable: it opens the next stream. Nothing is stranded (a deep backlog, with and
+without a retry policy: every job delivered once); the deadline stays as the bound
+for streams whose client is gone (fault 1).
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -52,12 +68,6 @@ STREAM_DEADLINE_S = 13.0
 ROTATE_AFTER_S = 8.0
 
 _HALF_CLOSE = object()
-PLAIN_STREAMS_VARIABLE = "WORKER_EMULATOR_PLAIN_STREAMS"
-
-
-def wanted() -> bool:
-    """Whether the worker, on the emulator, uses this transport (see the module docstring)."""
-    return os.environ.get(PLAIN_STREAMS_VARIABLE, "") not in ("1", "true", "yes")
 
 
 class _HalfClosingRequests:

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,19 +30,24 @@ from google.auth.compute_engine import IDTokenCredentials as MetadataIDTokenCred
 from google.oauth2 import service_account
 
 from worker.core.errors import ConfigError, PermanentJobError, TransientJobError
+from worker.core.gcloud_command import gcloud
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
 _IMPERSONATION_URL_RE = re.compile(r"/serviceAccounts/([^/:]+):generateAccessToken")
 
+# What gcloud's application-default login writes, and how to log in as the worker instead.
+ADC_LOGIN = gcloud("auth", "application-default", "login")
+ADC_LOGIN_AS_WORKER = gcloud("auth", "application-default", "login", impersonate_service_account="WORKER_SA")
+
 USER_CREDENTIALS_EXPLANATION = (
-    "user credentials (gcloud auth application-default login) cannot mint the ID token "
+    f"user credentials ({ADC_LOGIN}) cannot mint the ID token "
     "Cloud Run wants: an OIDC token whose audience is the service URL is only issued to a "
     "service account. Fix: let your account impersonate the worker's service account, then "
-    "run with it: gcloud iam service-accounts add-iam-policy-binding WORKER_SA "
-    f"--member=user:YOU --role={TOKEN_CREATOR} and set "
-    "WORKER_IMPERSONATE_SERVICE_ACCOUNT=WORKER_SA (or run gcloud auth application-default "
-    "login --impersonate-service-account=WORKER_SA)"
+    "run with it: "
+    + gcloud("iam", "service-accounts", "add-iam-policy-binding", "WORKER_SA", member="user:YOU",
+             role=TOKEN_CREATOR)
+    + f" and set WORKER_IMPERSONATE_SERVICE_ACCOUNT=WORKER_SA (or run {ADC_LOGIN_AS_WORKER})"
 )
 
 
@@ -51,7 +55,6 @@ USER_CREDENTIALS_EXPLANATION = (
 class Principal:
     """Which credentials the worker uses, for logs and `worker doctor`."""
 
-    source: str  # metadata | key_file | impersonation
     email: str | None
     detail: str
 
@@ -117,7 +120,6 @@ class IdentityTokenSource:
         self.principal = principal
         self._slots: dict[str, _Slot] = {}
         self._request = google.auth.transport.requests.Request()
-        self.refreshes: Counter[str] = Counter()
 
     async def token(self, audience: str) -> str:
         slot = self._slots.get(audience)
@@ -138,7 +140,6 @@ class IdentityTokenSource:
             slot.credentials.token = None
 
     async def _refresh(self, audience: str, creds: auth_credentials.Credentials) -> None:
-        self.refreshes[audience] += 1
         try:
             await asyncio.to_thread(creds.refresh, self._request)
         except auth_exceptions.RefreshError as exc:
@@ -195,13 +196,12 @@ def build_token_source(
             raise ConfigError(f"the metadata server did not answer at start-up: {exc}") from None
         return IdentityTokenSource(
             base.with_target_audience,
-            Principal("metadata", base.service_account_email, "metadata server"),
+            Principal(base.service_account_email, "metadata server"),
         )
     raise ConfigError(
         "no credentials that can mint ID tokens: not on Cloud Run (no metadata server), "
         "GOOGLE_APPLICATION_CREDENTIALS is not set and gcloud has no application-default "
-        "credentials. Fix: on a laptop run gcloud auth application-default login "
-        "--impersonate-service-account=WORKER_SA, or set WORKER_IMPERSONATE_SERVICE_ACCOUNT"
+        f"credentials. Fix: on a laptop run {ADC_LOGIN_AS_WORKER}, or set WORKER_IMPERSONATE_SERVICE_ACCOUNT"
     )
 
 
@@ -218,7 +218,7 @@ def _from_file(path: Path, origin: str, iam_endpoint: str | None) -> IdentityTok
             raise ConfigError(f"{origin} file {path} is not a valid service account key: {exc}") from None
         return IdentityTokenSource(
             key.with_target_audience,
-            Principal("key_file", info.get("client_email"), f"service account key {path}"),
+            Principal(info.get("client_email"), f"service account key {path}"),
         )
     if kind == "impersonated_service_account":
         match = _IMPERSONATION_URL_RE.search(info.get("service_account_impersonation_url", ""))
@@ -250,7 +250,7 @@ def _impersonating(
     )
     return IdentityTokenSource(
         lambda aud: IamIdTokenCredentials(client, target, aud),
-        Principal("impersonation", target, f"impersonation via IAM Credentials ({origin})"),
+        Principal(target, f"impersonation via IAM Credentials ({origin})"),
     )
 
 
@@ -260,7 +260,7 @@ def _default_credentials() -> tuple[auth_credentials.Credentials, str | None]:
     except auth_exceptions.DefaultCredentialsError as exc:
         raise ConfigError(
             f"WORKER_IMPERSONATE_SERVICE_ACCOUNT is set but there are no source credentials to "
-            f"impersonate with ({exc}); run gcloud auth application-default login"
+            f"impersonate with ({exc}); run {ADC_LOGIN}"
         ) from None
 
 

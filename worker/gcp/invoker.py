@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import random
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -23,11 +22,12 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_random_exponential,
 )
 
+from worker.core.backoff import Backoff
 from worker.core.catalog import JobKind
 from worker.core.errors import JobError, PermanentJobError, TransientJobError
+from worker.core.gcloud_command import gcloud
 from worker.core.messages import Job, now
 from worker.core.pipeline import CallResult
 
@@ -70,18 +70,19 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class wait_retry_after_or_backoff:
-    """tenacity wait: the server's Retry-After if it sent one, else full-jitter backoff:
-    uniform(0, min(max_s, initial_s * 2 ** (n - 1 + done))) before retry n, where `done`
-    counts retries already waited for outside this tenacity loop."""
+    """tenacity wait: the server's Retry-After if it sent one, else full-jitter backoff
+    (worker.core.backoff) for this retry, counting the `done` retries already waited
+    for outside this tenacity loop."""
 
     def __init__(self, initial_s: float, max_s: float, done: int = 0) -> None:
-        self._backoff = wait_random_exponential(multiplier=initial_s * 2**done, max=max_s)
+        self._backoff = Backoff(initial_s, max_s)
+        self._done = done
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, CallFailed) and exc.retry_after is not None:
             return exc.retry_after
-        return float(self._backoff(state))
+        return self._backoff.full_jitter(state.attempt_number + self._done)
 
 
 class Invoker:
@@ -130,7 +131,7 @@ class Invoker:
             await self._sleep(
                 first.retry_after
                 if first.retry_after is not None
-                else random.uniform(0, min(kind.backoff_max_s, kind.backoff_initial_s))
+                else Backoff(kind.backoff_initial_s, kind.backoff_max_s).full_jitter(1)
             )
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(kind.attempts - 1),
@@ -223,9 +224,11 @@ class Invoker:
             return PermanentJobError(
                 "forbidden",
                 f"{kind.service} answered 403: the worker's service account lacks roles/run.invoker "
-                f"on Cloud Run service {kind.service!r}. Fix: gcloud run services add-iam-policy-binding "
-                f"{kind.service} --region={region} --member=serviceAccount:WORKER_SA "
-                "--role=roles/run.invoker",
+                f"on Cloud Run service {kind.service!r}. Fix: "
+                + gcloud(
+                    "run", "services", "add-iam-policy-binding", kind.service or "SERVICE",
+                    region=region, member="serviceAccount:WORKER_SA", role="roles/run.invoker",
+                ),
                 http_status=status,
             )
         return PermanentJobError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from urllib.parse import urlparse
 from google.api_core import exceptions as api_exceptions
 
 from worker.core.errors import PermanentJobError, TransientJobError
+from worker.core.gcloud_command import grant
 from worker.core.logs import log
 from worker.core.settings import is_loopback
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
@@ -50,7 +50,6 @@ class ServiceResolver:
         self._clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._in_flight: dict[tuple[str, str], asyncio.Future[str]] = {}
-        self.calls: Counter[str] = Counter()
 
     def name(self, service: str, region: str) -> str:
         return f"projects/{self._project}/locations/{region}/services/{service}"
@@ -76,7 +75,6 @@ class ServiceResolver:
 
     async def _refresh(self, service: str, region: str) -> str:
         name = self.name(service, region)
-        self.calls[service] += 1
         try:
             found = await asyncio.to_thread(
                 self._client.get_service, name=name, retry=None, timeout=_ADMIN_API_TIMEOUT_S
@@ -92,8 +90,8 @@ class ServiceResolver:
             raise PermanentJobError(
                 "permission_denied",
                 f"the worker's identity may not read Cloud Run service {service!r} (Admin API 403 "
-                f"for {name}); grant it roles/run.viewer: gcloud projects add-iam-policy-binding "
-                f"{self._project} --member=serviceAccount:WORKER_SA --role=roles/run.viewer",
+                f"for {name}); grant it roles/run.viewer: "
+                + grant("serviceAccount:WORKER_SA", "roles/run.viewer", f"projects/{self._project}"),
             ) from None
         except Exception as exc:  # any outage: API errors, refused connections, auth refresh
             if credentials_refused(exc):

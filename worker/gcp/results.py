@@ -1,4 +1,4 @@
-"""Publish results and dead letters; a job is acked only once these have landed."""
+"""Publish results, dead letters and follow-ups; a job is acked only once these have landed."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ class ResultPublisher:
     thread), so thousands of publishes can be outstanding at once.
     """
 
-    def __init__(self, publisher: Any, results_topic: str, dead_letter_topic: str) -> None:
+    def __init__(
+        self, publisher: Any, results_topic: str, dead_letter_topic: str, jobs_topic: str | None = None
+    ) -> None:
         self._publisher = publisher
         self.results_topic = results_topic
         self.dead_letter_topic = dead_letter_topic
+        self.jobs_topic = jobs_topic  # where follow-ups go (Cloud Run job executions)
 
     async def publish(self, outcome: Outcome) -> None:
         """Resolve when every message of the outcome is published; raise if one was not."""
@@ -33,6 +36,14 @@ class ResultPublisher:
             futures.append(
                 self._publisher.publish(
                     self.dead_letter_topic, outcome.dead_letter.data, **outcome.dead_letter.attributes
+                )
+            )
+        if outcome.follow_up is not None:
+            if self.jobs_topic is None:
+                raise RuntimeError("a follow-up needs the jobs topic: pass jobs_topic to ResultPublisher")
+            futures.append(
+                self._publisher.publish(
+                    self.jobs_topic, outcome.follow_up.data, **outcome.follow_up.attributes
                 )
             )
         if futures:

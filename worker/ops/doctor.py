@@ -19,12 +19,13 @@ from typing import Any
 import aiohttp
 
 from worker.core.errors import ConfigError, JobError
+from worker.core.gcloud_command import gcloud, grant
 from worker.core.settings import Settings
-from worker.gcp.identity import TOKEN_CREATOR, IdentityTokenSource, Principal, build_token_source
+from worker.gcp.identity import ADC_LOGIN, TOKEN_CREATOR, IdentityTokenSource, Principal, build_token_source
 
 STORY_401 = (
     "Cloud Run answers 401 unless the bearer is an OIDC ID token, signed by Google, whose "
-    "`aud` is the service URL. User credentials (gcloud auth application-default login) "
+    f"`aud` is the service URL. User credentials ({ADC_LOGIN}) "
     "hold an OAuth access token and an ID token whose `aud` is gcloud's OAuth client, so "
     "Cloud Run refuses both; only a service account can mint an ID token for any audience "
     "(on Cloud Run through the metadata server, elsewhere through a key file or by "
@@ -49,6 +50,7 @@ class ServiceReport:
     service: str
     region: str
     checks: list[Check] = field(default_factory=list)
+    what: str = "service"  # or "Cloud Run job" (worker/ops/jobcheck.py)
 
     @property
     def ok(self) -> bool:
@@ -74,6 +76,8 @@ async def diagnose(
     run_client: Any,
     worker_sa: str,
     audience: str | None = None,
+    run_jobs: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    jobs_client: Any = None,
 ) -> Diagnosis:
     """Check the chain for each (service, region); `audience` overrides the token's audience.
 
@@ -106,6 +110,12 @@ async def diagnose(
             report.checks.append(
                 await _call(session, settings, principal, service, region, url, token, audience)
             )
+    if run_jobs:
+        from worker.ops.jobcheck import check_run_job
+
+        client = jobs_client()
+        for job, region in run_jobs:
+            diagnosis.services.append(await check_run_job(client, settings, _member(principal), job, region))
     return diagnosis
 
 
@@ -124,8 +134,7 @@ def _credentials_failure(settings: Settings, error: str, worker_sa: str) -> list
                 "user credentials cannot mint one",
                 why=[STORY_401, "This is the 401 the web app saw when it called the function directly."],
                 fix=[
-                    f"gcloud iam service-accounts add-iam-policy-binding {worker_sa} --project={project} "
-                    f"--member=user:{user} --role={TOKEN_CREATOR}",
+                    grant(f"user:{user}", TOKEN_CREATOR, f"projects/{project}/serviceAccounts/{worker_sa}"),
                     f"export WORKER_IMPERSONATE_SERVICE_ACCOUNT={worker_sa}",
                 ],
             ),
@@ -137,9 +146,8 @@ def _credentials_failure(settings: Settings, error: str, worker_sa: str) -> list
             "no credentials that can mint ID tokens",
             why=[error],
             fix=[
-                f"gcloud iam service-accounts add-iam-policy-binding {worker_sa} --project={project} "
-                f"--member=user:YOUR_EMAIL --role={TOKEN_CREATOR}",
-                f"gcloud auth application-default login --impersonate-service-account={worker_sa}",
+                grant("user:YOUR_EMAIL", TOKEN_CREATOR, f"projects/{project}/serviceAccounts/{worker_sa}"),
+                gcloud("auth", "application-default", "login", impersonate_service_account=worker_sa),
             ],
         )
     ]
@@ -188,10 +196,9 @@ async def _resolve(
     except JobError as exc:
         fix = {
             "permission_denied": [
-                f"gcloud projects add-iam-policy-binding {settings.project} "
-                f"--member={_member(principal)} --role=roles/run.viewer --condition=None"
+                grant(_member(principal), "roles/run.viewer", f"projects/{settings.project}")
             ],
-            "service_not_found": [f"gcloud run services list --project={settings.project} --region={region}"],
+            "service_not_found": [gcloud("run", "services", "list", project=settings.project, region=region)],
         }.get(exc.code, [])
         summary = f"the Admin API did not give a URL ({exc.code})"
         return Check("service URL", False, summary, [exc.message], fix), None
@@ -206,10 +213,8 @@ async def _mint(
     except JobError as exc:
         fix = []
         if exc.code == "token_creator_missing" and principal.email:
-            fix.append(
-                f"gcloud iam service-accounts add-iam-policy-binding {principal.email} "
-                f"--project={settings.project} --member={_source_member()} --role={TOKEN_CREATOR}"
-            )
+            account = f"projects/{settings.project}/serviceAccounts/{principal.email}"
+            fix.append(grant(_source_member(), TOKEN_CREATOR, account))
         return Check("ID token", False, f"cannot mint one for {audience}", [exc.message], fix), None
     note = "" if audience == url else " (--audience: not the service URL)"
     return Check("ID token", True, describe_token(token) + note), token
@@ -255,7 +260,7 @@ async def _call(
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Check("HTTPS call", False, f"GET {target} did not answer", [f"{type(exc).__name__}: {exc}"])
-    where = f"--region={region} --project={settings.project}"
+    where = {"region": region, "project": settings.project}
     if status == 401:
         if audience and audience != url:
             return Check(
@@ -268,7 +273,7 @@ async def _call(
                     "(or a custom audience configured on the service). Mint the token for the URL "
                     "(google.oauth2.id_token.fetch_id_token(request, URL)), or add the audience:",
                 ],
-                [f"gcloud run services update {service} {where} --add-custom-audiences={audience}"],
+                [gcloud("run", "services", "update", service, **where, add_custom_audiences=audience)],
             )
         return Check(
             "HTTPS call",
@@ -283,8 +288,11 @@ async def _call(
             f"GET {target} -> 403 Forbidden: {principal.email} may not invoke {service}",
             [f"the token is valid, but {_member(principal)} lacks roles/run.invoker on {service}."],
             [
-                f"gcloud run services add-iam-policy-binding {service} {where} "
-                f"--member={_member(principal)} --role=roles/run.invoker"
+                grant(
+                    _member(principal),
+                    "roles/run.invoker",
+                    f"projects/{settings.project}/locations/{region}/services/{service}",
+                )
             ],
         )
     if status >= 500:
@@ -292,7 +300,7 @@ async def _call(
             "HTTPS call",
             False,
             f"GET {target} -> {status}: the token was accepted, but the service failed",
-            [f"look at the service's logs: gcloud run services logs read {service} {where}"],
+            ["look at the service's logs: " + gcloud("run", "services", "logs", "read", service, **where)],
         )
     return Check(
         "HTTPS call",
@@ -310,7 +318,7 @@ def render(diagnosis: Diagnosis, project: str) -> list[tuple[str, str | None]]:
     if not diagnosis.services:
         lines.append(("  (services not checked: there is no identity to check them with)", None))
     for report in diagnosis.services:
-        lines.append((f"service {report.service} ({report.region})", None))
+        lines.append((f"{report.what} {report.service} ({report.region})", None))
         for check in report.checks:
             lines += _render_check(check, "  ")
     if diagnosis.ok:

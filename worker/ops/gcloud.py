@@ -1,5 +1,7 @@
 """The gcloud commands that set a real project up: topics, subscriptions, IAM bindings.
 
+Each command is built by worker.core.gcloud_command, the one builder of printed commands.
+
 `worker setup` creates the Pub/Sub resources itself; `worker setup --print-gcloud`
 prints this instead, for a project where an operator (or Terraform) owns the
 resources. The IAM bindings are data (`iam_bindings`), so the deployment guide's
@@ -9,11 +11,11 @@ table can be checked against the same list the commands are printed from.
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.core.catalog import Catalog
+from worker.core.gcloud_command import gcloud, grant
 from worker.core.settings import Settings
 from worker.ops.provision import SetupOptions
 
@@ -21,6 +23,9 @@ from worker.ops.provision import SetupOptions
 PROJECT_NUMBER_VAR = "${PROJECT_NUMBER}"
 # The kinds of principal an operator binding may name (IAM's member prefixes).
 OPERATOR_MEMBER_PREFIXES = ("user:", "group:", "serviceAccount:", "domain:")
+# The least predefined role holding run.jobs.runWithOverrides (with run.jobs.run and
+# run.executions.cancel); roles/run.invoker and roles/run.jobsExecutor lack it.
+RUN_JOB_EXECUTOR = "roles/run.jobsExecutorWithOverrides"
 # The Cloud Scheduler job that fires the nightly batch.
 SCHEDULER_JOB = "nightly-batch-scoring"
 
@@ -30,8 +35,8 @@ class Binding:
     """One least-privilege IAM binding: `member` gets `role` on `resource`, because `why`.
 
     `resource` is a full resource name: projects/P, projects/P/topics/T,
-    projects/P/subscriptions/S, projects/P/locations/R/services/S or
-    projects/P/serviceAccounts/EMAIL.
+    projects/P/subscriptions/S, projects/P/locations/R/services/S,
+    projects/P/locations/R/jobs/J or projects/P/serviceAccounts/EMAIL.
     """
 
     member: str
@@ -89,17 +94,20 @@ def iam_bindings(
         ),
         Binding(worker, "roles/pubsub.publisher", topic(settings.results_topic), "publish results"),
         Binding(worker, "roles/pubsub.publisher", dead_letters, "dead-letter jobs that failed for good"),
-        Binding(
-            worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"
-        ),
+        Binding(worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"),
     ]
-    if any(kind.batch for kind in catalog.values()):
+    published = (
+        ["the child jobs of batch kinds (batch-scoring)"] if any(k.batch for k in catalog.values()) else []
+    )
+    if catalog.run_jobs(settings.region):
+        published.append("the follow-ups that watch Cloud Run job executions")
+    if published:
         bindings.append(
             Binding(
                 worker,
                 "roles/pubsub.publisher",
                 topic(settings.jobs_topic),
-                "publish the child jobs of batch kinds (batch-scoring)",
+                "publish " + " and ".join(published),
             )
         )
     for service, region in sorted(catalog.services(settings.region)):
@@ -109,6 +117,15 @@ def iam_bindings(
                 "roles/run.invoker",
                 f"{project}/locations/{region}/services/{service}",
                 "call the service with an ID token minted for its URL",
+            )
+        )
+    for job, region in sorted(catalog.run_jobs(settings.region)):
+        bindings.append(
+            Binding(
+                worker,
+                RUN_JOB_EXECUTOR,
+                f"{project}/locations/{region}/jobs/{job}",
+                "start executions with overrides (run.jobs.runWithOverrides), cancel a duplicate one",
             )
         )
     bindings += [
@@ -133,7 +150,7 @@ def iam_bindings(
         ),
     ]
     for operator in operators:
-        bindings += operator_bindings(settings, operator, worker_sa)
+        bindings += operator_bindings(settings, operator, worker_sa, catalog)
     return bindings
 
 
@@ -147,11 +164,34 @@ def check_operator(member: str) -> None:
         )
 
 
-def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[Binding]:
-    """What one operator needs for the dead-letter tools and `worker doctor`."""
+def operator_bindings(
+    settings: Settings, member: str, worker_sa: str, catalog: Catalog | None = None
+) -> list[Binding]:
+    """What one operator needs for the dead-letter tools, `worker doctor` and `worker cancel`."""
     check_operator(member)
     project = f"projects/{settings.project}"
+    jobs = sorted(catalog.run_jobs(settings.region)) if catalog is not None else []
+    cancelling = [
+        Binding(
+            member,
+            "roles/run.jobsExecutor",
+            f"{project}/locations/{region}/jobs/{job}",
+            "cancel its executions (worker cancel): run.executions.cancel",
+        )
+        for job, region in jobs
+    ]
+    if jobs:
+        cancelling += [
+            Binding(member, "roles/run.viewer", project, "find a job's execution (worker cancel)"),
+            Binding(
+                member,
+                "roles/pubsub.publisher",
+                f"{project}/topics/{settings.results_topic}",
+                "publish the cancelled result (worker cancel)",
+            ),
+        ]
     return [
+        *cancelling,
         Binding(
             member,
             "roles/pubsub.subscriber",
@@ -175,50 +215,35 @@ def operator_bindings(settings: Settings, member: str, worker_sa: str) -> list[B
 
 def binding_command(binding: Binding) -> str:
     """The gcloud command that adds one binding."""
-    parts = binding.resource.split("/")
-    project = parts[1]
-    member_role = f"--member={_q(binding.member)} --role={binding.role}"
-    if len(parts) == 2:
-        # --condition=None: keeps gcloud from prompting when the policy has conditions.
-        return f"gcloud projects add-iam-policy-binding {project} {member_role} --condition=None"
-    if parts[2] == "topics":
-        return f"gcloud pubsub topics add-iam-policy-binding {parts[3]} --project={project} {member_role}"
-    if parts[2] == "subscriptions":
-        return (
-            f"gcloud pubsub subscriptions add-iam-policy-binding {parts[3]} "
-            f"--project={project} {member_role}"
-        )
-    if parts[2] == "locations" and parts[4] == "services":
-        return (
-            f"gcloud run services add-iam-policy-binding {parts[5]} --region={parts[3]} "
-            f"--project={project} {member_role}"
-        )
-    if parts[2] == "serviceAccounts":
-        return (
-            f"gcloud iam service-accounts add-iam-policy-binding {parts[3]} "
-            f"--project={project} {member_role}"
-        )
-    raise ValueError(f"no gcloud command for a binding on {binding.resource!r}")
+    return grant(binding.member, binding.role, binding.resource)
 
 
 def resource_commands(settings: Settings, options: SetupOptions) -> list[str]:
     """Topics and subscriptions as `worker setup` creates them (provision.SetupOptions)."""
-    project = f"--project={settings.project}"
-    common = f"--ack-deadline={options.ack_deadline_s} --message-retention-duration={options.retention_days}d"
+    common: dict[str, str | int | None] = {
+        "ack_deadline": options.ack_deadline_s,
+        "message_retention_duration": f"{options.retention_days}d",
+    }
     commands = [
-        f"gcloud pubsub topics create {name} {project}"
+        gcloud("pubsub", "topics", "create", name, project=settings.project)
         for name in (settings.jobs_topic, settings.results_topic, settings.dead_letter_topic)
     ]
     commands += [
-        f"gcloud pubsub subscriptions create {settings.jobs_subscription} {project} "
-        f"--topic={settings.jobs_topic} {common} "
-        f"--dead-letter-topic={settings.dead_letter_topic} "
-        f"--max-delivery-attempts={options.max_delivery_attempts} "
-        f"--min-retry-delay={options.min_backoff_s}s --max-retry-delay={options.max_backoff_s}s",
-        f"gcloud pubsub subscriptions create {settings.results_subscription} {project} "
-        f"--topic={settings.results_topic} {common}",
-        f"gcloud pubsub subscriptions create {settings.dead_letter_subscription} {project} "
-        f"--topic={settings.dead_letter_topic} {common}",
+        gcloud(
+            "pubsub", "subscriptions", "create", settings.jobs_subscription,
+            project=settings.project, topic=settings.jobs_topic, **common,
+            dead_letter_topic=settings.dead_letter_topic,
+            max_delivery_attempts=options.max_delivery_attempts,
+            min_retry_delay=f"{options.min_backoff_s}s", max_retry_delay=f"{options.max_backoff_s}s",
+        ),
+        gcloud(
+            "pubsub", "subscriptions", "create", settings.results_subscription,
+            project=settings.project, topic=settings.results_topic, **common,
+        ),
+        gcloud(
+            "pubsub", "subscriptions", "create", settings.dead_letter_subscription,
+            project=settings.project, topic=settings.dead_letter_topic, **common,
+        ),
     ]
     return commands
 
@@ -241,10 +266,8 @@ def gcloud_commands(
     """
     commands = []
     if project_number is None:
-        commands.append(
-            f"PROJECT_NUMBER=\"$(gcloud projects describe {settings.project} "
-            "--format='value(projectNumber)')\""
-        )
+        describe = gcloud("projects", "describe", settings.project, format="value(projectNumber)")
+        commands.append(f'PROJECT_NUMBER="$({describe})"')
     commands += resource_commands(settings, options or SetupOptions())
     bindings = iam_bindings(
         settings,
@@ -301,17 +324,12 @@ def scheduler_commands(settings: Settings, schedule: str, time_zone: str) -> lis
         "payload": {"source": True, "daily": True},
     }
     return [
-        f"gcloud services enable cloudscheduler.googleapis.com --project={settings.project}",
-        f"gcloud scheduler jobs create pubsub {SCHEDULER_JOB} --project={settings.project} "
-        f"--location={settings.region} "
-        f"--schedule={shlex.quote(schedule)} --time-zone={shlex.quote(time_zone)} "
-        f"--topic={settings.jobs_topic} --message-body={shlex.quote(json.dumps(body))} "
-        f"--attributes=job_id={SCHEDULER_JOB},kind=batch-scoring",
+        gcloud("services", "enable", "cloudscheduler.googleapis.com", project=settings.project),
+        gcloud(
+            "scheduler", "jobs", "create", "pubsub", SCHEDULER_JOB,
+            project=settings.project, location=settings.region, schedule=schedule, time_zone=time_zone,
+            topic=settings.jobs_topic, message_body=json.dumps(body),
+            attributes=f"job_id={SCHEDULER_JOB},kind=batch-scoring",
+        ),
     ]
 
-
-def _q(value: str) -> str:
-    # "${PROJECT_NUMBER}" must expand in the shell, so it is double-quoted, not escaped.
-    if PROJECT_NUMBER_VAR in value:
-        return f'"{value}"'
-    return shlex.quote(value)

@@ -17,10 +17,10 @@ from typing import Any
 
 from google.api_core import exceptions
 
+from worker.core.dead_letters import DeadLetterAttributes
+from worker.core.followup import FOLLOW_UP_ATTRIBUTE
 from worker.core.messages import salvage_identity
 
-# Pub/Sub adds these when *it* dead-letters a message (the worker never acked it).
-PUBSUB_SOURCE_PREFIX = "CloudPubSubDeadLetterSource"
 EXHAUSTED = "delivery attempts exhausted"
 _HOLD_S = 600  # lease held on scanned messages, so a long scan never sees one twice
 _ACK_CHUNK = 500  # ack ids per modify call, well under the API's limit
@@ -52,7 +52,8 @@ class DeadLetterEntry:
         message = received.message
         attrs = dict(message.attributes)
         data = bytes(message.data)
-        job_id, kind = attrs.get("job_id"), attrs.get("kind")
+        why = DeadLetterAttributes.from_attributes(attrs)
+        job_id, kind = why.job_id, why.kind
         if not job_id or not kind:
             salvaged_id, salvaged_kind = salvage_identity(data, attrs)
             job_id, kind = job_id or salvaged_id, kind or salvaged_kind
@@ -64,11 +65,11 @@ class DeadLetterEntry:
             "attributes": attrs,
             "job_id": job_id,
             "kind": kind,
-            "replay_count": _int(attrs.get("replay_count")) or 0,
+            "replay_count": why.replay_count or 0,
         }
-        if "error_code" not in attrs and any(k.startswith(PUBSUB_SOURCE_PREFIX) for k in attrs):
-            source = attrs.get(f"{PUBSUB_SOURCE_PREFIX}Subscription", "its subscription")
-            deliveries = _int(attrs.get(f"{PUBSUB_SOURCE_PREFIX}DeliveryCount"))
+        if why.by_pubsub:
+            source = why.pubsub_subscription or "its subscription"
+            deliveries = why.pubsub_delivery_count
             return cls(
                 **common,
                 status="dead-lettered by Pub/Sub",
@@ -83,11 +84,11 @@ class DeadLetterEntry:
             )
         return cls(
             **common,
-            status=attrs.get("status", "unknown"),
-            error_code=attrs.get("error_code"),
-            error_message=attrs.get("error_message", "no reason recorded"),
-            attempts=_int(attrs.get("attempts")),
-            dead_lettered_at=_parse_time(attrs.get("dead_lettered_at")) or published,
+            status=why.status if why.status is not None else "unknown",
+            error_code=why.error_code,
+            error_message=why.error_message if why.error_message is not None else "no reason recorded",
+            attempts=why.attempts,
+            dead_lettered_at=why.dead_lettered_at or published,
             by_pubsub=False,
         )
 
@@ -119,6 +120,9 @@ class DeadLetterEntry:
             attrs["job_id"] = self.job_id
         if self.kind:
             attrs["kind"] = self.kind
+        if self.attributes.get(FOLLOW_UP_ATTRIBUTE):
+            # A follow-up Pub/Sub gave up on goes back to following its execution.
+            attrs[FOLLOW_UP_ATTRIBUTE] = self.attributes[FOLLOW_UP_ATTRIBUTE]
         return attrs
 
 
@@ -207,7 +211,6 @@ class ReplayReport:
     replayed: list[DeadLetterEntry] = field(default_factory=list)
     failed: list[tuple[DeadLetterEntry, str]] = field(default_factory=list)
     skipped: int = 0
-    dry_run: bool = False
     truncated: bool = False
 
 
@@ -231,7 +234,7 @@ def replay_dead_letters(
     `on_selected` hears what will be replayed, `on_settled` each one's fate (None
     for success, else the reason), for a progress display.
     """
-    report = ReplayReport(dry_run=dry_run)
+    report = ReplayReport()
     with DeadLetterScan(subscriber, subscription, pull_timeout_s=pull_timeout_s) as scan:
         entries = scan.pull(
             stop=(lambda got: sum(e.matches(kind, job_id) for e in got) >= limit) if limit else None
@@ -308,23 +311,6 @@ def _publish_error(future: Any) -> str | None:
 
 def _sort_key(entry: DeadLetterEntry) -> tuple[datetime, str]:
     return (entry.dead_lettered_at or datetime.max.replace(tzinfo=UTC), entry.message_id)
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _timestamp(value: Any) -> datetime | None:

@@ -1,4 +1,4 @@
-"""Topics and subscriptions of DESIGN.md, created idempotently (`worker setup`)."""
+"""Topics and subscriptions of docs/contract.md, created idempotently (`worker setup`)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ class SetupOptions:
     max_backoff_s: int = 600
     ack_deadline_s: int = 60
     retention_days: int = 7
-    # Off only on the emulator: with a retry policy, emulator 528 loses nacked messages
-    # whose subscriber stream dies before their backoff ends (seen in the chaos soak:
-    # up to 40% of jobs never redelivered; none without the policy).
+    # Off only on the emulator, which loses nacked jobs under a retry policy
+    # (worker/gcp/emulator.py, fault 2).
     retry_policy: bool = True
 
 

@@ -28,6 +28,7 @@ from worker.gcp.identity import IdentityTokenSource, build_token_source
 from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
+from worker.gcp.runjobs import RunJobs
 from worker.runtime.health import serve_health
 
 log = structlog.get_logger("worker")
@@ -61,11 +62,13 @@ def access_credentials(settings: Settings) -> Any:
     return creds
 
 
-def run_client(settings: Settings, credentials: Any) -> Any:
+def run_client(settings: Settings, credentials: Any, kind: str = "ServicesClient") -> Any:
+    """A `run_v2` client (ServicesClient, JobsClient, ExecutionsClient) over REST, on
+    WORKER_RUN_API_ENDPOINT when set."""
     from google.cloud import run_v2
 
     options = {"api_endpoint": settings.run_api_endpoint} if settings.run_api_endpoint else None
-    return run_v2.ServicesClient(transport="rest", credentials=credentials, client_options=options)
+    return getattr(run_v2, kind)(transport="rest", credentials=credentials, client_options=options)
 
 
 def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
@@ -81,7 +84,7 @@ def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
         batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.01),
         **kwargs,
     )
-    if emulator_host and emulator.wanted():
+    if emulator_host and not settings.emulator_plain_streams:
         # Streams rotated, see worker/gcp/emulator.py.
         return publisher, pubsub_v1.SubscriberClient(transport=emulator.subscriber_transport(emulator_host))
     return publisher, pubsub_v1.SubscriberClient(**kwargs)
@@ -89,13 +92,11 @@ def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
 
 @dataclass
 class Worker:
-    settings: Settings
+    """What the run loop needs of a built worker: the consumer, and what it logs and probes."""
+
     catalog: Catalog
     tokens: IdentityTokenSource
-    resolver: ServiceResolver
-    pipeline: Pipeline
     consumer: Consumer
-    publisher_client: Any
     subscriber_client: Any
 
 
@@ -124,6 +125,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         publisher_client,
         publisher_client.topic_path(settings.project, settings.results_topic),
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
+        publisher_client.topic_path(settings.project, settings.jobs_topic),
     )
     invoker = Invoker(session, tokens)
     fan_out = BatchFanOut(
@@ -133,6 +135,13 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         resolver,
         region=settings.region,
     )
+    run_jobs = RunJobs(
+        run_client(settings, credentials, "JobsClient"),
+        run_client(settings, credentials, "ExecutionsClient"),
+        catalog,
+        settings.project,
+        region=settings.region,
+    )
     pipeline = Pipeline(
         catalog,
         resolver,
@@ -140,20 +149,19 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         region=settings.region,
         max_payload_bytes=settings.max_payload_bytes,
         batch_handler=fan_out,
+        run_job_handler=run_jobs.start,
     )
     consumer = Consumer(
         subscriber_client,
         subscription,
-        pipeline.handle,
+        run_jobs.route(pipeline.handle),
         results,
         max_in_flight=settings.max_in_flight,
         grace_s=settings.shutdown_grace_s,
         max_delivery_attempts=max_attempts,
         lease_extension_s=settings.lease_extension_s,
     )
-    return Worker(
-        settings, catalog, tokens, resolver, pipeline, consumer, publisher_client, subscriber_client
-    )
+    return Worker(catalog, tokens, consumer, subscriber_client)
 
 
 def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None:

@@ -28,6 +28,7 @@ from localcloud.metadata import MetadataIdentity, build_metadata_app
 from localcloud.ports import free_port
 from localcloud.recording import RecordedRequest, Recorder
 from localcloud.runapi import RunApiContext, build_run_api_app
+from localcloud.runjobs import LocalRunJob
 from localcloud.services import LocalService, build_service_app
 
 COMPONENTS = ("metadata", "run_api", "iam", "services")
@@ -102,7 +103,7 @@ class LocalCloud:
 
         identity = MetadataIdentity(project, self.project_number, region, worker_email)
         run_api = RunApiContext(project, self.project_number, self.authority, self.iam,
-                                self.recorder, self._service_list)
+                                self.recorder, self._service_list, self._job_list)
         self._listeners = {
             "metadata": _Listener(
                 lambda: build_metadata_app(identity, self.authority, self.recorder),
@@ -117,6 +118,7 @@ class LocalCloud:
         }
         self._lock = threading.Lock()
         self._services: dict[str, LocalService] = {}
+        self._jobs: dict[tuple[str, str], LocalRunJob] = {}
         self._service_listeners: dict[str, _Listener] = {}
         self._down: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -246,6 +248,40 @@ class LocalCloud:
     def _service_list(self) -> list[LocalService]:
         with self._lock:
             return list(self._services.values())
+
+    # -- Cloud Run jobs --------------------------------------------------------
+
+    def add_run_job(
+        self,
+        name: str,
+        *,
+        region: str | None = None,
+        executors: Iterable[str] | None = None,
+        executor_role: str = "roles/run.jobsExecutorWithOverrides",
+        **knobs: Any,
+    ) -> LocalRunJob:
+        """Deploy a Cloud Run job; `executors` (members) get `executor_role` on it, by
+        default the worker's service account. `knobs`: task_count, task_seconds,
+        timeout_s, args, env (see LocalRunJob)."""
+        region = region or self.region
+        job = LocalRunJob(name, region, project=self.project,
+                          service_account=f"{self.project_number}-compute@developer.gserviceaccount.com",
+                          **knobs)
+        with self._lock:
+            if (name, region) in self._jobs:
+                raise ValueError(f"job {name!r} already exists in {region}")
+            self._jobs[(name, region)] = job
+        for member in [member_for(self.worker_email)] if executors is None else executors:
+            self.iam.grant(member, executor_role, f"run.job:{name}")
+        return job
+
+    def run_job(self, name: str, region: str | None = None) -> LocalRunJob:
+        with self._lock:
+            return self._jobs[(name, region or self.region)]
+
+    def _job_list(self) -> list[LocalRunJob]:
+        with self._lock:
+            return list(self._jobs.values())
 
     # -- credentials files and tokens ---------------------------------------
 

@@ -1,7 +1,9 @@
 """The local IAM table: (member, role, resource) bindings, with project-level inheritance.
 
-Resources are written as "projects/P", "serviceAccount:EMAIL" and "run.service:NAME";
-a role granted on the project applies to every resource in it, as in Google Cloud.
+Resources are written as "projects/P", "serviceAccount:EMAIL", "run.service:NAME" and
+"run.job:NAME"; a role granted on the project applies to every resource in it, as in
+Google Cloud. The jobs API asks for permissions (`has_permission`), which hold through
+the predefined roles that contain them (`ROLE_PERMISSIONS`).
 """
 
 from __future__ import annotations
@@ -47,3 +49,25 @@ class IamPolicy:
         """All (member, role, resource) bindings, sorted, for `worker doctor`-style reports."""
         with self._lock:
             return sorted(self._bindings)
+
+
+# The permissions of the predefined roles that matter here (IAM's role reference).
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "roles/run.viewer": frozenset(
+        {"run.jobs.get", "run.executions.get", "run.executions.list", "run.operations.get"}
+    ),
+    "roles/run.invoker": frozenset({"run.jobs.run", "run.routes.invoke"}),
+    "roles/run.jobsExecutor": frozenset({"run.jobs.run", "run.executions.cancel"}),
+    "roles/run.jobsExecutorWithOverrides": frozenset(
+        {"run.jobs.run", "run.jobs.runWithOverrides", "run.executions.cancel"}
+    ),
+}
+ROLE_PERMISSIONS["roles/run.developer"] = frozenset().union(*ROLE_PERMISSIONS.values())
+ROLE_PERMISSIONS["roles/run.admin"] = ROLE_PERMISSIONS["roles/run.developer"]
+
+
+def has_permission(iam: IamPolicy, member: str, permission: str, resource: str) -> bool:
+    return any(
+        permission in permissions and iam.allowed(member, role, resource)
+        for role, permissions in ROLE_PERMISSIONS.items()
+    )

@@ -13,17 +13,24 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from localcloud.services import LocalService
 
 # Status recorded when the client went away before an answer (nginx's convention).
 CLIENT_CLOSED = 499
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Observed(Protocol):
+    """What the middleware tells a service about its requests (services.LocalService)."""
+
+    name: str
+
+    def note_request(self, entry: RecordedRequest) -> None: ...
+
+    def note_answer(self, status: int) -> None: ...
 
 
 def token_fingerprint(token: str) -> str:
@@ -140,7 +147,7 @@ class Recorder:
             job_id=request.headers.get("X-Job-Id"),
         )
 
-    def middleware(self, component: str, service: LocalService | None = None) -> Callable:
+    def middleware(self, component: str, service: Observed | None = None) -> Callable:
         """An aiohttp middleware logging each request of `component` (and of `service`)."""
 
         @web.middleware

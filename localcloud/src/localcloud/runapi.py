@@ -1,4 +1,4 @@
-"""The Cloud Run Admin API v2, REST: GetService and ListServices.
+"""The Cloud Run Admin API v2, REST: GetService and ListServices; jobs in runjobs.py.
 
 Answers in the camelCase JSON the `run_v2` REST transport parses, and errors in
 Google's `{"error": {code, message, status}}` shape so google-api-core raises
@@ -10,14 +10,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
 from localcloud.authority import TokenAuthority
 from localcloud.googleapis import google_error, unauthenticated
 from localcloud.iam import RUN_VIEWER, IamPolicy, member_for
+from localcloud.jobsapi import JobsContext, add_job_routes
 from localcloud.recording import Recorder, bearer_token
+from localcloud.runjobs import LocalRunJob
 from localcloud.services import LocalService
 
 DEFAULT_PAGE_SIZE = 100
@@ -32,6 +35,9 @@ class RunApiContext:
     iam: IamPolicy
     recorder: Recorder
     services: Callable[[], list[LocalService]]
+    jobs: Callable[[], list[LocalRunJob]] = list
+    # RunJob's and CancelExecution's operations, kept while the API goes down and up.
+    operations: dict[str, Any] = field(default_factory=dict)
 
 
 def _timestamp(epoch: float) -> str:
@@ -142,4 +148,6 @@ def build_run_api_app(ctx: RunApiContext) -> web.Application:
     base = "/v2/projects/{project}/locations/{location}/services"
     app.router.add_get(base, list_services)
     app.router.add_get(base + "/{service}", get_service)
+    add_job_routes(app, JobsContext(ctx.project, ctx.iam, caller, ctx.recorder.count_admin_call, ctx.jobs,
+                                    ctx.operations))
     return app
