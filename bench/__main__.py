@@ -1,4 +1,4 @@
-"""`make bench`: throughput, latency and cost per job against the ceiling and a naive worker.
+"""`make bench`: throughput, latency and cost per job against the ceiling, a naive worker and Celery.
 
     python -m bench [--quick] [--max-in-flight 200] [--naive-cap-s 60] [--only a,b,c,d]
 
