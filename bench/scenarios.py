@@ -42,6 +42,8 @@ CONTENDERS = {
     "ours-retry": "worker",
     "celery": "bench.celery_peer",
 }
+# Extra environment per contender (bench/tracing.py adds `worker run` with tracing on).
+CONTENDER_ENV: dict[str, dict[str, str]] = {}
 # Stopped after the scenario's cap; their rate is taken from what finished.
 CAPPED = {"naive", "celery"}
 KIND = "bench-echo"
@@ -268,6 +270,7 @@ def run_contender(
         BENCH_EXPECT=str(jobs_count),
         BENCH_ACKS_FILE=str(acks_file),
         BENCH_CELERY_QUEUE=f"bench-celery-{uid()}",
+        **CONTENDER_ENV.get(contender, {}),
     )
     provision(env)
     if contender == "ours-retry":
@@ -283,6 +286,7 @@ def run_contender(
         else:
             publish(env, jobs)
     tokens_before, calls_before = Counter(cloud.id_tokens_minted), Counter(cloud.admin_api_calls)
+    ours = contender not in ("ceiling", "naive", "celery")  # a `worker run`, whatever its settings
     run = Run(
         scenario.name,
         contender,
@@ -299,11 +303,11 @@ def run_contender(
             ready_at = time.time()
             with ProcessMonitor(process.proc.pid) as monitor, GroupMonitor(others) as group:
                 arrived = consume(env, scenario, contender, created, process, acks_file, results, jobs_count)
-            if contender in ("ours", "ours-retry"):
+            if ours:
                 process.stop()
         tokens = Counter(cloud.id_tokens_minted) - tokens_before
         calls = Counter(cloud.admin_api_calls) - calls_before
-        if contender in ("ours", "ours-retry"):
+        if ours:
             run.dead_lettered = len(drain(env, "WORKER_DEAD_LETTER_SUBSCRIPTION", jobs_count, timeout=3))
     finally:
         results.close()

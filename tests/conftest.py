@@ -51,6 +51,7 @@ class Names:
         self.results_subscription = f"job-results-webapp-{self.suffix}"
         self.dead_letter_topic = f"jobs-dead-letter-{self.suffix}"
         self.dead_letter_subscription = f"jobs-dead-letter-ops-{self.suffix}"
+        self.control_topic = f"worker-control-{self.suffix}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -61,6 +62,7 @@ class Names:
             "WORKER_RESULTS_SUBSCRIPTION": self.results_subscription,
             "WORKER_DEAD_LETTER_TOPIC": self.dead_letter_topic,
             "WORKER_DEAD_LETTER_SUBSCRIPTION": self.dead_letter_subscription,
+            "WORKER_CONTROL_TOPIC": self.control_topic,
         }
 
 

@@ -20,6 +20,7 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 def test_every_verb_is_registered_once() -> None:
     assert set(cli.commands) == {
         "run", "setup", "enqueue", "cancel", "dead-letters", "replay", "doctor", "batch-status", "dev",
+        "pause", "resume", "status",
     }
 
 

@@ -1,8 +1,10 @@
 """cloudbuild.yaml, checked the way Cloud Build would reject it, and against the worker's settings.
 
-Cloud Build fails a build that uses an undeclared user substitution or (for manual
-builds) declares one it never uses; a typo in an environment variable name would
-instead deploy a worker silently running on a default. Both are caught here.
+The Cloud Build schema itself is check-jsonschema's (`make lint`). Here: Cloud Build
+fails a build that uses an undeclared user substitution or (for manual builds) declares
+one it never uses; a typo in an environment variable name would instead deploy a worker
+silently running on a default. Both are caught here, and the deploy step is held to
+scripts/cloud_run_deploy.py's inputs.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
+from scripts import cloud_run_deploy
 from worker.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,18 +31,12 @@ def step(step_id: str) -> dict[str, Any]:
     return found
 
 
-def deploy_flags() -> dict[str, str]:
-    """The deploy step's `--flag=value` arguments (`--flag` alone maps to "")."""
-    flags = {}
-    for arg in step("deploy")["args"]:
-        if arg.startswith("--"):
-            name, _, value = arg.partition("=")
-            flags[name] = value
-    return flags
+def deploy_env() -> dict[str, str]:
+    return dict(item.split("=", 1) for item in step("deploy")["env"])
 
 
-def used_in_steps() -> set[str]:
-    text = yaml.safe_dump(CONFIG["steps"])
+def used_in_config() -> set[str]:
+    text = yaml.safe_dump({"steps": CONFIG["steps"], "images": CONFIG["images"]})
     return {a or b for a, b in SUBSTITUTION.findall(text)}
 
 
@@ -53,55 +49,50 @@ def test_the_tests_that_need_no_emulator_gate_the_build() -> None:
     assert test["name"].startswith("python:3.11")
     assert [test["entrypoint"], *test["args"]] == ["make", "test-fast"]
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r'^test-fast:.*\n\t.*pytest .*-m "not e2e"', makefile, re.M)
+    # No emulator, no podman and no gcloud in the Python image.
+    assert re.search(
+        r'^test-fast:.*\n\t.*pytest .*-m "not e2e and not container and not gcloud"', makefile, re.M
+    )
 
 
-def test_the_image_built_is_the_image_pushed_and_deployed() -> None:
+def test_the_image_built_is_pushed_recorded_and_deployed_by_digest() -> None:
     assert f"--tag={IMAGE}" in step("build")["args"]
     assert step("push")["args"] == ["push", IMAGE]
-    assert deploy_flags()["--image"] == IMAGE
+    assert CONFIG["images"] == [IMAGE]
+    assert deploy_env()["IMAGE"] == IMAGE  # the script resolves it to REPO@sha256:...
 
 
-def test_the_deploy_step_runs_gcloud_without_a_shell() -> None:
+def test_the_deploy_step_runs_the_deploy_script_without_a_shell() -> None:
     deploy = step("deploy")
-    assert deploy["entrypoint"] == "gcloud" and deploy["args"][:3] == ["run", "deploy", "${_SERVICE}"]
+    assert deploy["name"].startswith("gcr.io/google.com/cloudsdktool/cloud-sdk")
+    assert [deploy["entrypoint"], *deploy["args"]] == ["python3", "scripts/cloud_run_deploy.py"]
+    assert "script" not in deploy and "bash" not in str(deploy)
 
 
-@pytest.mark.parametrize(
-    ("flag", "value"),
-    [
-        ("--no-allow-unauthenticated", ""),
-        ("--no-cpu-throttling", ""),
-        ("--ingress", "internal"),
-        ("--service-account", "${_SERVICE_ACCOUNT}"),
-        ("--region", "${_REGION}"),
-        ("--min-instances", "${_MIN_INSTANCES}"),
-        ("--max-instances", "${_MAX_INSTANCES}"),
-        ("--concurrency", "${_CONCURRENCY}"),
-    ],
-)
-def test_the_deploy_flags(flag: str, value: str) -> None:
-    assert deploy_flags()[flag] == value
+def expand(value: str, **overrides: str) -> str:
+    """A value as Cloud Build would expand it with the defaults (and a sample build)."""
+    values = {"PROJECT_ID": "acme", "SHORT_SHA": "abc1234", **CONFIG["substitutions"], **overrides}
+    for _ in range(2):  # a default may refer to a built-in
+        value = SUBSTITUTION.sub(lambda m: values[m.group(1) or m.group(2)], value)
+    return value
 
 
-def test_probes_point_at_the_health_endpoints() -> None:
-    flags = deploy_flags()
-    assert "httpGet.path=/readyz" in flags["--startup-probe"].split(",")
-    assert "httpGet.path=/healthz" in flags["--liveness-probe"].split(",")
+def test_the_defaults_give_the_deploy_script_every_setting_it_reads() -> None:
+    for kind in cloud_run_deploy.TARGETS:
+        env = {k: expand(v, _TARGET=kind) for k, v in deploy_env().items()}
+        target = cloud_run_deploy.Target.from_environ(env)
+        assert target.kind == kind and target.name == "job-worker"
+        assert target.image == "us-central1-docker.pkg.dev/acme/worker/worker:abc1234"
+        assert target.service_account == "worker@acme.iam.gserviceaccount.com"
+    assert CONFIG["substitutions"]["_TARGET"] == "worker-pool"
 
 
-def test_at_least_one_instance_always_runs() -> None:
-    defaults = CONFIG["substitutions"]
-    # Nothing wakes a pull worker up: with zero instances, jobs would wait forever.
-    assert int(defaults["_MIN_INSTANCES"]) >= 1
-    assert int(defaults["_MAX_INSTANCES"]) >= int(defaults["_MIN_INSTANCES"])
-
-
-def test_the_environment_names_real_settings() -> None:
-    pairs = dict(item.split("=", 1) for item in deploy_flags()["--set-env-vars"].split(","))
+def test_the_container_environment_names_real_settings() -> None:
+    env = deploy_env()
+    container = {k: v for k, v in env.items() if k.startswith("WORKER_") or k == "GOOGLE_CLOUD_PROJECT"}
     known = {name for field in Settings.model_fields.values() for name in field.validation_alias.choices}
-    assert set(pairs) <= known, f"not settings: {set(pairs) - known}"
-    assert pairs["GOOGLE_CLOUD_PROJECT"] == "$PROJECT_ID"
+    assert set(container) <= known, f"not settings: {set(container) - known}"
+    assert container["GOOGLE_CLOUD_PROJECT"] == "$PROJECT_ID"
     for required in (
         "WORKER_REGION",
         "WORKER_MAX_IN_FLIGHT",
@@ -111,13 +102,14 @@ def test_the_environment_names_real_settings() -> None:
         "WORKER_DEAD_LETTER_TOPIC",
         "WORKER_DEAD_LETTER_SUBSCRIPTION",
     ):
-        assert SUBSTITUTION.fullmatch(pairs[required]), f"{required} should come from a substitution"
-    # Cloud Run sets PORT itself and refuses a deploy that sets it.
-    assert "PORT" not in pairs
+        assert SUBSTITUTION.fullmatch(container[required]), f"{required} should come from a substitution"
+    # Cloud Run sets PORT itself and refuses a deploy that sets it; the script sets
+    # WORKER_HEALTH_PORT for a worker pool from HEALTH_PORT.
+    assert "PORT" not in env and "WORKER_HEALTH_PORT" not in env
 
 
 def test_every_substitution_used_is_declared_and_every_declared_one_is_used() -> None:
-    used = used_in_steps()
+    used = used_in_config()
     declared = set(CONFIG["substitutions"])
     user = {name for name in used if name.startswith("_")}
     assert user == declared, f"undeclared: {user - declared}; unused: {declared - user}"

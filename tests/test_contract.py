@@ -12,7 +12,7 @@ import pytest
 from pydantic import AliasChoices
 
 from worker.cli import cli
-from worker.core.catalog import BatchSpec, JobKind
+from worker.core.catalog import BatchSpec, BreakerSpec, JobKind
 from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.messages import BatchRef, Job, JobStatus, Result
 from worker.core.runjob import RunJobSpec
@@ -87,6 +87,7 @@ def test_every_catalog_field_is_listed() -> None:
         list(JobKind.model_fields)
         + [f"batch.{name}" for name in BatchSpec.model_fields]
         + [f"run_job.{name}" for name in RunJobSpec.model_fields]
+        + [f"breaker.{name}" for name in BreakerSpec.model_fields]
     )
     assert sorted(names) == sorted(fields)
 

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from tests.e2e.harness import worker_cli
+from worker.cli import cli
 from worker.core.catalog import Catalog, JobKind
 from worker.core.settings import Settings
-from worker.ops.gcloud import Binding, gcloud_commands, gcloud_script, iam_bindings
+from worker.ops.gcloud import (
+    Binding,
+    PushTarget,
+    gcloud_commands,
+    gcloud_script,
+    iam_bindings,
+    push_target,
+)
 from worker.ops.provision import SetupOptions
 
 WORKER = "worker@acme.iam.gserviceaccount.com"
@@ -42,10 +54,17 @@ def test_each_principal_gets_only_what_it_uses() -> None:
         ("roles/pubsub.viewer", "projects/acme/subscriptions/jobs-worker"),
         ("roles/pubsub.publisher", "projects/acme/topics/job-results"),
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
-        ("roles/run.viewer", "projects/acme"),
+        ("roles/run.viewer", "projects/acme/locations/us-central1/services/account-scoring"),
         ("roles/run.invoker", "projects/acme/locations/us-central1/services/account-scoring"),
+        ("roles/run.viewer", "projects/acme/locations/europe-west1/services/echo"),
         ("roles/run.invoker", "projects/acme/locations/europe-west1/services/echo"),
+        ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+        ("projects/acme/roles/workerControlChannel", "projects/acme"),
     }
+    # Nothing on the whole project but the control channel's custom role: Cloud Run roles
+    # are granted per service, and creating a subscription is checked on the project.
+    on_project = [b.role for b in bindings if b.resource == "projects/acme"]
+    assert on_project == ["projects/acme/roles/workerControlChannel"]
     assert roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com") == {
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
         ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-worker"),
@@ -76,9 +95,11 @@ def test_commands_create_resources_as_setup_does_then_bind() -> None:
         "--role=roles/pubsub.publisher"
     ) in commands
     assert (
-        f"gcloud projects add-iam-policy-binding acme --member=serviceAccount:{WORKER} "
-        "--role=roles/run.viewer --condition=None"
+        "gcloud run services add-iam-policy-binding echo --region=europe-west1 --project=acme "
+        f"--member=serviceAccount:{WORKER} --role=roles/run.viewer"
     ) in commands
+    on_project = [c for c in commands if c.startswith("gcloud projects add-iam-policy-binding")]
+    assert len(on_project) == 1 and "--role=projects/acme/roles/workerControlChannel" in on_project[0]
     bindings = iam_bindings(settings(), catalog(), WORKER, WEBAPP)
     assert len([c for c in commands if "add-iam-policy-binding" in c]) == len(bindings)
 
@@ -123,9 +144,11 @@ def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() 
         assert roles_of(with_ops, member) == {
             ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-dead-letter-ops"),
             ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
+            ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+            ("projects/acme/roles/workerControlChannel", "projects/acme"),
             ("roles/iam.serviceAccountTokenCreator", f"projects/acme/serviceAccounts/{WORKER}"),
         }
-    assert len(with_ops) == len(base) + 6
+    assert len(with_ops) == len(base) + 10
 
 
 def test_an_operator_must_be_written_as_an_iam_member() -> None:
@@ -157,6 +180,78 @@ def test_setup_refuses_an_operator_it_cannot_grant() -> None:
     assert bare.returncode == 2 and "user:alice@example.com" in bare.stderr and not bare.stdout
     without_print = worker_cli(env, "setup", "--operator", "user:alice@acme.com")
     assert without_print.returncode == 2 and "--print-gcloud" in without_print.stderr
+
+
+PUSH_ENDPOINT = "https://webapp-abc123-uc.a.run.app/pubsub/results"
+
+
+def push() -> PushTarget:
+    return push_target(settings(), PUSH_ENDPOINT)
+
+
+def test_push_gives_the_push_account_invoker_and_the_pubsub_agent_token_creation() -> None:
+    bindings = iam_bindings(settings(), catalog(), WORKER, WEBAPP, project_number="123", push=push())
+    assert roles_of(bindings, "serviceAccount:results-push@acme.iam.gserviceaccount.com") == {
+        ("roles/run.invoker", "projects/acme/locations/us-central1/services/webapp"),
+    }
+    assert (
+        "roles/iam.serviceAccountTokenCreator",
+        "projects/acme/serviceAccounts/results-push@acme.iam.gserviceaccount.com",
+    ) in roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com")
+    # The web app no longer pulls, so it may no longer read the subscription.
+    webapp = roles_of(bindings, f"serviceAccount:{WEBAPP}")
+    assert webapp == {("roles/pubsub.publisher", "projects/acme/topics/jobs")}
+
+
+def test_push_endpoint_must_be_https() -> None:
+    with pytest.raises(ValueError, match="https"):
+        push_target(settings(), "http://webapp.example.com/push")
+
+
+def test_setup_prints_the_push_subscription_and_refuses_push_without_print(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "acme")
+    runner = CliRunner()
+    done = runner.invoke(cli, [
+        "setup", "--print-gcloud", "--webapp-push-endpoint", PUSH_ENDPOINT,
+        "--webapp-push-sa", "pusher@acme.iam.gserviceaccount.com", "--webapp-service", "portal",
+    ])
+    assert done.exit_code == 0, done.output
+    assert (
+        f"--push-endpoint={PUSH_ENDPOINT} --push-auth-service-account=pusher@acme.iam.gserviceaccount.com "
+        f"--push-auth-token-audience={PUSH_ENDPOINT}"
+    ) in done.output
+    assert (
+        "gcloud run services add-iam-policy-binding portal --region=us-central1 --project=acme "
+        "--member=serviceAccount:pusher@acme.iam.gserviceaccount.com --role=roles/run.invoker"
+    ) in done.output
+    without_print = runner.invoke(cli, ["setup", "--webapp-push-endpoint", PUSH_ENDPOINT])
+    assert without_print.exit_code == 2 and "--print-gcloud" in without_print.output
+    plain_http = runner.invoke(cli, ["setup", "--print-gcloud", "--webapp-push-endpoint", "http://x.example/p"])
+    assert plain_http.exit_code == 2 and "https" in plain_http.output
+    sa_alone = runner.invoke(cli, ["setup", "--print-gcloud", "--webapp-push-sa", "a@b.c"])
+    assert sa_alone.exit_code == 2 and "--webapp-push-endpoint" in sa_alone.output
+
+
+@pytest.mark.skipif(
+    shutil.which("gcloud") is None, reason="gcloud is not installed (apt-get install google-cloud-cli)"
+)
+def test_every_flag_of_the_push_subscription_exists_in_the_installed_gcloud() -> None:
+    # The bindings it adds use the same commands and flags as every other binding.
+    script = gcloud_script(settings(), catalog(), WORKER, WEBAPP, push=push())
+    (command,) = [line for line in script.splitlines() if line.startswith("gcloud") and "--push-" in line]
+    words = shlex.split(command)
+    assert words[:4] == ["gcloud", "pubsub", "subscriptions", "create"]
+    flags = {word.split("=", 1)[0] for word in words if word.startswith("--")}
+    assert {"--push-endpoint", "--push-auth-service-account", "--push-auth-token-audience"} <= flags
+    done = subprocess.run(
+        [*words[:4], "--help"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PAGER": "cat", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    known = set(re.findall(r"--[a-z][a-z0-9-]*", done.stdout))
+    assert flags <= known, sorted(flags - known)
 
 
 def test_a_run_job_kind_gets_the_least_role_that_runs_with_overrides_on_its_job_only() -> None:

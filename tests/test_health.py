@@ -17,7 +17,8 @@ import structlog
 from google.api_core import exceptions
 
 from localcloud import free_port
-from worker.core.settings import Settings
+from worker.core.errors import ConfigError
+from worker.core.settings import Settings, load_settings
 from worker.gcp.consumer import ConsumerStats
 from worker.runtime.health import Health, PubSubProbe, serve_health
 
@@ -148,7 +149,7 @@ def test_the_endpoints_answer_on_port_with_json() -> None:
     async def scenario() -> None:
         port = free_port()
         async with AsyncExitStack() as stack:
-            health = await serve_health(settings(port=port), stack)
+            health = await serve_health(settings(port=port, health_host="127.0.0.1"), stack)
             assert health is not None
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
@@ -171,3 +172,60 @@ def test_without_port_nothing_is_served() -> None:
             assert await serve_health(settings(), stack) is None
 
     asyncio.run(scenario())
+
+
+def test_readiness_reports_pauses_and_breakers_but_an_open_breaker_does_not_fail_it() -> None:
+    from worker.core.catalog import Catalog, JobKind
+    from worker.core.guard import Guard
+    from worker.core.pauses import PauseEntry
+
+    async def scenario() -> None:
+        kind = JobKind(kind="score", service="scoring")
+        guard = Guard(Catalog({"score": kind}), region="r", default_ceiling=100)
+        breaker = guard.breaker(("scoring", "r"))
+        for _ in range(5):
+            breaker.record(False)
+        guard.pauses.apply(PauseEntry("score", True, at=1.0))
+        health = Health(settings())
+        stack = AsyncExitStack()
+        health.watch(StubConsumer(), StubSubscriber(), stack, status=guard.snapshot)  # type: ignore[arg-type]
+        async with stack:
+            verdict = health.readiness()
+        assert verdict.ok and verdict.status == "ready"
+        assert verdict.detail["targets"]["scoring (r)"]["breaker"] == "open"
+        assert verdict.detail["paused"] == {"score": None}
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_pool_listens_on_worker_health_port_which_wins_over_port() -> None:
+    """A worker pool gets no PORT: its deploy sets WORKER_HEALTH_PORT for the probes."""
+
+    async def scenario() -> None:
+        pool_port, service_port = free_port(), free_port()
+        async with AsyncExitStack() as stack:
+            both = settings(port=service_port, health_port=pool_port, health_host="127.0.0.1")
+            assert await serve_health(both, stack) is not None
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{pool_port}/readyz") as response:
+                    assert response.status == 503
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await http.get(f"http://127.0.0.1:{service_port}/readyz")
+
+    asyncio.run(scenario())
+
+
+def test_a_taken_health_port_is_a_configuration_error_naming_the_variable() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        async with AsyncExitStack() as stack:
+            await serve_health(settings(health_port=port, health_host="127.0.0.1"), stack)
+            with pytest.raises(ConfigError, match=rf"WORKER_HEALTH_PORT={port}: cannot listen"):
+                await serve_health(settings(health_port=port, health_host="127.0.0.1"), stack)
+
+    asyncio.run(scenario())
+
+
+def test_the_health_host_must_be_an_address() -> None:
+    with pytest.raises(ConfigError, match=r"WORKER_HEALTH_HOST='localhost' is invalid: .*127\.0\.0\.1"):
+        load_settings(GOOGLE_CLOUD_PROJECT="p", WORKER_HEALTH_HOST="localhost")

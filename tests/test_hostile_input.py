@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.core.catalog import Catalog, JobKind, default_catalog_dir
-from worker.core.messages import MAX_ATTRIBUTE_BYTES, MAX_PUBLISH_BYTES, Job, JobStatus
+from worker.core.messages import MAX_ATTRIBUTE_BYTES, MAX_PUBLISH_BYTES, Job, JobStatus, usable_traceparent
 from worker.core.pipeline import CallResult, Delivery, Outcome, Pipeline
 
 MAX_PAYLOAD = 100_000
@@ -164,6 +164,11 @@ def test_a_wrong_type_in_any_field_is_rejected(
     body[field] = wrong
     attrs = {k: v for k, v in attrs.items() if k != "job_id"}
     outcome, invoker = handle(dumps(body), attrs)
+    if field == "traceparent" and not usable_traceparent(wrong):
+        # A bad traceparent never fails a job: it is dropped and the job runs in a new trace.
+        assert outcome.result is not None and outcome.result.status is JobStatus.SUCCEEDED
+        assert invoker.jobs[0].traceparent is None
+        return
     if outcome.result is not None and outcome.result.status is JobStatus.SUCCEEDED:
         # Some values are valid for some fields (any payload; a well-formed traceparent).
         Job.model_validate(body)
@@ -270,3 +275,11 @@ def test_a_response_with_lone_surrogates_is_published_escaped() -> None:
         dumps({"job_id": "s", "kind": "echo", "payload": {}}), invoker=Invoker({"x": "\ud800"})
     )
     assert_publishable(outcome)
+
+
+@pytest.mark.parametrize("value", ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\n"])
+def test_a_traceparent_with_a_trailing_newline_is_not_passed_on(value: str) -> None:
+    # Python's `$` also matches before a final newline: the checks use fullmatch.
+    from worker.core.messages import usable_traceparent
+
+    assert not usable_traceparent(value)

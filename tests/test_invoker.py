@@ -9,11 +9,18 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from worker.core.catalog import JobKind
 from worker.core.errors import PermanentJobError, TransientJobError
 from worker.core.messages import Job
+from worker.core.telemetry import NO_TELEMETRY, Metrics
 from worker.gcp.invoker import Invoker
+from worker.telemetry.tracing import SdkTelemetry
 
 
 class Tokens:
@@ -33,7 +40,7 @@ Handler = Callable[[web.Request, int], web.StreamResponse]
 
 
 def call(
-    handler: Handler, kind: JobKind | None = None, job: Job | None = None
+    handler: Handler, kind: JobKind | None = None, job: Job | None = None, telemetry: Any = NO_TELEMETRY
 ) -> tuple[Any, list[web.Request], list[float], Tokens]:
     kind = kind or JobKind(
         kind="k", service="svc", attempts=4, backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=0.5
@@ -62,7 +69,7 @@ def call(
 
         try:
             async with aiohttp.ClientSession() as session:
-                invoker = Invoker(session, tokens, sleep=sleep)
+                invoker = Invoker(session, tokens, sleep=sleep, telemetry=telemetry)
                 try:
                     return await invoker.invoke(kind, f"http://127.0.0.1:{port}", job, "r1")
                 except Exception as exc:
@@ -165,3 +172,49 @@ def test_a_hang_times_out_and_is_retried() -> None:
 
     exc, seen, _, _ = call(hang)
     assert isinstance(exc, TransientJobError) and exc.code == "timeout" and len(seen) == 4
+
+
+def test_each_attempt_is_a_client_span_and_the_function_gets_it_as_parent() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = SdkTelemetry(provider, Metrics(), subscription="s", topic="t")
+    sender = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    job = Job(job_id="job-9", kind="k", payload={}, traceparent=sender)
+
+    async def flaky(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=503) if n < 3 else web.json_response({"ok": True})
+
+    root = provider.get_tracer("test").start_span("job")
+    with trace.use_span(root, end_on_exit=True):
+        result, seen, _, _ = call(flaky, job=job, telemetry=telemetry)
+    assert result.attempts == 3
+    spans = [s for s in exporter.get_finished_spans() if s.name != "job"]
+    attempts = [s for s in spans if s.name == "POST"]
+    assert [s.name for s in spans] == ["POST"] * 3
+    assert all(s.parent is not None and s.parent.span_id == root.context.span_id for s in spans)
+    assert [s.attributes.get("http.request.resend_count") for s in attempts] == [None, 1, 2]
+    assert [s.attributes["http.response.status_code"] for s in attempts] == [503, 503, 200]
+    assert [s.status.status_code for s in attempts] == [StatusCode.ERROR, StatusCode.ERROR, StatusCode.UNSET]
+    # Each call carried its own attempt span as parent, never the sender's span.
+    for request, span in zip(seen, attempts, strict=True):
+        expected = f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-"
+        assert request.headers["traceparent"].startswith(expected)
+
+
+def test_an_attempt_that_never_got_an_answer_records_why() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = SdkTelemetry(provider, Metrics(), subscription="s", topic="t")
+
+    async def hang(request: web.Request, n: int) -> web.Response:
+        await asyncio.sleep(2)
+        return web.Response()
+
+    kind = JobKind(kind="k", service="svc", attempts=1, timeout_s=0.1)
+    result, _, _, _ = call(hang, kind=kind, telemetry=telemetry)
+    assert isinstance(result, TransientJobError) and result.code == "timeout"
+    (attempt,) = [s for s in exporter.get_finished_spans() if s.name == "POST"]
+    assert attempt.attributes["error.type"] == "timeout"
+    assert "http.response.status_code" not in attempt.attributes

@@ -138,6 +138,9 @@ def test_forbidden_is_permanent_and_names_run_viewer(error: Exception) -> None:
     with pytest.raises(PermanentJobError) as err:
         resolve(resolver)
     assert err.value.code == "permission_denied" and "roles/run.viewer" in err.value.message
+    # The fix names the binding on that one service, not on the project.
+    assert "gcloud run services add-iam-policy-binding" in err.value.message
+    assert "projects add-iam-policy-binding" not in err.value.message
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,13 @@ def test_healthz_turns_503_when_pubsub_stops_answering(
     with PubSubEmulator(project=local_cloud.project) as emulator:
         monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator.host)
         # A window of 6 s (probes every 2 s): one probe slowed by a busy machine must not fail it.
-        env = worker_env(local_cloud, names, PORT=str(port), WORKER_HEALTH_STALL_SECONDS="6")
+        env = worker_env(
+            local_cloud,
+            names,
+            WORKER_HEALTH_PORT=str(port),
+            WORKER_HEALTH_HOST="127.0.0.1",
+            WORKER_HEALTH_STALL_SECONDS="6",
+        )
         provision(env)
         with WorkerProcess(env, name="health") as worker:
             worker.wait_ready()

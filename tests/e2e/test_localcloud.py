@@ -200,13 +200,25 @@ def test_run_admin_api_through_the_real_client(local_cloud: LocalCloud, deploy: 
     other.uri_override = "https://other-abc123-uc.a.run.app"
     assert client.get_service(name=f"{parent}/services/{other.name}").uri == other.uri_override
 
-    with pytest.raises(api_exceptions.NotFound):
-        client.get_service(name=f"{parent}/services/no-such-{uid()}")
-    with pytest.raises(api_exceptions.NotFound):
-        client.get_service(name=f"projects/{local_cloud.project}/locations/europe-west1"
-                                f"/services/{scoring.name}")
-
-    listed = list(client.list_services(request={"parent": parent, "page_size": 1}))
+    # The worker holds roles/run.viewer per service (as `worker setup` grants it): for
+    # a service that does not exist, Cloud Run answers 403, not 404, and it may not list.
+    missing = f"{parent}/services/no-such-{uid()}"
+    with pytest.raises(api_exceptions.Forbidden):
+        client.get_service(name=missing)
+    with pytest.raises(api_exceptions.Forbidden):
+        list(client.list_services(request={"parent": parent}))
+    # Granted on the project, the role reveals which services exist.
+    worker = f"serviceAccount:{local_cloud.worker_email}"
+    local_cloud.iam.grant(worker, RUN_VIEWER, local_cloud.iam.project_resource)
+    try:
+        with pytest.raises(api_exceptions.NotFound):
+            client.get_service(name=missing)
+        with pytest.raises(api_exceptions.NotFound):
+            client.get_service(name=f"projects/{local_cloud.project}/locations/europe-west1"
+                                    f"/services/{scoring.name}")
+        listed = list(client.list_services(request={"parent": parent, "page_size": 1}))
+    finally:
+        local_cloud.iam.revoke(worker, RUN_VIEWER, local_cloud.iam.project_resource)
     assert {scoring.name, other.name} <= {s.name.rsplit("/", 1)[1] for s in listed}
 
     # Over REST, google-api-core maps by HTTP status: 403 is Forbidden, the parent of
@@ -237,7 +249,8 @@ def test_run_admin_api_through_the_real_client(local_cloud: LocalCloud, deploy: 
 
     calls = local_cloud.admin_api_calls
     assert calls[("GetService", scoring.name)] - before[("GetService", scoring.name)] == 7
-    assert calls[("ListServices", "*")] - before[("ListServices", "*")] == len(listed)
+    # One call per page listed, plus the one denied before the project-wide grant.
+    assert calls[("ListServices", "*")] - before[("ListServices", "*")] == len(listed) + 1
 
 
 def test_fetch_id_token_with_a_service_account_key_file(

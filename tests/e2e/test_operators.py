@@ -243,10 +243,12 @@ def test_setup_twice_reports_no_change(local_cloud: Any, pubsub_emulator: Any, n
     env = worker_env(local_cloud, names)
     first = worker_cli(env, "setup")
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("created") == 6
+    # Four topics (jobs, results, dead letters, control) and three subscriptions.
+    assert first.stdout.count("created") == 7
+    assert f"created  projects/local-project/topics/{names.control_topic}" in first.stdout
     second = worker_cli(env, "setup")
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("unchanged") == 6 and "created" not in second.stdout
+    assert second.stdout.count("unchanged") == 7 and "created" not in second.stdout
     assert "No change: everything already exists as configured." in second.stdout
 
 
@@ -331,10 +333,11 @@ def test_doctor_walks_a_key_file_identity_from_admin_api_403_to_working(
     assert f"credentials: service account key {key} as {email}" in no_viewer.stdout
     assert "service URL: the Admin API did not give a URL (permission_denied)" in no_viewer.stdout
     assert (
-        f"fix: gcloud projects add-iam-policy-binding local-project --member=serviceAccount:{email} "
-        "--role=roles/run.viewer --condition=None"
+        f"fix: gcloud run services add-iam-policy-binding {service.name} --region=us-central1 "
+        f"--project=local-project --member=serviceAccount:{email} --role=roles/run.viewer"
     ) in no_viewer.stdout
-    cloud.iam.grant(member_for(email), RUN_VIEWER, cloud.iam.project_resource)
+    # What the fix grants: the viewer role on that one service.
+    cloud.iam.grant(member_for(email), RUN_VIEWER, f"run.service:{service.name}")
 
     no_invoker = worker_cli(env, "doctor", service.name)
     assert no_invoker.returncode == 1
@@ -346,7 +349,20 @@ def test_doctor_walks_a_key_file_identity_from_admin_api_403_to_working(
 
 
 def test_doctor_names_a_service_the_admin_api_does_not_know(ops: dict[str, Any]) -> None:
+    # Granted roles/run.viewer per service, the worker gets 403 for a service that does
+    # not exist, as from Cloud Run: the fix lists the services to tell the two apart.
     done = worker_cli(ops["env"], "doctor", "no-such-service")
     assert done.returncode == 1
+    assert "service URL: the Admin API did not give a URL (permission_denied)" in done.stdout
+    assert "or it does not exist" in done.stdout
+    assert "fix: gcloud run services list --project=local-project --region=us-central1" in done.stdout
+    # With the viewer role on the whole project, Cloud Run says 404 instead.
+    cloud = ops["cloud"]
+    member = member_for(cloud.worker_email)
+    cloud.iam.grant(member, RUN_VIEWER, cloud.iam.project_resource)
+    try:
+        done = worker_cli(ops["env"], "doctor", "no-such-service")
+    finally:
+        cloud.iam.revoke(member, RUN_VIEWER, cloud.iam.project_resource)
     assert "service URL: the Admin API did not give a URL (service_not_found)" in done.stdout
     assert "fix: gcloud run services list --project=local-project --region=us-central1" in done.stdout

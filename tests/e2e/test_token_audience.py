@@ -83,12 +83,6 @@ def hostile_top_level_jobs() -> list[dict[str, Any]]:
     ]
     jobs += [
         {"job_id": "crlf\r\nX-Evil: 1", "kind": "alpha", "payload": {}},
-        {
-            "job_id": "tp-crlf",
-            "kind": "beta",
-            "payload": {},
-            "traceparent": TRACEPARENT + "\r\nHost: evil.example",
-        },
         {"job_id": "kind-dots", "kind": "alpha/../beta", "payload": {}},
         {"job_id": "kind-url", "kind": "http://127.0.0.1:1/", "payload": {}},
     ]
@@ -114,6 +108,9 @@ def test_hostile_jobs_cannot_redirect_a_token(stack: dict[str, Any]) -> None:
     normal = [
         {"job_id": f"normal-{i}", "kind": ("alpha", "beta")[i % 2], "payload": {"i": i}} for i in range(6)
     ]
+    # A header smuggled in the traceparent: dropped (the job runs in a fresh trace), never sent.
+    smuggling = TRACEPARENT + "\r\nHost: evil.example"
+    normal.append({"job_id": "tp-crlf", "kind": "beta", "payload": {}, "traceparent": smuggling})
     with WorkerProcess(env) as worker:
         worker.wait_ready()
         publish(env, [*top, *inside, *normal])
@@ -140,6 +137,8 @@ def test_hostile_jobs_cannot_redirect_a_token(stack: dict[str, Any]) -> None:
         assert seen["path"] == paths[service.name] and seen["json"] == job["payload"]
         assert seen["headers"]["Host"] == service.url.removeprefix("http://"), seen["headers"]
         assert [r.job_id for r in service.requests].count(job["job_id"]) == 1
+    (smuggled,) = [r for r in beta.requests if r.job_id == "tp-crlf"]
+    assert smuggled.traceparent is None and "evil" not in json.dumps(smuggled.headers)
 
     # Nothing of a rejected job reached any service.
     rejected_ids = {job["job_id"] for job in top}

@@ -154,6 +154,10 @@ def test_invalid_jobs_are_rejected_and_the_worker_keeps_consuming(stack: dict[st
 
 def test_a_function_that_hangs_is_retried_then_failed(stack: dict[str, Any]) -> None:
     stack["echo"].hang_rate = 1.0
+    # A lone job failing every call would otherwise open the breaker and be held, not
+    # failed (tests/e2e/test_limits.py): here the retry policy alone is under test.
+    with (stack["catalog"] / "echo.toml").open("a") as toml:
+        toml.write("[breaker]\nfailures = 100\n")
     job = {"job_id": f"hang-{uid()}", "kind": "echo", "payload": {}}
     with WorkerProcess(stack["env"]) as worker:
         worker.wait_ready()

@@ -7,6 +7,7 @@
 | `jobs.py` | `enqueue`, `cancel` |
 | `ops.py` | `dead-letters`, `replay`, `doctor` |
 | `batch.py` | `batch-status` |
+| `control.py` | `pause`, `resume`, `status` |
 | `dev.py` | `dev` (needs the local cloud) |
 
 Every failure goes through `common.CommandError`. Google's libraries are imported
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import batch, dev, jobs, ops, run, setup
+from worker.cli import batch, control, dev, jobs, ops, run, setup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +27,7 @@ def cli() -> None:
     """Run Pub/Sub jobs against private Cloud Run services with proper ID tokens."""
 
 
-for module in (run, setup, jobs, ops, batch, dev):
+for module in (run, setup, jobs, ops, control, batch, dev):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -186,6 +186,7 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
             run_client=lambda: run_client(settings, access_credentials(settings)),
             worker_sa=worker_sa,
             audience=audience,
+            catalog=catalog,
             run_jobs=jobs,
             jobs_client=lambda: run_client(settings, access_credentials(settings), "JobsClient"),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +19,9 @@ from worker.cli.common import (
 )
 from worker.core.settings import Settings
 from worker.ops.provision import SetupOptions
+
+if TYPE_CHECKING:
+    from worker.ops.gcloud import PushTarget
 
 
 @click.command()
@@ -36,6 +40,15 @@ from worker.ops.provision import SetupOptions
 @click.option("--operator", "operators", multiple=True, metavar="MEMBER",
               help="IAM member (user:alice@example.com, group:ops@example.com) to grant what "
               "dead-letters, replay and doctor need, for --print-gcloud. Repeatable.")
+@click.option("--webapp-push-endpoint", metavar="URL",
+              help="For --print-gcloud: the results subscription pushes to this https URL of the web app "
+              "(Cloud Run), with an OIDC token, instead of being pulled.")
+@click.option("--webapp-push-sa", metavar="EMAIL",
+              help="Service account of the push requests' tokens [results-push@PROJECT...].")
+@click.option("--webapp-push-audience", metavar="AUDIENCE",
+              help="Audience of the push requests' tokens [the push endpoint].")
+@click.option("--webapp-service", default="webapp", show_default=True,
+              help="The web app's Cloud Run service, which the push service account may invoke.")
 @exits_with_code
 def setup(
     max_delivery_attempts: int,
@@ -49,6 +62,10 @@ def setup(
     schedule: str,
     time_zone: str,
     operators: tuple[str, ...],
+    webapp_push_endpoint: str | None,
+    webapp_push_sa: str | None,
+    webapp_push_audience: str | None,
+    webapp_service: str,
 ) -> int:
     """Create the topics and subscriptions, idempotently."""
     settings = load_settings_or_fail()
@@ -58,13 +75,38 @@ def setup(
             "subscriptions, IAM bindings are printed for you to apply",
             EXIT_USAGE,
         )
+    if (webapp_push_endpoint or webapp_push_sa or webapp_push_audience) and not print_gcloud:
+        raise CommandError(
+            "--webapp-push-* go with --print-gcloud: a push subscription needs IAM bindings "
+            "that only the printed script grants; run `worker setup --print-gcloud "
+            "--webapp-push-endpoint URL` and apply its output",
+            EXIT_USAGE,
+        )
+    if (webapp_push_sa or webapp_push_audience) and not webapp_push_endpoint:
+        raise CommandError("--webapp-push-sa and --webapp-push-audience need --webapp-push-endpoint URL",
+                           EXIT_USAGE)
     options = SetupOptions(max_delivery_attempts, min_backoff, max_backoff, ack_deadline, retention_days)
     if print_gcloud:
         return print_script(
             settings, worker_sa=worker_sa, webapp_sa=webapp_sa, options=options,
             schedule=schedule, time_zone=time_zone, operators=operators,
+            push=_push_target(settings, webapp_push_endpoint, webapp_push_sa, webapp_push_audience,
+                              webapp_service),
         )
     return apply(settings, options)
+
+
+def _push_target(settings: Settings, endpoint: str | None, service_account: str | None,
+                 audience: str | None, service: str) -> PushTarget | None:
+    from worker.ops.gcloud import push_target
+
+    if endpoint is None:
+        return None
+    try:
+        return push_target(settings, endpoint, service_account=service_account, audience=audience,
+                           service=service)
+    except ValueError as exc:
+        raise CommandError(f"--webapp-push-endpoint: {exc}", EXIT_USAGE) from None
 
 
 def apply(settings: Settings, options: SetupOptions) -> int:
@@ -93,6 +135,7 @@ def print_script(
     schedule: str,
     time_zone: str,
     operators: Sequence[str] = (),
+    push: PushTarget | None = None,
 ) -> int:
     from worker.ops.gcloud import (
         check_operator,
@@ -116,6 +159,7 @@ def print_script(
             webapp_sa or default_webapp_sa(settings.project),
             options,
             operators=operators,
+            push=push,
             # The nightly batch only where the catalog has the kind it publishes.
             extra_commands=(
                 scheduler_commands(settings, schedule, time_zone) if "batch-scoring" in catalog else ()
@@ -123,6 +167,9 @@ def print_script(
         ),
         nl=False,
     )
+    from worker.ops.limits import report
+
+    click.echo("\n".join(f"# {line}" for line in report(settings, catalog)))
     return EXIT_OK
 
 

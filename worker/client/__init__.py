@@ -5,6 +5,14 @@
         store(result.job_id, result)
 
 Results are at-least-once like Pub/Sub itself; `ResultsReader` drops the duplicates.
+A web app on Cloud Run (CPU only during requests) takes its results by push instead:
+`worker.client.push` verifies each push request's OIDC token and stores the result by
+job_id, with `worker.client.web` adapting it to Flask or Starlette.
+
+`enqueue` traces through OpenTelemetry's API (the web app's own tracer provider, if
+it configured one): a `send <topic>` PRODUCER span, child of whatever span is current
+(the web request's), whose context travels as the job's `traceparent`; the worker
+continues that trace and each result names it in `trace_id`.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import structlog
 from google.api_core import exceptions
 from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 from google.protobuf import duration_pb2
+from opentelemetry import trace
 from pydantic import ValidationError
 
 from worker.core.catalog import Catalog
@@ -29,6 +38,7 @@ from worker.core.messages import MAX_PUBLISH_BYTES, Job, JobStatus, Result, desc
 from worker.core.settings import Settings, load_settings
 
 log = structlog.get_logger("worker.client")
+_tracer = trace.get_tracer("worker.client")
 
 _PUBLISH_TIMEOUT_S = 60.0
 
@@ -43,12 +53,20 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-def build_job(kind: str, payload: Any, job_id: str | None = None, *, catalog: Catalog | None = None) -> Job:
+def build_job(
+    kind: str,
+    payload: Any,
+    job_id: str | None = None,
+    *,
+    catalog: Catalog | None = None,
+    traceparent: str | None = None,
+) -> Job:
     """A valid job, or InvalidJobError saying what is wrong (checked against `catalog` if given)."""
+    fields = {"job_id": job_id or new_job_id(), "kind": kind, "payload": payload, "created_at": now()}
+    if traceparent:
+        fields["traceparent"] = traceparent
     try:
-        job = Job.model_validate(
-            {"job_id": job_id or new_job_id(), "kind": kind, "payload": payload, "created_at": now()}
-        )
+        job = Job.model_validate(fields)
     except ValidationError as exc:
         raise InvalidJobError("invalid_job", describe_validation_error(exc)) from None
     if catalog is not None:
@@ -78,10 +96,32 @@ def enqueue(
     roles/pubsub.publisher on the topic).
     """
     settings = settings or load_settings()
-    job = build_job(kind, payload, job_id, catalog=catalog)
-    publisher = publisher or _default_publisher()
-    topic = publisher.topic_path(settings.project, settings.jobs_topic)
-    publisher.publish(topic, job.to_bytes(), **job.attributes()).result(timeout=_PUBLISH_TIMEOUT_S)
+    with _tracer.start_as_current_span(
+        f"send {settings.jobs_topic}",
+        kind=trace.SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "gcp_pubsub",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": settings.jobs_topic,
+            "worker.job.kind": kind,
+        },
+    ) as span:
+        context = span.get_span_context()
+        # Without a tracer provider the span is a no-op: then the current trace, if any, travels.
+        traceparent = (
+            f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+            if context.is_valid
+            else None
+        )
+        job = build_job(kind, payload, job_id, catalog=catalog, traceparent=traceparent)
+        span.set_attribute("worker.job.id", job.job_id)
+        publisher = publisher or _default_publisher()
+        topic = publisher.topic_path(settings.project, settings.jobs_topic)
+        message_id = publisher.publish(topic, job.to_bytes(), **job.attributes()).result(
+            timeout=_PUBLISH_TIMEOUT_S
+        )
+        if isinstance(message_id, str):
+            span.set_attribute("messaging.message.id", message_id)
     return job.job_id
 
 

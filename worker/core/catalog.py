@@ -42,6 +42,26 @@ class BatchSpec(BaseModel):
     max_ids: int = Field(1_000_000, ge=1)
 
 
+class BreakerSpec(BaseModel):
+    """When a target service's circuit breaker opens, and how it probes its way closed.
+
+    It opens after `failures` failed calls in a row, or when more than `error_rate` of
+    the calls in the last `window_s` seconds failed (once `min_calls` were made); it
+    stays open `open_s` seconds, then lets `probes` calls through and closes when they
+    all succeed. A failure is a 5xx, a timeout or a refused connection; a 429 is the
+    adaptive limit's business, not the breaker's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    failures: int = Field(default=5, ge=1, le=1000)
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    window_s: float = Field(default=10.0, gt=0, le=3600)
+    min_calls: int = Field(default=20, ge=1, le=100_000)
+    open_s: float = Field(default=5.0, gt=0, le=3600)
+    probes: int = Field(default=3, ge=1, le=100)
+
+
 class JobKind(BaseModel):
     """One kind of job. `service` and `path` fix where its calls go."""
 
@@ -62,20 +82,25 @@ class JobKind(BaseModel):
     retry_on_timeout: bool = True
     payload_schema: dict[str, Any] | None = None
     batch: BatchSpec | None = None
+    # Protection of the called service, per worker instance (docs/contract.md).
+    max_concurrency: int | None = Field(None, gt=0, le=100_000)
+    rate_per_s: float | None = Field(None, gt=0, le=100_000)
+    rate_burst: int | None = Field(None, gt=0, le=100_000)
+    breaker: BreakerSpec = Field(default_factory=BreakerSpec)
     run_job: RunJobSpec | None = None  # worker/core/runjob.py
     _validator: Any = PrivateAttr(None)
 
     @field_validator("kind")
     @classmethod
     def _kind_name(cls, value: str) -> str:
-        if not _KIND_RE.match(value):
+        if not _KIND_RE.fullmatch(value):
             raise ValueError("must be lower-case letters, digits and dashes, starting with a letter")
         return value
 
     @field_validator("service")
     @classmethod
     def _service_name(cls, value: str | None) -> str | None:
-        if value is not None and not _SERVICE_NAME_RE.match(value):
+        if value is not None and not _SERVICE_NAME_RE.fullmatch(value):
             raise ValueError("must be a Cloud Run service name (lower-case, digits, dashes)")
         return value
 
@@ -115,9 +140,18 @@ class JobKind(BaseModel):
             raise ValueError("a 'call' kind needs a 'service'")
         if self.handler == "batch" and self.batch is None:
             raise ValueError("a 'batch' kind needs a [batch] table")
+        if self.rate_burst is not None and self.rate_per_s is None:
+            raise ValueError("'rate_burst' needs a 'rate_per_s'")
         if (self.handler == "run_job") != (self.run_job is not None):
             raise ValueError("a 'run_job' kind needs a [run_job] table, and only it may have one")
         return self
+
+    @property
+    def burst(self) -> int:
+        """The token bucket's size: `rate_burst`, else max(1, rate_per_s)."""
+        if self.rate_burst is not None:
+            return self.rate_burst
+        return max(1, int(self.rate_per_s or 1))
 
     def model_post_init(self, __context: Any) -> None:
         # Built once per kind at load, not once per job on the hot path.

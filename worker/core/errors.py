@@ -8,6 +8,8 @@ then nacked so Pub/Sub redelivers it). The `code` is what the result's
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 
 class ConfigError(Exception):
     """Bad configuration found at start-up; the message names the variable or file."""
@@ -38,3 +40,15 @@ class TransientJobError(JobError):
 
 class InvalidJobError(PermanentJobError):
     """The message is not a valid job: its result is `rejected`."""
+
+
+class HoldJob(Exception):
+    """The job may not be called now (its kind is paused, its target's breaker is open).
+
+    It is held under lease, uses up no delivery attempt, and goes round the pipeline
+    again once `wait()` returns (worker/gcp/consumer.py)."""
+
+    def __init__(self, reason: str, wait: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.wait = wait

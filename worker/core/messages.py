@@ -12,9 +12,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.core.errors import InvalidJobError
+
+log = structlog.get_logger("worker.core.messages")
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
@@ -78,7 +81,7 @@ class Job(BaseModel):
     @field_validator("traceparent")
     @classmethod
     def _traceparent(cls, value: str | None) -> str | None:
-        if value is not None and not _TRACEPARENT_RE.match(value):
+        if value is not None and not _TRACEPARENT_RE.fullmatch(value):
             raise ValueError("must be a W3C traceparent: 00-<32 hex>-<16 hex>-<2 hex>")
         return value
 
@@ -124,6 +127,7 @@ class Result(BaseModel):
     batch: BatchRef | None = None
     truncated: bool = False  # response cut to fit Pub/Sub's message limit
     execution: ExecutionInfo | None = None  # run_job kinds only
+    trace_id: str | None = None  # the job's trace (32 hex), for a link to Cloud Trace
 
     def to_bytes(self) -> bytes:
         try:
@@ -140,7 +144,7 @@ class Result(BaseModel):
 
     def attributes(self) -> dict[str, str]:
         attrs = {"status": self.status.value}
-        if self.job_id and _JOB_ID_RE.match(self.job_id):
+        if self.job_id and _JOB_ID_RE.fullmatch(self.job_id):
             attrs["job_id"] = self.job_id
         if self.kind:
             attrs["kind"] = clip(self.kind)
@@ -183,8 +187,22 @@ def _printable(text: str | None, limit: int) -> str | None:
     return text[:limit].encode("utf-8", "replace").decode("utf-8") if text else None
 
 
+def usable_traceparent(value: Any) -> bool:
+    """A W3C traceparent that names a trace: well formed, version not ff, ids not all zero."""
+    return (
+        isinstance(value, str)
+        and _TRACEPARENT_RE.fullmatch(value) is not None
+        and not value.startswith("ff")
+        and value[3:35] != "0" * 32
+        and value[36:52] != "0" * 16
+    )
+
+
 def decode_job(data: bytes, attributes: dict[str, str], *, max_bytes: int) -> Job:
-    """Raw Pub/Sub data -> Job, or InvalidJobError with a reason a person can act on."""
+    """Raw Pub/Sub data -> Job, or InvalidJobError with a reason a person can act on.
+
+    A `traceparent` that is not a usable W3C one is dropped (the job starts a fresh
+    trace): tracing context is a hint, and a bad one never fails the job."""
     if len(data) > max_bytes:
         raise InvalidJobError(
             "payload_too_large",
@@ -205,6 +223,8 @@ def decode_job(data: bytes, attributes: dict[str, str], *, max_bytes: int) -> Jo
         raise InvalidJobError("invalid_json", f"job data is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidJobError("invalid_job", f"job must be a JSON object, got {type(body).__name__}")
+    if body.get("traceparent") is not None and not usable_traceparent(body["traceparent"]):
+        log.warning("traceparent_ignored", traceparent=clip(repr(body.pop("traceparent")), 100))
     try:
         job = Job.model_validate(body)
     except ValidationError as exc:

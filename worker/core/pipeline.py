@@ -16,7 +16,7 @@ import structlog
 
 from worker.core.catalog import Catalog, JobKind
 from worker.core.dead_letters import DeadLetterAttributes
-from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
+from worker.core.errors import HoldJob, InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.logs import bind_job_fields, debug_enabled
 from worker.core.messages import (
     ErrorInfo,
@@ -28,6 +28,7 @@ from worker.core.messages import (
     now,
     salvage_identity,
 )
+from worker.core.telemetry import NO_SPAN, NO_TELEMETRY, JobSpan, Telemetry, trace_id_of
 
 log = structlog.get_logger("worker.core.pipeline")
 
@@ -51,9 +52,11 @@ class CallResult:
 class Delivery:
     data: bytes
     attributes: dict[str, str]
+    message_id: str = ""  # Pub/Sub's, for the job span's messaging.message.id
     delivery_attempt: int | None = None
     final_attempt: bool = False
     publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
+    may_hold: bool = True  # False once held for WORKER_MAX_HOLD_SECONDS on the last attempt
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ class Outcome:
     ack: bool
     result: Result | None = None
     dead_letter: DeadLetter | None = None
+    span: JobSpan = NO_SPAN  # ended by whoever settles the message
+    kind: str | None = None  # the catalog's kind, once the job's kind was found in it
+    retry_code: str | None = None  # why a job that is not acked goes back
+    # Not now: hold the job under lease (no delivery attempt used), run it again once
+    # `hold()` returns (a paused kind, an open circuit breaker; worker/core/guard.py).
+    hold: Callable[[], Awaitable[None]] | None = None
     follow_up: Republish | None = None
     hold_s: float = 0.0  # keep the message leased this long before publishing and acking
 
@@ -109,6 +118,7 @@ class Pipeline:
         batch_handler: BatchHandler | None = None,
         run_job_handler: RunJobHandler | None = None,
         clock: Callable[[], datetime] = now,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.catalog = catalog
         self._resolver = resolver
@@ -118,34 +128,59 @@ class Pipeline:
         self._batch_handler = batch_handler
         self._run_job_handler = run_job_handler
         self._clock = clock
+        self._telemetry = telemetry
+        self._metrics = telemetry.metrics
 
     async def handle(self, delivery: Delivery) -> Outcome:
         started = self._clock()
         job: Job | None = None
+        span: JobSpan | None = None
+        known: str | None = None  # the job's kind, once the catalog knows it
         try:
             job = decode_job(delivery.data, delivery.attributes, max_bytes=self._max_payload_bytes)
+            span = self._telemetry.start_job(delivery, job, started)
             kind = self.catalog.lookup(job.kind)
+            known = kind.kind
+            if self._metrics.enabled:
+                age = (started - delivery.publish_time).total_seconds() if delivery.publish_time else None
+                self._metrics.job_started(known, age)
             kind.check_payload(job.payload)
             if job.not_after is not None and started > job.not_after:
-                return self._finish(delivery, job, started, JobStatus.EXPIRED, ack_only=True)
-            bind_job_fields(traceparent=job.traceparent)
-            call = await self._run(job, kind, delivery)
-            return self._finish(delivery, job, started, call.status, call=call)
+                return self._finish(delivery, job, started, JobStatus.EXPIRED, span, known, ack_only=True)
+            # Log lines carry the trace: the worker's own span when tracing, else the sender's.
+            bind_job_fields(traceparent=span.traceparent or job.traceparent)
+            with span.active():
+                call = await self._run(job, kind, delivery)
+            return self._finish(delivery, job, started, call.status, span, known, call=call)
+        except HoldJob as exc:
+            if delivery.may_hold:
+                log.debug("job_held", reason=exc.reason)
+                held = self._span(span, delivery, job, started)
+                return Outcome(ack=False, hold=exc.wait, span=held, kind=known)
+            error = TransientJobError(
+                "held_too_long",
+                f"held for WORKER_MAX_HOLD_SECONDS on its last delivery attempt ({exc.reason}): "
+                "resume the kind or mend the service, then `worker replay`",
+            )
+            return self._finish(delivery, job, started, JobStatus.FAILED, span, known, error=error)
         except InvalidJobError as exc:
-            return self._finish(delivery, job, started, JobStatus.REJECTED, error=exc)
+            return self._finish(delivery, job, started, JobStatus.REJECTED, span, known, error=exc)
         except PermanentJobError as exc:
-            return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
+            return self._finish(delivery, job, started, JobStatus.FAILED, span, known, error=exc)
         except TransientJobError as exc:
             if delivery.final_attempt:
-                return self._finish(delivery, job, started, JobStatus.FAILED, error=exc)
+                return self._finish(delivery, job, started, JobStatus.FAILED, span, known, error=exc)
             log.warning("job_retry_later", code=exc.code, error=exc.message, attempts=exc.attempts)
-            return Outcome(ack=False)
+            return self._retry(delivery, job, started, span, known, exc)
         except Exception as exc:  # a bug must not lose the job nor stop the worker
             log.exception("job_internal_error")
             error = TransientJobError("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
             if delivery.final_attempt:
-                return self._finish(delivery, job, started, JobStatus.FAILED, error=error)
-            return Outcome(ack=False)
+                return self._finish(delivery, job, started, JobStatus.FAILED, span, known, error=error)
+            return self._retry(delivery, job, started, span, known, error)
+        finally:
+            if known is not None and self._metrics.enabled:
+                self._metrics.job_left(known)
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
@@ -163,18 +198,37 @@ class Pipeline:
         url = await self._resolver.resolve(kind.service, region)
         return await self._invoker.invoke(kind, url, job, region)
 
+    def _span(self, span: JobSpan | None, delivery: Delivery, job: Job | None, started: datetime) -> JobSpan:
+        # A message that could not be decoded still gets a span (in a new trace).
+        return span if span is not None else self._telemetry.start_job(delivery, job, started)
+
+    def _retry(
+        self,
+        delivery: Delivery,
+        job: Job | None,
+        started: datetime,
+        span: JobSpan | None,
+        known: str | None,
+        error: JobError,
+    ) -> Outcome:
+        span = self._span(span, delivery, job, started)
+        return Outcome(ack=False, span=span, kind=known, retry_code=error.code)
+
     def _finish(
         self,
         delivery: Delivery,
         job: Job | None,
         started: datetime,
         status: JobStatus,
+        span: JobSpan | None,
+        known: str | None,
         *,
         call: CallResult | None = None,
         error: JobError | None = None,
         ack_only: bool = False,
     ) -> Outcome:
         finished = self._clock()
+        span = self._span(span, delivery, job, started)
         job_id: str | None
         kind_name: str | None
         if job is not None:
@@ -194,6 +248,7 @@ class Pipeline:
             duration_ms=int((finished - started).total_seconds() * 1000),
             batch=job.batch if job else None,
             execution=call.execution if call else None,
+            trace_id=span.trace_id or trace_id_of(job.traceparent if job else None),
         )
         dead_letter = None
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
@@ -209,7 +264,9 @@ class Pipeline:
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
         follow_up = call.follow_up if call else None
-        return Outcome(ack=True, result=result, dead_letter=dead_letter, follow_up=follow_up)
+        return Outcome(
+            ack=True, result=result, dead_letter=dead_letter, follow_up=follow_up, span=span, kind=known
+        )
 
     @staticmethod
     def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:

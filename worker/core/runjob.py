@@ -49,7 +49,7 @@ def template_fields(text: str) -> list[str]:
     for _, name, spec, conversion in parsed:
         if name is None:
             continue
-        if not _FIELD_RE.match(name) or spec or conversion:
+        if not _FIELD_RE.fullmatch(name) or spec or conversion:
             raise ValueError(
                 f"{text!r}: placeholder {{{name}}} must name a top-level payload field, like {{account_id}}"
             )
@@ -74,7 +74,7 @@ class RunJobSpec(BaseModel):
     @field_validator("job")
     @classmethod
     def _job_name(cls, value: str) -> str:
-        if not _JOB_NAME_RE.match(value):
+        if not _JOB_NAME_RE.fullmatch(value):
             raise ValueError("must be a Cloud Run job name (lower-case letters, digits, dashes)")
         return value
 
@@ -89,7 +89,7 @@ class RunJobSpec(BaseModel):
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         for name, text in value.items():
-            if not _ENV_NAME_RE.match(name):
+            if not _ENV_NAME_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name")
             if name in RESERVED_ENV or name.startswith("CLOUD_RUN_"):
                 raise ValueError(f"{name!r} is set by the worker or by Cloud Run; pick another name")
@@ -100,7 +100,7 @@ class RunJobSpec(BaseModel):
     @classmethod
     def _count(cls, value: int | str | None, info: Any) -> int | str | None:
         if isinstance(value, str):
-            if not _ONE_FIELD_RE.match(value):
+            if not _ONE_FIELD_RE.fullmatch(value):
                 raise ValueError("must be an integer, or one {field} of the payload holding one")
         elif value is not None:
             high = MAX_TASK_COUNT if info.field_name == "task_count" else MAX_TASK_TIMEOUT_S
@@ -189,7 +189,7 @@ def _text(value: str | int | float | bool) -> str:
 def _number(value: int | str | None, values: dict[str, Any], kind: str, what: str, high: int) -> int | None:
     if not isinstance(value, str):
         return value
-    name = _ONE_FIELD_RE.match(value).group(1)  # type: ignore[union-attr]  # checked at load
+    name = _ONE_FIELD_RE.fullmatch(value).group(1)  # type: ignore[union-attr]  # checked at load
     got = values[name]
     if isinstance(got, bool) or not isinstance(got, int) or not 1 <= got <= high:
         raise InvalidJobError(

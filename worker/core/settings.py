@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     dead_letter_subscription: str = Field(
         "jobs-dead-letter-ops", validation_alias=_env("WORKER_DEAD_LETTER_SUBSCRIPTION")
     )
+    control_topic: str = Field("worker-control", validation_alias=_env("WORKER_CONTROL_TOPIC"))
+    # The deployment's max instances: only for printing global limits (per instance x this).
+    max_instances: int | None = Field(None, ge=1, le=100_000, validation_alias=_env("WORKER_MAX_INSTANCES"))
+    max_hold_s: float = Field(3600.0, gt=0, le=86_400, validation_alias=_env("WORKER_MAX_HOLD_SECONDS"))
+    max_held: int = Field(5000, ge=1, le=1_000_000, validation_alias=_env("WORKER_MAX_HELD"))
     max_in_flight: int = Field(100, ge=1, le=10_000, validation_alias=_env("WORKER_MAX_IN_FLIGHT"))
     max_delivery_attempts: int | None = Field(
         None, ge=5, le=100, validation_alias=_env("WORKER_MAX_DELIVERY_ATTEMPTS")
@@ -63,6 +68,9 @@ class Settings(BaseSettings):
     log_format: str = Field("auto", validation_alias=_env("WORKER_LOG_FORMAT"))
     log_level: str = Field("info", validation_alias=_env("WORKER_LOG_LEVEL"))
     port: int | None = Field(None, ge=1, le=65535, validation_alias=_env("PORT"))
+    # Where /healthz and /readyz listen (health.py): WORKER_HEALTH_PORT if set, else PORT.
+    health_port: int | None = Field(None, ge=1, le=65535, validation_alias=_env("WORKER_HEALTH_PORT"))
+    health_host: str = Field("0.0.0.0", validation_alias=_env("WORKER_HEALTH_HOST"))
     health_stall_s: float = Field(60.0, gt=0, validation_alias=_env("WORKER_HEALTH_STALL_SECONDS"))
     # On the emulator only: the client library's own transport, as on real Pub/Sub
     # (worker/gcp/emulator.py); tests use it to cover that path.
@@ -87,6 +95,17 @@ class Settings(BaseSettings):
             raise ValueError("plain http is only allowed for a loopback address (the local cloud)")
         return value.rstrip("/")
 
+    @field_validator("health_host")
+    @classmethod
+    def _health_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                "must be an IP address: 0.0.0.0 (all interfaces, as Cloud Run needs) or 127.0.0.1"
+            ) from None
+        return value
+
     @field_validator("log_format")
     @classmethod
     def _log_format(cls, value: str) -> str:
@@ -100,6 +119,15 @@ class Settings(BaseSettings):
         if value.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("must be one of debug, info, warning, error")
         return value.lower()
+
+    @property
+    def health_listen_port(self) -> tuple[str, int] | None:
+        """(variable, port) the health endpoints listen on: WORKER_HEALTH_PORT, else PORT, else None."""
+        if self.health_port is not None:
+            return "WORKER_HEALTH_PORT", self.health_port
+        if self.port is not None:
+            return "PORT", self.port
+        return None
 
     @property
     def local_run_api(self) -> bool:

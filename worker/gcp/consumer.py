@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -39,6 +40,8 @@ from worker.core.backoff import Backoff
 from worker.core.logs import bind_job_fields
 from worker.core.messages import clip
 from worker.core.pipeline import Delivery, Outcome
+from worker.core.telemetry import NO_TELEMETRY, Telemetry
+from worker.gcp.lease import HeldLeases
 from worker.gcp.results import ResultPublisher
 
 log = structlog.get_logger("worker.gcp.consumer")
@@ -59,6 +62,7 @@ class ConsumerStats:
     nacked: int = 0
     publish_failures: int = 0
     released: int = 0
+    held: int = 0
     last_message_at: float = 0.0
     longest_lease_s: float = 0.0  # receipt to ack or nack, of any message
     # Results published, by status (succeeded, failed, rejected, expired).
@@ -124,6 +128,9 @@ class Consumer:
         grace_s: float,
         max_delivery_attempts: int | None,
         lease_extension_s: int = 20,
+        telemetry: Telemetry = NO_TELEMETRY,
+        max_hold_s: float = 3600.0,
+        max_held: int = 5000,
     ) -> None:
         self._subscriber = subscriber
         self._subscription = subscription
@@ -132,6 +139,8 @@ class Consumer:
         self._max_in_flight = max_in_flight
         self._lease_extension_s = lease_extension_s
         self._grace_s = grace_s
+        self._max_hold_s = max_hold_s
+        self.leases = HeldLeases(lease_extension_s, max_held)
         self.max_delivery_attempts = max_delivery_attempts
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
@@ -141,6 +150,15 @@ class Consumer:
         self._future: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = ConsumerStats()
+        self._metrics = telemetry.metrics
+        results_topic = (getattr(publisher, "results_topic", "") or "").rsplit("/", 1)[-1]
+        self._send_span = f"send {results_topic}"
+        self._send_attributes = {
+            "span_kind": "producer",
+            "messaging.system": "gcp_pubsub",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": results_topic,
+        }
 
     @property
     def in_flight(self) -> int:
@@ -170,12 +188,14 @@ class Consumer:
         self._future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(failed.set))  # type: ignore[union-attr]
         log.info("consumer_started", subscription=self._subscription, max_in_flight=self._max_in_flight)
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
+        keeper = asyncio.ensure_future(self.leases.run())
         summary = asyncio.ensure_future(self._summarize())
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in [*waiters, summary]:
             waiter.cancel()
         error = None if stop.is_set() else self._stream_error()
         await self._drain()
+        keeper.cancel()
         if error is not None:
             raise StreamFailed(error)
 
@@ -258,6 +278,9 @@ class Consumer:
             async with self._slots:
                 self._waiting.discard(task)  # type: ignore[arg-type]
                 outcome = await self._handle(delivery)
+            while outcome.hold is not None:
+                outcome.span.end("held", None)  # the run after the hold gets a span of its own
+                outcome = await self._hold(message, delivery, outcome.hold)
             await self._conclude(message, outcome)
             lease = time.monotonic() - received
             self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
@@ -268,12 +291,42 @@ class Consumer:
             else:
                 self.stats.released += 1
             raise
+        finally:
+            self.leases.give_back(message)
+
+    async def _hold(self, message: Any, delivery: Delivery, wait: Callable[[], Awaitable[None]]) -> Outcome:
+        """Hold a job out of the call slots, leased and not nacked, until `wait()` returns;
+        then run it again. After WORKER_MAX_HOLD_SECONDS it is nacked (which uses up a
+        delivery attempt); on its last attempt it runs once more and, if it would be
+        held again, fails (a nack there would dead-letter it without a result)."""
+        assert self._slots is not None
+        task = asyncio.current_task()
+        self.leases.take(message)
+        self.stats.held += 1
+        self._waiting.add(task)  # type: ignore[arg-type]  # drained like a job not started
+        try:
+            await asyncio.wait_for(wait(), self._max_hold_s)
+        except TimeoutError:
+            log.warning("job_held_too_long", held_s=self._max_hold_s, final_attempt=delivery.final_attempt)
+            if not delivery.final_attempt:
+                return Outcome(ack=False)
+            # A nack now would dead-letter it without a result: run it once more, and
+            # if it would be held again, fail it (result and dead letter).
+            delivery = dataclasses.replace(delivery, may_hold=False)
+        finally:
+            self.stats.held -= 1
+            self._waiting.discard(task)  # type: ignore[arg-type]
+        self._waiting.add(task)  # type: ignore[arg-type]
+        async with self._slots:
+            self._waiting.discard(task)  # type: ignore[arg-type]
+            return await self._handle(delivery)
 
     def _delivery(self, message: Any) -> Delivery:
         attempt = message.delivery_attempt
         return Delivery(
             data=bytes(message.data),
             attributes=dict(message.attributes),
+            message_id=message.message_id,
             delivery_attempt=attempt,
             final_attempt=bool(
                 self.max_delivery_attempts and attempt and attempt >= self.max_delivery_attempts
@@ -282,22 +335,42 @@ class Consumer:
         )
 
     async def _conclude(self, message: Any, outcome: Outcome) -> None:
+        status, code = "retry", outcome.retry_code
+        try:
+            if await self._publish_and_settle(message, outcome) and outcome.result is not None:
+                status = outcome.result.status.value
+                code = outcome.result.error.code if outcome.result.error else None
+            elif outcome.ack:
+                code = "result_publish_failed"
+        finally:
+            outcome.span.end(status, code)
+            # A run_job follow-up held and republished has no outcome of its own to count.
+            counted = outcome.result is not None or outcome.kind is not None or not outcome.ack
+            if self._metrics.enabled and counted:
+                attempts = outcome.result.attempts if outcome.result else 0
+                self._metrics.job_finished(outcome.kind, status, attempts)
+
+    async def _publish_and_settle(self, message: Any, outcome: Outcome) -> bool:
+        """Publish and ack, or nack: True if the message was acked."""
         if outcome.ack:
             if outcome.hold_s > 0:
                 # A follow-up not yet due (worker/core/followup.py): a few seconds under
                 # lease, outside the call slots, then republished and acked.
                 await asyncio.sleep(outcome.hold_s)
             try:
-                await self._publisher.publish(outcome)
+                with outcome.span.step(self._send_span, **self._send_attributes):
+                    await self._publisher.publish(outcome)
             except Exception as exc:
                 # Not published means not acked: Pub/Sub will deliver it again.
                 self.stats.publish_failures += 1
+                if self._metrics.enabled:
+                    self._metrics.publish_failed()
                 log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             else:
                 if outcome.result is not None:
                     self.stats.finished[outcome.result.status.value] += 1
                 await self._settle(message, ack=True)
-                return
+                return True
         # Hold a job that must go back a little before nacking it: a nack is redelivered
         # at once where the subscription has no retry policy (the emulator: fault 2 in
         # worker/gcp/emulator.py), and an outage (Admin API, metadata server, Pub/Sub
@@ -305,6 +378,7 @@ class Consumer:
         # keeps extending the lease meanwhile.
         await asyncio.sleep(nack_delay(message.delivery_attempt))
         await self._settle(message, ack=False)
+        return False
 
     async def _settle(self, message: Any, *, ack: bool) -> None:
         if ack:

@@ -31,6 +31,7 @@ from google.oauth2 import service_account
 
 from worker.core.errors import ConfigError, PermanentJobError, TransientJobError
 from worker.core.gcloud_command import gcloud
+from worker.core.telemetry import NO_TELEMETRY, Telemetry
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
@@ -120,6 +121,8 @@ class IdentityTokenSource:
         self.principal = principal
         self._slots: dict[str, _Slot] = {}
         self._request = google.auth.transport.requests.Request()
+        # Set by the worker's assembly: a span and a count per token minted (a cached one costs nothing).
+        self.telemetry: Telemetry = NO_TELEMETRY
 
     async def token(self, audience: str) -> str:
         slot = self._slots.get(audience)
@@ -130,7 +133,9 @@ class IdentityTokenSource:
             return str(creds.token)
         async with slot.lock:
             if not creds.valid:
-                await self._refresh(audience, creds)
+                with self.telemetry.step("token", **{"worker.token.audience": audience}):
+                    self.telemetry.metrics.token_refreshed(audience)
+                    await self._refresh(audience, creds)
             return str(creds.token)
 
     def invalidate(self, audience: str, token: str) -> None:

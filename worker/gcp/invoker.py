@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -30,12 +31,39 @@ from worker.core.errors import JobError, PermanentJobError, TransientJobError
 from worker.core.gcloud_command import gcloud
 from worker.core.messages import Job, now
 from worker.core.pipeline import CallResult
+from worker.core.telemetry import NO_STEP, NO_TELEMETRY, Step, Telemetry
 
 USER_AGENT = "cloudrun-job-worker/0.1"
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 # A Retry-After longer than this is not slept through in process: the job is nacked
 # and Pub/Sub's backoff takes over.
 MAX_IN_PROCESS_RETRY_AFTER_S = 30.0
+
+
+def _host(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+
+
+class Gate(Protocol):
+    """Around each HTTP attempt (worker/core/guard.py): may hold the job, wait, and learn the status."""
+
+    def call(self, kind: JobKind, region: str | None = None) -> Any: ...
+
+
+class _Open:
+    """The gate of an invoker without protections: every attempt goes at once."""
+
+    def call(self, kind: JobKind, region: str | None = None) -> _Open:
+        return self
+
+    async def __aenter__(self) -> _Open:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def answered(self, status: int) -> None:
+        return None
 
 
 class TokenSource(Protocol):
@@ -94,10 +122,15 @@ class Invoker:
         tokens: TokenSource,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        telemetry: Telemetry = NO_TELEMETRY,
+        gate: Gate | None = None,
     ) -> None:
         self._session = session
         self._tokens = tokens
         self._sleep = sleep
+        self._telemetry = telemetry
+        self._metrics = telemetry.metrics
+        self._gate: Gate = gate or _Open()
 
     async def invoke(self, kind: JobKind, url: str, job: Job, region: str = "REGION") -> CallResult:
         attempts = 0
@@ -108,7 +141,9 @@ class Invoker:
             while True:
                 attempts += 1
                 token = await self._tokens.token(url)
-                status, body, retry_after = await self._call(kind, url, job, token)
+                async with self._gate.call(kind, region) as call:
+                    status, body, retry_after = await self._attempt(kind, url, job, token, attempts)
+                    call.answered(status)
                 verdict = classify(status, kind)
                 if verdict == "ok":
                     return CallResult(status, body, attempts)
@@ -145,15 +180,50 @@ class Invoker:
             exc.attempts = attempts
             raise
 
-    async def _call(self, kind: JobKind, url: str, job: Job, token: str) -> tuple[int, Any, float | None]:
+    async def _attempt(
+        self, kind: JobKind, url: str, job: Job, token: str, attempt: int
+    ) -> tuple[int, Any, float | None]:
+        """One HTTP call, as a CLIENT span (HTTP semantic conventions) and a latency sample."""
+        if not self._telemetry.tracing and not self._metrics.enabled:
+            return await self._call(kind, url, job, token, NO_STEP)
+        with self._telemetry.step(
+            kind.method,
+            span_kind="client",
+            **{
+                "http.request.method": kind.method,
+                "url.full": url + kind.path,
+                "server.address": _host(url),
+                "http.request.resend_count": attempt - 1 or None,
+            },
+        ) as step:
+            started = time.perf_counter() if self._metrics.enabled else 0.0
+            status = None
+            try:
+                status, body, retry_after = await self._call(kind, url, job, token, step)
+            except JobError as exc:
+                step.fail(exc.code)
+                raise
+            finally:
+                if self._metrics.enabled:
+                    self._metrics.call_finished(kind.kind, time.perf_counter() - started, status)
+            step.set("http.response.status_code", status)
+            if status >= 400:
+                step.fail(str(status))
+            return status, body, retry_after
+
+    async def _call(
+        self, kind: JobKind, url: str, job: Job, token: str, step: Step
+    ) -> tuple[int, Any, float | None]:
         headers = {
             "Authorization": f"Bearer {token}",
             "X-Job-Id": job.job_id,
             "Idempotency-Key": job.job_id,
             "User-Agent": USER_AGENT,
         }
-        if job.traceparent:
-            headers["traceparent"] = job.traceparent
+        # The function's parent is this attempt's span when tracing; else the sender's.
+        traceparent = step.traceparent or job.traceparent
+        if traceparent:
+            headers["traceparent"] = traceparent
         body = None if kind.method == "GET" else json.dumps(job.payload).encode()
         if body is not None:
             headers["Content-Type"] = "application/json"

@@ -18,8 +18,10 @@ from google.api_core import exceptions as api_exceptions
 
 from worker.core.errors import PermanentJobError, TransientJobError
 from worker.core.gcloud_command import grant
+from worker.core.guard import Capacity
 from worker.core.logs import log
 from worker.core.settings import is_loopback
+from worker.core.telemetry import NO_TELEMETRY, Telemetry
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
 
 _ADMIN_API_TIMEOUT_S = 10.0
@@ -29,6 +31,36 @@ _ADMIN_API_TIMEOUT_S = 10.0
 class _Entry:
     url: str
     fetched_at: float
+    capacity: Capacity | None = None
+
+
+def service_capacity(found: Any, name: str) -> Capacity | None:
+    """What a run_v2 `Service` says it can hold at once, when it says so.
+
+    Instances: the service-level `scaling.max_instance_count` and the revision
+    template's `template.scaling.max_instance_count` both cap them (the smaller one
+    that is set wins; `manual_instance_count` in MANUAL scaling mode). Per instance:
+    `template.max_instance_request_concurrency`. 0 means "not set" (Cloud Run then
+    applies defaults that depend on the CPU), so then no figure is derived.
+    """
+    scaling = getattr(found, "scaling", None)
+    template = getattr(found, "template", None)
+    counts: list[tuple[int, str]] = []
+    manual = getattr(scaling, "manual_instance_count", 0) if scaling is not None else 0
+    mode = getattr(scaling, "scaling_mode", 0) if scaling is not None else 0
+    if manual and int(mode) == 2:  # ServiceScaling.ScalingMode.MANUAL
+        counts.append((int(manual), "scaling.manual_instance_count"))
+    else:
+        if scaling is not None and scaling.max_instance_count:
+            counts.append((int(scaling.max_instance_count), "scaling.max_instance_count"))
+        revision = getattr(template, "scaling", None) if template is not None else None
+        if revision is not None and revision.max_instance_count:
+            counts.append((int(revision.max_instance_count), "template.scaling.max_instance_count"))
+    concurrency = int(getattr(template, "max_instance_request_concurrency", 0) or 0) if template else 0
+    if not counts or concurrency <= 0:
+        return None
+    instances, field = min(counts)
+    return Capacity(instances, concurrency, f"Service {name.rsplit('/', 1)[-1]} ({field})")
 
 
 class ServiceResolver:
@@ -42,7 +74,9 @@ class ServiceResolver:
         ttl_s: float = 600.0,
         allow_insecure_loopback: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
+        self._telemetry = telemetry
         self._client = client
         self._project = project
         self._ttl_s = ttl_s
@@ -50,6 +84,11 @@ class ServiceResolver:
         self._clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._in_flight: dict[tuple[str, str], asyncio.Future[str]] = {}
+
+    def capacity(self, service: str, region: str) -> Capacity | None:
+        """What the service's `Service` said it can hold, as of its last lookup."""
+        entry = self._cache.get((service, region))
+        return entry.capacity if entry else None
 
     def name(self, service: str, region: str) -> str:
         return f"projects/{self._project}/locations/{region}/services/{service}"
@@ -64,7 +103,11 @@ class ServiceResolver:
             pending = asyncio.get_running_loop().create_future()
             self._in_flight[key] = pending
             try:
-                pending.set_result(await self._refresh(service, region))
+                # A span only for a real lookup: a cache hit costs nothing worth tracing.
+                with self._telemetry.step(
+                    "resolve", **{"worker.service": service, "cloud.region": region}
+                ):
+                    pending.set_result(await self._refresh(service, region))
             except BaseException as exc:
                 pending.set_exception(exc)
                 # Waiters re-raise it; retrieve it here so an unwaited future is not logged.
@@ -89,9 +132,9 @@ class ServiceResolver:
         except api_exceptions.Forbidden:  # REST raises Forbidden; gRPC its subclass PermissionDenied
             raise PermanentJobError(
                 "permission_denied",
-                f"the worker's identity may not read Cloud Run service {service!r} (Admin API 403 "
-                f"for {name}); grant it roles/run.viewer: "
-                + grant("serviceAccount:WORKER_SA", "roles/run.viewer", f"projects/{self._project}"),
+                f"the worker's identity may not read Cloud Run service {service!r}, or it does not "
+                f"exist (Admin API 403 for {name}); grant roles/run.viewer on the service: "
+                + grant("serviceAccount:WORKER_SA", "roles/run.viewer", name),
             ) from None
         except Exception as exc:  # any outage: API errors, refused connections, auth refresh
             if credentials_refused(exc):
@@ -113,7 +156,7 @@ class ServiceResolver:
                 f"the Cloud Run Admin API did not answer for {name}: {_short(exc)}",
             ) from None
         url = self._check_url(service, found.uri)
-        self._cache[(service, region)] = _Entry(url, self._clock())
+        self._cache[(service, region)] = _Entry(url, self._clock(), service_capacity(found, name))
         return url
 
     def _check_url(self, service: str, uri: str) -> str:

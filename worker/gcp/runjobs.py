@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from worker.core.catalog import Catalog, JobKind
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.followup import FollowUp, is_follow_up
-from worker.core.gcloud_command import grant
+from worker.core.gcloud_command import gcloud, grant
 from worker.core.messages import (
     ErrorInfo,
     ExecutionInfo,
@@ -270,19 +270,22 @@ class RunJobs:
                 "or region in the catalog, or deploy the job",
             )
         if isinstance(exc, api_exceptions.Forbidden):
-            # Reading executions is run.viewer's (project-wide, as for services); starting and
+            # Reading executions is run.viewer's (granted on the job, as for services); starting and
             # cancelling them is the executor role's, on the job.
             reading = any(p in str(exc.message) for p in _VIEWER_PERMISSIONS)
             if reading:
                 role = "roles/run.viewer"
-                fix = grant("serviceAccount:WORKER_SA", role, f"projects/{self._project}")
+                fix = grant("serviceAccount:WORKER_SA", role, job_path(self._project, region, job))
             else:
                 role = EXECUTOR_ROLE
                 fix = grant("serviceAccount:WORKER_SA", role, job_path(self._project, region, job))
+            # Granted per job, a role cannot tell "denied" from "does not exist": Cloud Run
+            # answers 403 for both, so the message names both and how to tell them apart.
+            listing = gcloud("run", "jobs", "list", region=region, project=self._project)
             return PermanentJobError(
                 "permission_denied",
-                f"the worker's identity may not {verb} {where} (Admin API 403: {exc.message}); "
-                f"it needs {role}: {fix}",
+                f"the worker's identity may not {verb} {where}, or it does not exist (Admin API 403: "
+                f"{exc.message}); if it exists ({listing}), it needs {role}: {fix}",
             )
         if isinstance(exc, api_exceptions.InvalidArgument | api_exceptions.FailedPrecondition):
             return PermanentJobError(

@@ -22,6 +22,7 @@ from worker.core.errors import ConfigError, JobError
 from worker.core.gcloud_command import gcloud, grant
 from worker.core.settings import Settings
 from worker.gcp.identity import ADC_LOGIN, TOKEN_CREATOR, IdentityTokenSource, Principal, build_token_source
+from worker.ops.checks import Check, ServiceReport
 
 STORY_401 = (
     "Cloud Run answers 401 unless the bearer is an OIDC ID token, signed by Google, whose "
@@ -32,29 +33,6 @@ STORY_401 = (
     "impersonation)."
 )
 _CALL_TIMEOUT_S = 15.0
-
-
-@dataclass
-class Check:
-    """One step of the chain: `ok`, what was found, why it broke, how to fix it."""
-
-    step: str
-    ok: bool
-    summary: str
-    why: list[str] = field(default_factory=list)
-    fix: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ServiceReport:
-    service: str
-    region: str
-    checks: list[Check] = field(default_factory=list)
-    what: str = "service"  # or "Cloud Run job" (worker/ops/jobcheck.py)
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
 
 
 @dataclass
@@ -76,6 +54,7 @@ async def diagnose(
     run_client: Any,
     worker_sa: str,
     audience: str | None = None,
+    catalog: Any = None,
     run_jobs: list[tuple[str, str]] = (),  # type: ignore[assignment]
     jobs_client: Any = None,
 ) -> Diagnosis:
@@ -103,6 +82,18 @@ async def diagnose(
             report.checks.append(url_check)
             if url is None:
                 continue
+            if catalog is not None:
+                from worker.ops.limits import kind_lines, target_line
+
+                capacity = resolver.capacity(service, region)
+                own = [
+                    f"{name} {line}"
+                    for name in sorted(catalog)
+                    if catalog[name].service == service
+                    for line in kind_lines(catalog[name], settings.max_instances)
+                ]
+                summary = "; ".join([target_line(settings, catalog, service, region, capacity), *own])
+                report.checks.append(Check("limits", True, summary))
             token_check, token = await _mint(tokens, settings, principal, audience or url, url)
             report.checks.append(token_check)
             if token is None:
@@ -194,11 +185,18 @@ async def _resolve(
     try:
         url = await resolver.resolve(service, region)
     except JobError as exc:
+        list_services = gcloud("run", "services", "list", project=settings.project, region=region)
         fix = {
+            # Granted per service, roles/run.viewer cannot tell "denied" from "does not
+            # exist" (Cloud Run answers 403 for both): the list shows which it is.
             "permission_denied": [
-                grant(_member(principal), "roles/run.viewer", f"projects/{settings.project}")
+                grant(
+                    _member(principal), "roles/run.viewer",
+                    f"projects/{settings.project}/locations/{region}/services/{service}",
+                ),
+                list_services,
             ],
-            "service_not_found": [gcloud("run", "services", "list", project=settings.project, region=region)],
+            "service_not_found": [list_services],
         }.get(exc.code, [])
         summary = f"the Admin API did not give a URL ({exc.code})"
         return Check("service URL", False, summary, [exc.message], fix), None

@@ -45,6 +45,60 @@ class Binding:
     why: str
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """The web app's push endpoint: the results subscription pushes to `endpoint` with
+    an OIDC token for `service_account`, audience `audience`; the web app is the Cloud
+    Run service `service` in `region`."""
+
+    endpoint: str
+    service_account: str
+    audience: str
+    service: str
+    region: str
+
+
+def push_target(settings: Settings, endpoint: str, *, service_account: str | None = None,
+                audience: str | None = None, service: str = "webapp") -> PushTarget:
+    """A PushTarget, or ValueError saying what to fix (Pub/Sub pushes only to https)."""
+    if not endpoint.startswith("https://") or len(endpoint) <= len("https://"):
+        raise ValueError(
+            f"push endpoint {endpoint!r} is not an https URL: Pub/Sub pushes only to https, "
+            "e.g. https://webapp-abc123-uc.a.run.app/pubsub/results"
+        )
+    return PushTarget(
+        endpoint=endpoint,
+        service_account=service_account or default_push_sa(settings.project),
+        audience=audience or endpoint,
+        service=service,
+        region=settings.region,
+    )
+
+
+def default_push_sa(project: str) -> str:
+    return f"results-push@{project}.iam.gserviceaccount.com"
+
+
+def push_bindings(settings: Settings, push: PushTarget, agent: str) -> list[Binding]:
+    """What authenticated push needs: Pub/Sub mints tokens as the push account, which
+    may invoke the web app."""
+    project = f"projects/{settings.project}"
+    return [
+        Binding(
+            agent,
+            "roles/iam.serviceAccountTokenCreator",
+            f"{project}/serviceAccounts/{push.service_account}",
+            "Pub/Sub mints each push request's OIDC token as the push service account",
+        ),
+        Binding(
+            f"serviceAccount:{push.service_account}",
+            "roles/run.invoker",
+            f"{project}/locations/{push.region}/services/{push.service}",
+            "Pub/Sub's pushes, with the push account's token, pass Cloud Run's IAM check",
+        ),
+    ]
+
+
 def default_worker_sa(project: str) -> str:
     return f"worker@{project}.iam.gserviceaccount.com"
 
@@ -66,10 +120,12 @@ def iam_bindings(
     *,
     project_number: str = PROJECT_NUMBER_VAR,
     operators: Sequence[str] = (),
+    push: PushTarget | None = None,
 ) -> list[Binding]:
     """Every binding the system needs, and nothing more, in the order they are applied;
     `operators` (IAM members such as user:alice@example.com) get what `worker
-    dead-letters`, `worker replay` and `worker doctor` need."""
+    dead-letters`, `worker replay` and `worker doctor` need. With `push` the web app
+    no longer pulls results, so it gets no subscriber role; the push account does."""
     project = f"projects/{settings.project}"
 
     def topic(name: str) -> str:
@@ -94,7 +150,20 @@ def iam_bindings(
         ),
         Binding(worker, "roles/pubsub.publisher", topic(settings.results_topic), "publish results"),
         Binding(worker, "roles/pubsub.publisher", dead_letters, "dead-letter jobs that failed for good"),
-        Binding(worker, "roles/run.viewer", project, "resolve service URLs through the Cloud Run Admin API"),
+        Binding(
+            worker,
+            "roles/pubsub.publisher",
+            topic(settings.control_topic),
+            "answer status requests and pass pause orders on to new instances (worker pause/status)",
+        ),
+        Binding(
+            worker,
+            control_role(settings),
+            project,
+            f"create, read and delete each instance's own subscription to {settings.control_topic} "
+            "(no predefined role narrower than roles/pubsub.editor creates subscriptions); without "
+            "it an instance runs but ignores worker pause (it logs control_channel_off)",
+        ),
     ]
     published = (
         ["the child jobs of batch kinds (batch-scoring)"] if any(k.batch for k in catalog.values()) else []
@@ -111,23 +180,29 @@ def iam_bindings(
             )
         )
     for service, region in sorted(catalog.services(settings.region)):
-        bindings.append(
+        # Per service, not on the project: the worker reads and calls the catalog's
+        # services and no others.
+        bindings += [
+            run_viewer_binding(worker, settings.project, service, region),
             Binding(
                 worker,
                 "roles/run.invoker",
-                f"{project}/locations/{region}/services/{service}",
+                service_resource(settings.project, service, region),
                 "call the service with an ID token minted for its URL",
-            )
-        )
+            ),
+        ]
     for job, region in sorted(catalog.run_jobs(settings.region)):
-        bindings.append(
+        # Per job too: read the job and follow its executions; run them with overrides.
+        job_resource = f"{project}/locations/{region}/jobs/{job}"
+        bindings += [
+            Binding(worker, "roles/run.viewer", job_resource, "read the job and follow its executions"),
             Binding(
                 worker,
                 RUN_JOB_EXECUTOR,
-                f"{project}/locations/{region}/jobs/{job}",
+                job_resource,
                 "start executions with overrides (run.jobs.runWithOverrides), cancel a duplicate one",
-            )
-        )
+            ),
+        ]
     bindings += [
         Binding(
             agent,
@@ -142,16 +217,50 @@ def iam_bindings(
             "Pub/Sub acks the jobs it forwarded to the dead-letter topic",
         ),
         Binding(webapp, "roles/pubsub.publisher", topic(settings.jobs_topic), "publish jobs"),
-        Binding(
-            webapp,
-            "roles/pubsub.subscriber",
-            subscription(settings.results_subscription),
-            "read and ack results",
-        ),
     ]
+    if push is None:
+        bindings.append(
+            Binding(
+                webapp,
+                "roles/pubsub.subscriber",
+                subscription(settings.results_subscription),
+                "read and ack results",
+            )
+        )
+    else:
+        bindings += push_bindings(settings, push, agent)
     for operator in operators:
         bindings += operator_bindings(settings, operator, worker_sa, catalog)
     return bindings
+
+
+CONTROL_ROLE_ID = "workerControlChannel"
+CONTROL_PERMISSIONS = (
+    "pubsub.subscriptions.create",
+    "pubsub.subscriptions.delete",
+    "pubsub.subscriptions.consume",
+    "pubsub.subscriptions.get",
+    "pubsub.topics.attachSubscription",
+)
+
+
+def control_role(settings: Settings) -> str:
+    """The custom role the control channel's short-lived subscriptions need."""
+    return f"projects/{settings.project}/roles/{CONTROL_ROLE_ID}"
+
+
+def service_resource(project: str, service: str, region: str) -> str:
+    return f"projects/{project}/locations/{region}/services/{service}"
+
+
+def run_viewer_binding(member: str, project: str, service: str, region: str) -> Binding:
+    """What resolving one service's URL through the Cloud Run Admin API needs."""
+    return Binding(
+        member,
+        "roles/run.viewer",
+        service_resource(project, service, region),
+        "resolve the service's URL through the Cloud Run Admin API",
+    )
 
 
 def check_operator(member: str) -> None:
@@ -206,6 +315,19 @@ def operator_bindings(
         ),
         Binding(
             member,
+            "roles/pubsub.publisher",
+            f"{project}/topics/{settings.control_topic}",
+            "send pause and resume orders and status requests (worker pause/resume/status)",
+        ),
+        Binding(
+            member,
+            control_role(settings),
+            project,
+            f"read the instances' answers on a subscription to {settings.control_topic} made for "
+            "the question and deleted after it (worker status)",
+        ),
+        Binding(
+            member,
             "roles/iam.serviceAccountTokenCreator",
             f"{project}/serviceAccounts/{worker_sa}",
             "run worker doctor as the worker (WORKER_IMPERSONATE_SERVICE_ACCOUNT)",
@@ -218,16 +340,36 @@ def binding_command(binding: Binding) -> str:
     return grant(binding.member, binding.role, binding.resource)
 
 
-def resource_commands(settings: Settings, options: SetupOptions) -> list[str]:
-    """Topics and subscriptions as `worker setup` creates them (provision.SetupOptions)."""
+def resource_commands(settings: Settings, options: SetupOptions, push: PushTarget | None = None) -> list[str]:
+    """Topics and subscriptions as `worker setup` creates them (provision.SetupOptions);
+    with `push`, the web app's results subscription pushes (retrying with the backoff)."""
     common: dict[str, str | int | None] = {
         "ack_deadline": options.ack_deadline_s,
         "message_retention_duration": f"{options.retention_days}d",
     }
+    push_flags: dict[str, str | int | None] = {}
+    if push is not None:
+        push_flags = {
+            "push_endpoint": push.endpoint,
+            "push_auth_service_account": push.service_account,
+            "push_auth_token_audience": push.audience,
+            "min_retry_delay": f"{options.min_backoff_s}s",
+            "max_retry_delay": f"{options.max_backoff_s}s",
+        }
     commands = [
         gcloud("pubsub", "topics", "create", name, project=settings.project)
-        for name in (settings.jobs_topic, settings.results_topic, settings.dead_letter_topic)
+        for name in (
+            settings.jobs_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic
+        )
     ]
+    commands.append(
+        gcloud(
+            "iam", "roles", "create", CONTROL_ROLE_ID, project=settings.project,
+            title="Worker control channel",
+            description="Make, read and delete the short-lived subscriptions of worker pause/status",
+            permissions=",".join(CONTROL_PERMISSIONS), stage="GA",
+        )
+    )
     commands += [
         gcloud(
             "pubsub", "subscriptions", "create", settings.jobs_subscription,
@@ -238,7 +380,7 @@ def resource_commands(settings: Settings, options: SetupOptions) -> list[str]:
         ),
         gcloud(
             "pubsub", "subscriptions", "create", settings.results_subscription,
-            project=settings.project, topic=settings.results_topic, **common,
+            project=settings.project, topic=settings.results_topic, **common, **push_flags,
         ),
         gcloud(
             "pubsub", "subscriptions", "create", settings.dead_letter_subscription,
@@ -258,6 +400,7 @@ def gcloud_commands(
     project_number: str | None = None,
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
+    push: PushTarget | None = None,
 ) -> list[str]:
     """Every command, in an order that works on an empty project.
 
@@ -268,7 +411,7 @@ def gcloud_commands(
     if project_number is None:
         describe = gcloud("projects", "describe", settings.project, format="value(projectNumber)")
         commands.append(f'PROJECT_NUMBER="$({describe})"')
-    commands += resource_commands(settings, options or SetupOptions())
+    commands += resource_commands(settings, options or SetupOptions(), push)
     bindings = iam_bindings(
         settings,
         catalog,
@@ -276,6 +419,7 @@ def gcloud_commands(
         webapp_sa,
         project_number=project_number or PROJECT_NUMBER_VAR,
         operators=operators,
+        push=push,
     )
     commands += [binding_command(b) for b in bindings]
     commands += extra_commands
@@ -291,18 +435,26 @@ def gcloud_script(
     *,
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
+    push: PushTarget | None = None,
 ) -> str:
     """`gcloud_commands` as a commented shell script, each binding with its reason."""
     reasons = {
         binding_command(b): f"# {b.member.split(':', 1)[1]} {b.role}: {b.why}"
-        for b in iam_bindings(settings, catalog, worker_sa, webapp_sa, operators=operators)
+        for b in iam_bindings(settings, catalog, worker_sa, webapp_sa, operators=operators, push=push)
     }
     lines = [
         f"# Topics, subscriptions and IAM for project {settings.project} (worker setup --print-gcloud).",
         "# Creating what already exists fails harmlessly; adding a binding twice is a no-op.",
     ]
+    if push is not None:
+        lines += [
+            f"# The results subscription pushes to {push.endpoint} as {push.service_account}:",
+            "# create that service account first, and whoever runs this needs iam.serviceAccounts.actAs",
+            "# on it (roles/iam.serviceAccountUser). The web app verifies each token (worker.client.push).",
+        ]
     for command in gcloud_commands(
-        settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands, operators=operators
+        settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands, operators=operators,
+        push=push,
     ):
         if command in reasons:
             lines.append(reasons[command])

@@ -15,7 +15,7 @@ from google.api_core import exceptions
 from worker.core.gcloud_command import gcloud, grant
 from worker.core.settings import Settings
 from worker.gcp.runjobs import EXECUTOR_ROLE, job_path
-from worker.ops.doctor import Check, ServiceReport
+from worker.ops.checks import Check, ServiceReport
 
 # RunJob needs run.jobs.run, and run.jobs.runWithOverrides once it carries overrides.
 RUN_PERMISSIONS = ("run.jobs.run", "run.jobs.runWithOverrides")
@@ -41,9 +41,11 @@ async def check_run_job(
             Check(
                 "job",
                 False,
-                f"the worker may not read {name}",
-                [exc.message],
-                [grant(member, "roles/run.viewer", f"projects/{settings.project}")],
+                f"the worker may not read {name}, or it does not exist",
+                [exc.message, "granted per job, roles/run.viewer cannot tell the two apart: Cloud Run "
+                 "answers 403 for both; the job list shows which it is"],
+                [gcloud("run", "jobs", "list", region=region, project=settings.project),
+                 grant(member, "roles/run.viewer", name)],
             )
         )
         return report

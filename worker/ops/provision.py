@@ -80,7 +80,9 @@ def _subscriptions(settings: Settings, options: SetupOptions) -> list[dict[str, 
 def topics(settings: Settings) -> list[str]:
     return [
         f"projects/{settings.project}/topics/{name}"
-        for name in (settings.jobs_topic, settings.results_topic, settings.dead_letter_topic)
+        for name in (
+            settings.jobs_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic
+        )
     ]
 
 

@@ -19,17 +19,24 @@ import structlog
 
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError
+from worker.core.guard import Guard
 from worker.core.pipeline import Pipeline
 from worker.core.settings import Settings
+from worker.core.telemetry import Telemetry
 from worker.gcp import emulator
 from worker.gcp.batch import BatchFanOut
 from worker.gcp.consumer import Consumer, read_max_delivery_attempts
+from worker.gcp.control import ControlChannel
 from worker.gcp.identity import IdentityTokenSource, build_token_source
 from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
 from worker.gcp.runjobs import RunJobs
 from worker.runtime.health import serve_health
+from worker.telemetry import setup_telemetry
+
+# How long the last export of spans and metrics may hold up the exit after the drain.
+TELEMETRY_FLUSH_S = 2.0
 
 log = structlog.get_logger("worker")
 
@@ -98,9 +105,38 @@ class Worker:
     tokens: IdentityTokenSource
     consumer: Consumer
     subscriber_client: Any
+    telemetry: Telemetry
+    guard: Guard
+    control: ControlChannel
+
+    def status(self) -> dict[str, Any]:
+        return instance_status(self.guard, self.consumer, self.control)
 
 
-async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
+def instance_status(guard: Guard, consumer: Consumer, control: ControlChannel) -> dict[str, Any]:
+    """This instance's protections, for /readyz and `worker status`."""
+    return {
+        **guard.snapshot(),
+        "in_flight": consumer.in_flight,
+        "held": consumer.stats.held,
+        "control": "listening" if control.listening else "off",
+    }
+
+
+def build_telemetry(settings: Settings) -> Telemetry:
+    """Traces and metrics as OpenTelemetry's environment variables say (off when unset)."""
+    telemetry = setup_telemetry(settings.project, settings.jobs_subscription, settings.jobs_topic)
+    if telemetry.metrics.prometheus_text() is not None and settings.port is None:
+        telemetry.shutdown(0)
+        raise ConfigError(
+            "OTEL_METRICS_EXPORTER=prometheus serves /metrics on the health server, which "
+            "listens only when PORT is set; set PORT (Cloud Run services set it) or export "
+            "with OTEL_METRICS_EXPORTER=gcp_monitoring"
+        )
+    return telemetry
+
+
+async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Telemetry) -> Worker:
     catalog = load_catalog(settings)
     tokens = build_token_source(settings.impersonate_service_account, settings.iam_api_endpoint)
     credentials = access_credentials(settings)
@@ -109,7 +145,9 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         settings.project,
         ttl_s=settings.resolver_ttl_s,
         allow_insecure_loopback=settings.local_run_api,
+        telemetry=telemetry,
     )
+    tokens.telemetry = telemetry
     session = await stack.enter_async_context(
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -127,7 +165,10 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         publisher_client.topic_path(settings.project, settings.dead_letter_topic),
         publisher_client.topic_path(settings.project, settings.jobs_topic),
     )
-    invoker = Invoker(session, tokens)
+    guard = Guard(
+        catalog, region=settings.region, default_ceiling=settings.max_in_flight, capacity=resolver.capacity
+    )
+    invoker = Invoker(session, tokens, telemetry=telemetry, gate=guard)
     fan_out = BatchFanOut(
         publisher_client,
         publisher_client.topic_path(settings.project, settings.jobs_topic),
@@ -150,6 +191,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         max_payload_bytes=settings.max_payload_bytes,
         batch_handler=fan_out,
         run_job_handler=run_jobs.start,
+        telemetry=telemetry,
     )
     consumer = Consumer(
         subscriber_client,
@@ -160,8 +202,19 @@ async def build_worker(settings: Settings, stack: AsyncExitStack) -> Worker:
         grace_s=settings.shutdown_grace_s,
         max_delivery_attempts=max_attempts,
         lease_extension_s=settings.lease_extension_s,
+        telemetry=telemetry,
+        max_hold_s=settings.max_hold_s,
+        max_held=settings.max_held,
     )
-    return Worker(catalog, tokens, consumer, subscriber_client)
+    control = ControlChannel(
+        publisher_client,
+        subscriber_client,
+        project=settings.project,
+        topic=settings.control_topic,
+        pauses=guard.pauses,
+        status=lambda: instance_status(guard, consumer, control),
+    )
+    return Worker(catalog, tokens, consumer, subscriber_client, telemetry, guard, control)
 
 
 def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None:
@@ -181,25 +234,37 @@ def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None
         ) from None
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or `stop`), drain, flush. Raises ConfigError at start-up."""
+async def run_worker(
+    settings: Settings, stop: asyncio.Event | None = None, telemetry: Telemetry | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop`), drain, flush. Raises ConfigError at start-up.
+
+    `telemetry` defaults to what OpenTelemetry's environment variables configure."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Not possible off the main thread (worker dev runs it beside the local cloud).
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, _on_signal, stop, sig)
+    telemetry = telemetry or build_telemetry(settings)
     async with AsyncExitStack() as stack:
-        health = await serve_health(settings, stack)  # None unless $PORT is set
-        worker = await build_worker(settings, stack)
+        # Closed last: spans of the drained jobs are exported, for TELEMETRY_FLUSH_S at most.
+        stack.push_async_callback(asyncio.to_thread, telemetry.shutdown, TELEMETRY_FLUSH_S)
+        # None unless WORKER_HEALTH_PORT or PORT is set
+        health = await serve_health(settings, stack, telemetry.metrics)
+        worker = await build_worker(settings, stack, telemetry)
+        await worker.control.start()
+        stack.push_async_callback(worker.control.close)
         if health is not None:
-            health.watch(worker.consumer, worker.subscriber_client, stack)
+            health.watch(worker.consumer, worker.subscriber_client, stack, status=worker.status)
         log.info(
             "worker_ready",
             identity=worker.tokens.principal.describe(),
             kinds=sorted(worker.catalog),
             subscription=settings.jobs_subscription,
             max_delivery_attempts=worker.consumer.max_delivery_attempts,
+            tracing=telemetry.tracing,
+            metrics=telemetry.metrics.enabled,
         )
         await worker.consumer.run(stop)
 

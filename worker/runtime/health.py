@@ -1,15 +1,18 @@
-"""`/healthz` and `/readyz` on $PORT, so Cloud Run can tell a working worker from a stuck one.
+"""`/healthz` and `/readyz`, so Cloud Run can tell a working worker from a stuck one.
 
-A Cloud Run service must listen on $PORT; a pull worker has nothing else to serve, so
-the port carries the probes. `/readyz` answers 200 once the catalog is loaded and the
-clients are built (the deploy points the startup probe at it). `/healthz` answers 503
-when the pull stream is down or stalled (the liveness probe then replaces the
-instance): the client library retries a broken stream forever without failing its
-future, so an instance cut off from Pub/Sub would otherwise sit idle while looking
-alive. "Stalled" means Pub/Sub has not answered for WORKER_HEALTH_STALL_SECONDS; a
-message arriving counts as an answer, and so does a cheap `get_subscription` probe
-run a few times per stall window. Without PORT (a worker pool, a laptop) nothing
-listens and nothing is probed.
+They listen on WORKER_HEALTH_PORT, else on $PORT. A Cloud Run service sets PORT and
+must listen on it; a worker pool sets no PORT, so its deploy sets WORKER_HEALTH_PORT and
+points the probes there. `/readyz` answers 200 once the catalog is loaded and the
+clients are built (the startup probe waits on it). `/healthz` answers 503 when the pull
+stream is down or stalled (the liveness probe then replaces the instance): the client
+library retries a broken stream forever without failing its future, so an instance cut
+off from Pub/Sub would otherwise sit idle while looking alive. "Stalled" means Pub/Sub
+has not answered for WORKER_HEALTH_STALL_SECONDS; a message arriving counts as an
+answer, and so does a cheap `get_subscription` probe run a few times per stall window.
+With neither variable set (a laptop) nothing listens and nothing is probed.
+
+With OTEL_METRICS_EXPORTER=prometheus the same port serves `/metrics`, the worker's
+metrics as Prometheus text (worker/telemetry/metrics.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from google.api_core import exceptions
 
 from worker.core.errors import ConfigError
 from worker.core.settings import Settings
+from worker.core.telemetry import Metrics
 from worker.gcp.consumer import Consumer
 
 log = structlog.get_logger("worker.runtime.health")
@@ -105,8 +109,15 @@ class Health:
         self._consumer: Consumer | None = None
         self._probe: PubSubProbe | None = None
         self._failing_reason: str | None = None
+        self._status: Callable[[], dict[str, Any]] | None = None
 
-    def watch(self, consumer: Consumer, subscriber: Any, stack: AsyncExitStack) -> None:
+    def watch(
+        self,
+        consumer: Consumer,
+        subscriber: Any,
+        stack: AsyncExitStack,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         """Start reporting on a built worker; the probe stops when `stack` closes."""
         interval = min(_MAX_PROBE_INTERVAL_S, self._settings.health_stall_s / _PROBES_PER_WINDOW)
         self._probe = PubSubProbe(
@@ -117,6 +128,7 @@ class Health:
             clock=self._clock,
         )
         self._consumer = consumer
+        self._status = status
         task = asyncio.ensure_future(self._probe.run())
         # Registered after the clients' own callbacks, so it runs first: no probe
         # reports a closed channel as an outage while the worker shuts down.
@@ -125,7 +137,10 @@ class Health:
     def readiness(self) -> Verdict:
         if self._consumer is None:
             return Verdict(False, "starting", {})
-        return Verdict(True, "ready", {"subscription": self._settings.jobs_subscription})
+        # Paused kinds and open breakers are reported, never a reason to be unready: the
+        # worker is fine, its targets are not (and other kinds still run).
+        protections = self._status() if self._status is not None else {}
+        return Verdict(True, "ready", {"subscription": self._settings.jobs_subscription, **protections})
 
     def liveness(self) -> Verdict:
         consumer, probe = self._consumer, self._probe
@@ -164,10 +179,15 @@ def _respond(verdict: Verdict) -> web.Response:
     return web.json_response({"status": verdict.status, **verdict.detail}, status=200 if verdict.ok else 503)
 
 
-async def serve_health(settings: Settings, stack: AsyncExitStack) -> Health | None:
-    """Listen on $PORT (all interfaces, as Cloud Run requires); None when PORT is unset."""
-    if settings.port is None:
+async def serve_health(
+    settings: Settings, stack: AsyncExitStack, metrics: Metrics | None = None
+) -> Health | None:
+    """Listen on WORKER_HEALTH_PORT or $PORT (on WORKER_HEALTH_HOST, all interfaces by default,
+    as Cloud Run requires); None when neither is set."""
+    listen = settings.health_listen_port
+    if listen is None:
         return None
+    variable, port = listen
     health = Health(settings)
 
     async def healthz(_: web.Request) -> web.Response:
@@ -179,12 +199,22 @@ async def serve_health(settings: Settings, stack: AsyncExitStack) -> Health | No
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if metrics is not None and metrics.prometheus_text() is not None:
+
+        async def prometheus(_: web.Request) -> web.Response:
+            text = metrics.prometheus_text() or b""
+            return web.Response(body=text, content_type="text/plain", charset="utf-8")
+
+        app.router.add_get("/metrics", prometheus)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     try:
-        await web.TCPSite(runner, "0.0.0.0", settings.port).start()
+        await web.TCPSite(runner, settings.health_host, port).start()
     except OSError as exc:
-        raise ConfigError(f"PORT={settings.port}: cannot listen for health checks: {exc}") from None
-    log.info("health_listening", port=settings.port)
+        raise ConfigError(
+            f"{variable}={port}: cannot listen for health checks on {settings.health_host}: {exc}; "
+            f"choose a free port"
+        ) from None
+    log.info("health_listening", port=port, host=settings.health_host, variable=variable)
     return health

@@ -26,6 +26,7 @@ from localcloud.googleapis import CERTS_PATH, TOKEN_PATH, build_googleapis_app
 from localcloud.iam import RUN_INVOKER, RUN_VIEWER, IamPolicy, member_for
 from localcloud.metadata import MetadataIdentity, build_metadata_app
 from localcloud.ports import free_port
+from localcloud.push import PushDeliverer
 from localcloud.recording import RecordedRequest, Recorder
 from localcloud.runapi import RunApiContext, build_run_api_app
 from localcloud.runjobs import LocalRunJob
@@ -91,7 +92,6 @@ class LocalCloud:
         self.recorder = Recorder(lambda token: self.authority.describe(token))
         self.authority = TokenAuthority(self.recorder)
         self.iam = IamPolicy(project)
-        self.iam.grant(member_for(worker_email), RUN_VIEWER, self.iam.project_resource)
 
         metadata_port = metadata_port or free_port()
         googleapis_port, run_api_port = free_port(), free_port()
@@ -225,6 +225,9 @@ class LocalCloud:
             )
             self._service_listeners[name] = listener
             listening = "services" not in self._down
+        # As `worker setup` grants them: the worker may read (resolve) every service it is
+        # given, per service rather than on the project; who may invoke it is the caller's say.
+        self.iam.grant(member_for(self.worker_email), RUN_VIEWER, f"run.service:{name}")
         for member in [member_for(self.worker_email)] if invokers is None else invokers:
             self.iam.grant(member, RUN_INVOKER, f"run.service:{name}")
         if listening:
@@ -271,6 +274,8 @@ class LocalCloud:
             if (name, region) in self._jobs:
                 raise ValueError(f"job {name!r} already exists in {region}")
             self._jobs[(name, region)] = job
+        # As `worker setup` grants it: the worker reads each job (and its executions) it runs.
+        self.iam.grant(member_for(self.worker_email), RUN_VIEWER, f"run.job:{name}")
         for member in [member_for(self.worker_email)] if executors is None else executors:
             self.iam.grant(member, executor_role, f"run.job:{name}")
         return job
@@ -333,6 +338,23 @@ class LocalCloud:
             "source_credentials": self._authorized_user_info(source_email),
             "delegates": [],
         })
+
+    def push_deliverer(
+        self,
+        subscriber: Any,
+        subscription: str,
+        endpoint: str,
+        *,
+        service_account: str,
+        audience: str | None = None,
+        **options: Any,
+    ) -> PushDeliverer:
+        """A push deliverer (not started) for `subscription`, a pull subscription on the
+        emulator, whose OIDC tokens this cloud's authority signs (see localcloud.push)."""
+        return PushDeliverer(
+            subscriber, subscription, endpoint, service_account=service_account,
+            audience=audience, mint=self.authority.mint_id_token, **options,
+        )
 
     def mint_access_token(self, email: str) -> str:
         return self.authority.mint_access_token(email)

@@ -22,6 +22,10 @@ import click
 
 from localcloud.ports import free_port
 
+# Where the reference web app (examples/webapp, `make webapp`) listens for pushes.
+DEFAULT_PUSH_ENDPOINT = "http://127.0.0.1:8090/pubsub/results"
+DEFAULT_ENV_FILE = ".worker-dev.env"
+
 
 def _pin_metadata_host() -> int:
     # google-auth reads GCE_METADATA_HOST once, at import: fix it before anything imports it.
@@ -30,7 +34,33 @@ def _pin_metadata_host() -> int:
     return port
 
 
-def run_dev(*, sample_jobs: int, max_in_flight: int, fire_batch: int = 0) -> None:
+def push_service_account(project: str) -> str:
+    return f"results-push@{project}.iam.gserviceaccount.com"
+
+
+def webapp_env(cloud: Any, emulator_host: str, push_endpoint: str) -> dict[str, str]:
+    """What the web app needs beside the cloud's environment: the emulator, and the push
+    token's audience, account and (the explicit opt-in to local tokens) certificates URL."""
+    env = dict(cloud.env, PUBSUB_EMULATOR_HOST=emulator_host)
+    if push_endpoint:
+        env.update(
+            WEBAPP_PUSH_AUDIENCE=push_endpoint,
+            WEBAPP_PUSH_SERVICE_ACCOUNT=push_service_account(cloud.project),
+            WEBAPP_PUSH_CERTS_URL=cloud.certs_url,
+        )
+    return env
+
+
+def write_env_file(path: str, env: dict[str, str]) -> None:
+    """`export` lines a shell can source and `python -m examples.webapp --env-file` reads."""
+    with open(path, "w") as out:
+        out.write("# Written by `worker dev` while it runs; removed when it stops.\n")
+        for key, value in sorted(env.items()):
+            out.write(f"export {key}={shlex.quote(value)}\n")
+
+
+def run_dev(*, sample_jobs: int, max_in_flight: int, fire_batch: int = 0,
+            push_endpoint: str = DEFAULT_PUSH_ENDPOINT, env_file: str = DEFAULT_ENV_FILE) -> None:
     metadata_port = _pin_metadata_host()
     os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
     from localcloud import LocalCloud, PubSubEmulator
@@ -47,20 +77,31 @@ def run_dev(*, sample_jobs: int, max_in_flight: int, fire_batch: int = 0) -> Non
         cloud.add_service("echo", "echo")
         source = cloud.add_service("accounts-source", "accounts-source")
         source.total_accounts = fire_batch
-        _print_environment(cloud.env, emulator.host)
-        asyncio.run(_run(sample_jobs, fire_batch))
+        env = webapp_env(cloud, emulator.host, push_endpoint)
+        if env_file:
+            write_env_file(env_file, env)
+        try:
+            _print_environment(env, env_file, push_endpoint)
+            asyncio.run(_run(sample_jobs, fire_batch, cloud, push_endpoint))
+        finally:
+            if env_file:
+                with contextlib.suppress(OSError):
+                    os.remove(env_file)
 
 
-def _print_environment(env: dict[str, str], emulator_host: str) -> None:
-    shown = dict(env, PUBSUB_EMULATOR_HOST=emulator_host)
+def _print_environment(env: dict[str, str], env_file: str, push_endpoint: str) -> None:
     click.secho("Local cloud is up. In a second shell:", bold=True)
-    for key, value in sorted(shown.items()):
+    for key, value in sorted(env.items()):
         click.echo(f"  export {key}={shlex.quote(value)}")
     click.echo('  .venv/bin/worker enqueue account-scoring --payload \'{"account_id": "acme"}\' --wait')
+    if env_file:
+        click.echo(f"(also in {env_file}: `make webapp` starts the reference web app with it)")
+    if push_endpoint:
+        click.echo(f"Results are pushed, with an OIDC token, to {push_endpoint}.")
     click.echo("Press Ctrl-C to stop.\n")
 
 
-async def _run(sample_jobs: int, fire_batch: int) -> None:
+async def _run(sample_jobs: int, fire_batch: int, cloud: Any = None, push_endpoint: str = "") -> None:
     from worker.core.logs import configure_logging
     from worker.core.settings import load_settings
     from worker.ops.provision import SetupOptions, apply_setup, for_target
@@ -73,6 +114,16 @@ async def _run(sample_jobs: int, fire_batch: int) -> None:
         publisher, subscriber, settings, for_target(SetupOptions())
     ):
         click.echo(f"{change.action:>9}  {change.resource}")
+    deliverer = None
+    if cloud is not None and push_endpoint:
+        # Pub/Sub push, as the web app on Cloud Run gets it: a pull subscription underneath.
+        deliverer = cloud.push_deliverer(
+            subscriber,
+            subscriber.subscription_path(settings.project, f"{settings.results_subscription}-push"),
+            push_endpoint,
+            service_account=push_service_account(settings.project),
+            topic=publisher.topic_path(settings.project, settings.results_topic),
+        ).start()
     stop = asyncio.Event()
     worker = asyncio.create_task(run_worker(settings, stop))
     results = threading.Thread(target=_print_results, args=(subscriber, settings, stop), daemon=True)
@@ -91,6 +142,8 @@ async def _run(sample_jobs: int, fire_batch: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await worker
+    if deliverer is not None:
+        deliverer.stop()
     publisher.stop()
 
 

@@ -64,6 +64,14 @@ class RecordedRequest:
     job_id: str | None
     at: float = field(default_factory=time.time)
 
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C `traceparent` the caller sent, so a test can follow one trace end to end."""
+        for name, value in self.headers.items():
+            if name.lower() == "traceparent":
+                return value
+        return None
+
 
 class Recorder:
     """The cloud's ledger: request log and counters, shared by all components."""

@@ -53,6 +53,12 @@ def service_json(service: LocalService, project: str, project_number: str) -> di
     revision = f"{service.name}-00001-loc"
     ready = {"state": "CONDITION_SUCCEEDED", "lastTransitionTime": created}
     latest = {"type": "TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST", "percent": 100}
+    # Stated in both places a real Service may state it: service-level and revision-level.
+    scaling = (
+        {"scaling": {"maxInstanceCount": service.max_instance_count}}
+        if service.max_instance_count is not None
+        else {}
+    )
     return {
         "name": name,
         "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
@@ -69,8 +75,10 @@ def service_json(service: LocalService, project: str, project_number: str) -> di
             "containers": [
                 {"image": f"{service.region}-docker.pkg.dev/{project}/gcf-artifacts/{service.name}"}
             ],
-            "maxInstanceRequestConcurrency": 80,
+            "maxInstanceRequestConcurrency": service.max_instance_request_concurrency,
+            **scaling,
         },
+        **scaling,
         "traffic": [latest],
         "observedGeneration": "1",
         "terminalCondition": {"type": "Ready", **ready},

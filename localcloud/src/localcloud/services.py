@@ -58,6 +58,14 @@ class LocalService:
         self.retry_after: float | None = None
         self.uri_override: str | None = None
         self.total_accounts: int = 1000
+        # Capacity, as Cloud Run has it: above `capacity` requests at once the service
+        # answers 429 ("no available instance"); the Admin API's Service states
+        # `max_instance_count` (None: not stated) and `max_instance_request_concurrency`.
+        self.capacity: int | None = None
+        self.max_instance_count: int | None = None
+        self.max_instance_request_concurrency: int = 80
+        self.active = 0
+        self.peak_active = 0
         self.created_at = time.time()
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -83,10 +91,18 @@ class LocalService:
         with self._lock:
             return Counter(self._status)
 
+    def set_capacity(self, instances: int, per_instance: int, *, stated: bool = True) -> None:
+        """Hold at most instances x per_instance requests at once; the Service says so if `stated`."""
+        self.capacity = instances * per_instance
+        if stated:
+            self.max_instance_count = instances
+            self.max_instance_request_concurrency = per_instance
+
     def reset_counters(self) -> None:
         with self._lock:
             self._requests.clear()
             self._status.clear()
+            self.peak_active = self.active
 
     def audiences(self) -> list[str]:
         """The `aud` values Cloud Run accepts: the service's URLs, with or without a slash."""
@@ -213,6 +229,19 @@ def build_service_app(
             member_for(email), RUN_INVOKER, f"run.service:{service.name}"
         ):
             return _forbidden(request)
+        if service.capacity is not None and service.active >= service.capacity:
+            return _error_page(
+                429, "Too Many Requests",
+                "The request was aborted because there was no available instance.",
+            )
+        service.active += 1
+        service.peak_active = max(service.peak_active, service.active)
+        try:
+            return await _serve(service, request, email)
+        finally:
+            service.active -= 1
+
+    async def _serve(service: LocalService, request: web.Request, email: str) -> web.Response:
         if service.latency_s > 0:
             await asyncio.sleep(service.latency_s)
         if service.hang_rate > 0 and random.random() < service.hang_rate:

@@ -1,0 +1,1 @@
+"""Examples that run against this repository: see examples/webapp."""

@@ -1,0 +1,61 @@
+"""Leases of held jobs, kept by the worker instead of the client library.
+
+A held job (a paused kind, an open circuit breaker: worker/core/guard.py) must stay
+leased without being nacked, since every nack uses up a delivery attempt and the
+last one dead-letters it. Left in the client's lease management it would also count
+against the subscriber's flow control (2 x WORKER_MAX_IN_FLIGHT messages), so a few
+hundred held jobs of one kind would stop the worker pulling every other kind.
+
+So a held message is `drop()`ped from the client's lease management (it then no
+longer counts against flow control) and this keeper extends its ack deadline itself,
+every third of WORKER_LEASE_EXTENSION_SECONDS, until the consumer acks or nacks it.
+At most `max_held` messages are kept this way (WORKER_MAX_HELD); beyond that a held
+job stays in the client's care and counts against flow control, which slows pulling
+down rather than letting memory grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("worker.gcp.lease")
+
+
+class HeldLeases:
+    def __init__(self, extension_s: int, max_held: int) -> None:
+        self._extension_s = extension_s
+        self._max_held = max_held
+        self._held: dict[str, Any] = {}  # ack_id -> message
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def take(self, message: Any) -> bool:
+        """Keep `message`'s lease from now on; False when full (it stays with the client)."""
+        if message.ack_id in self._held:
+            return True
+        if len(self._held) >= self._max_held:
+            return False
+        message.drop()
+        message.modify_ack_deadline(self._extension_s)
+        self._held[message.ack_id] = message
+        return True
+
+    def give_back(self, message: Any) -> None:
+        """The message was acked, nacked or released: stop extending it."""
+        self._held.pop(message.ack_id, None)
+
+    async def run(self) -> None:
+        """Extend every held lease until cancelled."""
+        interval = max(1.0, self._extension_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for message in list(self._held.values()):
+                try:
+                    message.modify_ack_deadline(self._extension_s)
+                except Exception as exc:  # the stream is closing: the lease will lapse
+                    log.warning("held_lease_not_extended", error=f"{type(exc).__name__}: {exc}"[:300])
+                    break
