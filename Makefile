@@ -1,7 +1,7 @@
 # Every target creates the virtual environment it needs: `make dev` and `make test`
 # are the only two commands a fresh machine needs. The environment is uv.lock, exactly
 # (`uv sync --locked` fails if the lock no longer matches pyproject.toml: run `make lock`);
-# the image installs the same lock (Dockerfile).
+# the image installs the same lock (Dockerfile) without the dev group and the bench extra.
 PYTHON ?= python3
 # The uv release pyproject.toml's [tool.uv] required-version names, kept in .tools.
 UV_VERSION := 0.10.12
@@ -17,7 +17,7 @@ $(UV):
 	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(STAMP): pyproject.toml uv.lock | $(UV)
-	$(UV) sync --locked --python $(PYTHON) --quiet
+	$(UV) sync --locked --extra bench --python $(PYTHON) --quiet
 	touch $(STAMP)
 
 lock: $(UV)

@@ -59,6 +59,37 @@ class ProcessMonitor:
         self._thread.join()
 
 
+class GroupMonitor:
+    """CPU seconds of named groups of processes between start and stop (for each group,
+    its processes and their children): who else used the cores meanwhile."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self._groups = {name: [psutil.Process(pid) for pid in pids] for name, pids in groups.items()}
+        self._start: dict[str, float] = {}
+        self.cpu_s: dict[str, float] = {}
+
+    def _cpu(self) -> dict[str, float]:
+        found = {}
+        for name, processes in self._groups.items():
+            total = 0.0
+            for process in processes:
+                try:
+                    t = process.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += t.user + t.system + t.children_user + t.children_system
+            found[name] = total
+        return found
+
+    def __enter__(self) -> GroupMonitor:
+        self._start = self._cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._cpu()
+        self.cpu_s = {name: end[name] - self._start[name] for name in end}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile; None for no values."""
     if not values:

@@ -119,12 +119,14 @@ class StubStreamingPullFuture(concurrent.futures.Future):  # type: ignore[type-a
     """What `subscribe()` returns: resolved when the stream is cancelled or fails."""
 
     def __init__(self, broker: StubPubSub, subscription: str, callback: Callable[[Any], None],
-                 flow_control: Any) -> None:
+                 flow_control: Any, scheduler: Any = None) -> None:
         super().__init__()
         self.broker = broker
         self.subscription = subscription
         self.callback = callback
         self.flow_control = flow_control
+        # Like the library: a given scheduler gets each message (and runs the callback).
+        self.scheduler = scheduler
         self.open = True
         self._cancelled = False
         # The client library calls back on threads of its own, never the caller's.
@@ -149,9 +151,14 @@ class StubStreamingPullFuture(concurrent.futures.Future):  # type: ignore[type-a
     def _close(self) -> None:
         self.open = False
         self._threads.shutdown(wait=False)
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
 
     def deliver(self, message: StubMessage) -> None:
-        self._threads.submit(self.callback, message).result(timeout=5)
+        if self.scheduler is not None:
+            self._threads.submit(self.scheduler.schedule, self.callback, message).result(timeout=5)
+        else:
+            self._threads.submit(self.callback, message).result(timeout=5)
 
 
 class StubSubscriber:
@@ -176,7 +183,7 @@ class StubSubscriber:
                   await_callbacks_on_shutdown: bool = False) -> StubStreamingPullFuture:
         if self.stream is not None and self.stream.open:
             raise AssertionError("the stand-in serves one stream at a time")
-        self.stream = StubStreamingPullFuture(self._broker, subscription, callback, flow_control)
+        self.stream = StubStreamingPullFuture(self._broker, subscription, callback, flow_control, scheduler)
         return self.stream
 
     def deliver(self, data: bytes, attributes: dict[str, str] | None = None, *,

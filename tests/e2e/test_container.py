@@ -161,6 +161,7 @@ def test_worker_run_in_the_container_serves_probes_completes_a_job_and_stops_on_
         **names.env,
         "PUBSUB_EMULATOR_HOST": pubsub_emulator.host,
         "WORKER_LOG_FORMAT": "json",
+        "WORKER_LOG_LEVEL": "debug",  # job_succeeded is a debug line
         # What a worker pool's deploy sets (it gets no PORT); 127.0.0.1 here because the
         # container shares the host's network.
         "WORKER_HEALTH_PORT": str(port),

@@ -144,7 +144,8 @@ def test_an_outage_opens_the_breaker_holds_its_jobs_and_spares_the_other_kind(
     with (tmp_path / "jobs" / "flaky.toml").open("a") as toml:
         toml.write("[breaker]\nopen_s = 2\n")
     write_kind(tmp_path / "jobs", "steady", steady.name, attempts=3)
-    env = env_for(WORKER_MAX_IN_FLIGHT="40")
+    # job_succeeded, which carries each job's delivery attempt, is a debug line.
+    env = env_for(WORKER_MAX_IN_FLIGHT="40", WORKER_LOG_LEVEL="debug")
     outage_s = 8.0
     flaky_jobs, steady_jobs = jobs("flaky", 200, "f"), jobs("steady", 400, "s")
     with WorkerProcess(env) as worker:

@@ -243,6 +243,8 @@ def soak_stack(
             names,
             WORKER_CATALOG_DIR=str(catalog),
             PUBSUB_EMULATOR_HOST=proxy.host,
+            # job_succeeded (a debug line) carries each job's delivery attempt.
+            WORKER_LOG_LEVEL="debug",
         )
     )
     try:

@@ -98,7 +98,7 @@ class InProcessWorker:
 @pytest.fixture
 def logs() -> Iterator[io.StringIO]:
     stream = io.StringIO()
-    configure_logging("json", "info", "local-project", stream=stream)
+    configure_logging("json", "debug", "local-project", stream=stream)  # job_succeeded is debug
     yield stream
     configure_logging("console", "warning")  # the stdlib handler off the StringIO
     # and structlog as the other tests find it: a level filter left behind drops the

@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
@@ -32,6 +33,38 @@ _SEVERITY = {
     "exception": "ERROR",
     "critical": "CRITICAL",
 }
+
+
+# The job a line is about (job_id, kind, attempt, traceparent). One variable set once
+# per job, where structlog's bound_contextvars makes and resets a variable per field
+# (about 5% of the worker's CPU at 2,000 jobs/s). Each job runs in an asyncio task of
+# its own, whose context is a copy: what one job binds no other job sees, and nothing
+# needs undoing when it ends.
+_job_fields: ContextVar[dict[str, Any] | None] = ContextVar("worker_job_fields", default=None)
+
+
+_debug = False
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines are written. A filtered-out call on a module's lazy logger
+    still builds a bound logger first: per-job debug lines are guarded with this."""
+    return _debug
+
+
+def bind_job_fields(**fields: Any) -> None:
+    """Add `fields` (None values are left out) to every line the current task logs."""
+    current = _job_fields.get()
+    _job_fields.set({**current, **fields} if current else fields)
+
+
+def merge_job_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    fields = _job_fields.get()
+    if fields:
+        for key, value in fields.items():
+            if value is not None:
+                event.setdefault(key, value)
+    return event
 
 
 def scrub(text: str) -> str:
@@ -84,6 +117,7 @@ def configure_logging(
     json_lines = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        merge_job_fields,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
@@ -94,6 +128,8 @@ def configure_logging(
     else:
         renderer = [redact_secrets, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     numeric = getattr(logging, level.upper(), logging.INFO)
+    global _debug
+    _debug = numeric <= logging.DEBUG
     structlog.configure(
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -17,6 +17,7 @@ import structlog
 from worker.core.catalog import Catalog, JobKind
 from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import HoldJob, InvalidJobError, JobError, PermanentJobError, TransientJobError
+from worker.core.logs import bind_job_fields, debug_enabled
 from worker.core.messages import (
     ErrorInfo,
     ExecutionInfo,
@@ -147,7 +148,7 @@ class Pipeline:
             if job.not_after is not None and started > job.not_after:
                 return self._finish(delivery, job, started, JobStatus.EXPIRED, span, known, ack_only=True)
             # Log lines carry the trace: the worker's own span when tracing, else the sender's.
-            structlog.contextvars.bind_contextvars(traceparent=span.traceparent or job.traceparent)
+            bind_job_fields(traceparent=span.traceparent or job.traceparent)
             with span.active():
                 call = await self._run(job, kind, delivery)
             return self._finish(delivery, job, started, call.status, span, known, call=call)
@@ -256,7 +257,10 @@ class Pipeline:
         elif status == JobStatus.RUNNING:
             log.info("job_running", execution=result.execution.name if result.execution else None)
         elif not ack_only:
-            log.info("job_succeeded", http_status=result.http_status, attempts=result.attempts)
+            # Debug: at thousands of jobs a second a line per success was the worker's
+            # largest avoidable cost; the consumer logs counts every minute (jobs_done).
+            if debug_enabled():
+                log.debug("job_succeeded", http_status=result.http_status, attempts=result.attempts)
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
         follow_up = call.follow_up if call else None

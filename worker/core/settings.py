@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     health_port: int | None = Field(None, ge=1, le=65535, validation_alias=_env("WORKER_HEALTH_PORT"))
     health_host: str = Field("0.0.0.0", validation_alias=_env("WORKER_HEALTH_HOST"))
     health_stall_s: float = Field(60.0, gt=0, validation_alias=_env("WORKER_HEALTH_STALL_SECONDS"))
+    # On the emulator only: the client library's own transport, as on real Pub/Sub
+    # (worker/gcp/emulator.py); tests use it to cover that path.
+    emulator_plain_streams: bool = Field(False, validation_alias=_env("WORKER_EMULATOR_PLAIN_STREAMS"))
 
     @field_validator("impersonate_service_account")
     @classmethod

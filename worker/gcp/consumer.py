@@ -1,9 +1,9 @@
 """Pub/Sub streaming pull -> pipeline -> publish -> ack. Knows nothing of HTTP.
 
-The client library calls back on its own small thread pool; the callback only hands
-the message to the asyncio loop, so in-flight jobs are bounded by a semaphore
-(`WORKER_MAX_IN_FLIGHT`), not by that pool. The client's flow control lets through
-twice that, so a small buffer waits here.
+The client library hands each message to a scheduler; ours (`LoopScheduler`) passes
+them to the asyncio loop in batches, where each job becomes a task. In-flight calls
+are bounded by a semaphore (`WORKER_MAX_IN_FLIGHT`); the client's flow control lets
+through twice that, so a small buffer waits here.
 
 At shutdown, jobs not yet started are nacked while the pull stream is still open,
 then the stream closes and running jobs finish within the grace period (acked by
@@ -24,15 +24,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import queue
+import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
+from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 
 from worker.core.backoff import Backoff
+from worker.core.logs import bind_job_fields
 from worker.core.messages import clip
 from worker.core.pipeline import Delivery, Outcome
 from worker.core.telemetry import NO_TELEMETRY, Telemetry
@@ -45,6 +50,9 @@ NACK_DELAY_BASE_S = 0.5
 NACK_DELAY_MAX_S = 10.0
 # Time for the client to send the shutdown nacks before its stream closes.
 _NACK_FLUSH_S = 0.3
+# How often `jobs_done` logs what was finished since the last one (successes are not
+# logged one by one at info).
+SUMMARY_EVERY_S = 60.0
 
 
 @dataclass
@@ -57,6 +65,51 @@ class ConsumerStats:
     held: int = 0
     last_message_at: float = 0.0
     longest_lease_s: float = 0.0  # receipt to ack or nack, of any message
+    # Results published, by status (succeeded, failed, rejected, expired).
+    finished: Counter[str] = field(default_factory=Counter)
+
+
+class LoopScheduler(Scheduler):  # type: ignore[misc]
+    """Runs the client library's message callbacks on the asyncio loop, in batches.
+
+    The library's default scheduler runs each message's callback on a thread pool,
+    and ours would only pass the message on to the loop: a thread hop and a loop
+    wake-up per job. This one is called on the library's stream thread, queues the
+    callback and wakes the loop once for everything queued since its last turn. The
+    library's contract is kept: `queue` carries acks back to it, `shutdown` returns
+    the messages never handed over (the library nacks them)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+        self._closed = False
+
+    @property
+    def queue(self) -> queue.Queue[Any]:
+        return self._queue
+
+    def schedule(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._pending.append((callback, args, kwargs))
+            if len(self._pending) > 1:
+                return  # the loop is already called for this batch
+        self._loop.call_soon_threadsafe(self._run_pending)
+
+    def _run_pending(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for callback, args, kwargs in batch:
+            callback(*args, **kwargs)
+
+    def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
+        with self._lock:
+            self._closed = True
+            dropped, self._pending = self._pending, []
+        return [args[0] for _, args, _ in dropped if args]
 
 
 class StreamFailed(Exception):
@@ -129,13 +182,16 @@ class Consumer:
             max_duration_per_lease_extension=self._lease_extension_s,
         )
         self._streaming = True
-        self._future = self._subscriber.subscribe(self._subscription, self._on_message, flow_control=flow)
+        self._future = self._subscriber.subscribe(
+            self._subscription, self._spawn, flow_control=flow, scheduler=LoopScheduler(self._loop)
+        )
         self._future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(failed.set))  # type: ignore[union-attr]
         log.info("consumer_started", subscription=self._subscription, max_in_flight=self._max_in_flight)
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
         keeper = asyncio.ensure_future(self.leases.run())
+        summary = asyncio.ensure_future(self._summarize())
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
+        for waiter in [*waiters, summary]:
             waiter.cancel()
         error = None if stop.is_set() else self._stream_error()
         await self._drain()
@@ -179,14 +235,21 @@ class Consumer:
             nacked=self.stats.nacked,
             released=self.stats.released,
             longest_lease_s=round(self.stats.longest_lease_s, 2),
+            **self.stats.finished,
         )
 
-    def _on_message(self, message: Any) -> None:
-        # Runs on the client's callback thread: hand over and return at once.
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._spawn, message)
+    async def _summarize(self) -> None:
+        """Every SUMMARY_EVERY_S, what was finished since the last line, if anything."""
+        reported: Counter[str] = Counter()
+        while True:
+            await asyncio.sleep(SUMMARY_EVERY_S)
+            done = self.stats.finished - reported
+            if done:
+                log.info("jobs_done", seconds=SUMMARY_EVERY_S, in_flight=self.in_flight, **done)
+                reported = self.stats.finished.copy()
 
     def _spawn(self, message: Any) -> None:
+        # On the loop (LoopScheduler): one task per job.
         self.stats.received += 1
         self.stats.last_message_at = time.monotonic()
         if self._draining:
@@ -203,34 +266,33 @@ class Consumer:
         task = asyncio.current_task()
         received = time.monotonic()
         delivery = self._delivery(message)
-        context = {
-            "job_id": clip(delivery.attributes.get("job_id", ""), 128) or None,
-            "kind": clip(delivery.attributes.get("kind", ""), 64) or None,
-            "attempt": delivery.delivery_attempt,
-        }
-        with structlog.contextvars.bound_contextvars(**context):
-            try:
-                self._waiting.add(task)  # type: ignore[arg-type]
-                # The slot bounds calls to the functions; publishing the result and
-                # acking happen outside it, so a slot turns over as soon as a call ends.
-                async with self._slots:
-                    self._waiting.discard(task)  # type: ignore[arg-type]
-                    outcome = await self._handle(delivery)
-                while outcome.hold is not None:
-                    outcome.span.end("held", None)  # the run after the hold gets a span of its own
-                    outcome = await self._hold(message, delivery, outcome.hold)
-                await self._conclude(message, outcome)
-                lease = time.monotonic() - received
-                self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
-            except asyncio.CancelledError:
-                if self._streaming:
-                    self.stats.nacked += 1
-                    message.nack()
-                else:
-                    self.stats.released += 1
-                raise
-            finally:
-                self.leases.give_back(message)
+        bind_job_fields(
+            job_id=clip(delivery.attributes.get("job_id", ""), 128) or None,
+            kind=clip(delivery.attributes.get("kind", ""), 64) or None,
+            attempt=delivery.delivery_attempt,
+        )
+        try:
+            self._waiting.add(task)  # type: ignore[arg-type]
+            # The slot bounds calls to the functions; publishing the result and
+            # acking happen outside it, so a slot turns over as soon as a call ends.
+            async with self._slots:
+                self._waiting.discard(task)  # type: ignore[arg-type]
+                outcome = await self._handle(delivery)
+            while outcome.hold is not None:
+                outcome.span.end("held", None)  # the run after the hold gets a span of its own
+                outcome = await self._hold(message, delivery, outcome.hold)
+            await self._conclude(message, outcome)
+            lease = time.monotonic() - received
+            self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
+        except asyncio.CancelledError:
+            if self._streaming:
+                self.stats.nacked += 1
+                message.nack()
+            else:
+                self.stats.released += 1
+            raise
+        finally:
+            self.leases.give_back(message)
 
     async def _hold(self, message: Any, delivery: Delivery, wait: Callable[[], Awaitable[None]]) -> Outcome:
         """Hold a job out of the call slots, leased and not nacked, until `wait()` returns;
@@ -305,6 +367,8 @@ class Consumer:
                     self._metrics.publish_failed()
                 log.error("result_publish_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             else:
+                if outcome.result is not None:
+                    self.stats.finished[outcome.result.status.value] += 1
                 await self._settle(message, ack=True)
                 return True
         # Hold a job that must go back a little before nacking it: a nack is redelivered

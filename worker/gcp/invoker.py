@@ -10,6 +10,7 @@ other 4xx are permanent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -232,7 +233,7 @@ class Invoker:
                 url + kind.path,
                 data=body,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=kind.timeout_s),
+                timeout=_timeout(kind.timeout_s),
                 allow_redirects=False,
             ) as response:
                 raw = await response.content.read(MAX_RESPONSE_BYTES)
@@ -303,6 +304,12 @@ class Invoker:
         return PermanentJobError(
             f"http_{status}", f"{kind.service} answered {status}: {detail}", http_status=status
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """One (immutable) ClientTimeout per kind's timeout, not one per call."""
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 def _decode_body(raw: bytes, response: aiohttp.ClientResponse) -> Any:
