@@ -188,7 +188,10 @@ def test_worker_run_in_the_container_serves_probes_completes_a_job_and_stops_on_
             break
         assert time.monotonic() < deadline, f"/readyz never answered 200 ({status} {body}):\n{logs()}"
         time.sleep(0.25)
-    assert body == {"status": "ready", "subscription": names.jobs_subscription}
+    # Ready, on its subscription; the protections' detail (pauses, breakers, the control
+    # channel the image reaches too) comes with it and never fails readiness.
+    assert body["status"] == "ready" and body["subscription"] == names.jobs_subscription, body
+    assert body["paused"] == {} and body["control"] == "listening", body
 
     payload = {"account_id": "acct-image", "employees": 42, "annual_revenue": 900_000.0, "industry": "retail"}
     publish({**os.environ, **env}, [{"job_id": "image-1", "kind": "account-scoring", "payload": payload}])
