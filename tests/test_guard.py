@@ -132,9 +132,12 @@ async def test_rate_per_s_spaces_call_starts() -> None:
     assert loop.time() - started >= 0.095  # 10 intervals of 10 ms after the first token
 
 
-def test_a_hold_leaves_the_pipeline_as_an_outcome_to_hold_not_a_nack() -> None:
-    async def wait() -> None:
-        return None
+async def _wait() -> None:
+    return None
+
+
+def held_pipeline() -> Pipeline:
+    """A pipeline whose every call is held (an open breaker), waiting on `_wait`."""
 
     class Resolver:
         async def resolve(self, service: str, region: str) -> str:
@@ -142,14 +145,17 @@ def test_a_hold_leaves_the_pipeline_as_an_outcome_to_hold_not_a_nack() -> None:
 
     class Invoker:
         async def invoke(self, kind, url, job, region="R"):  # type: ignore[no-untyped-def]
-            raise HoldJob("breaker_open", wait)
+            raise HoldJob("breaker_open", _wait)
 
-    catalog = Catalog({"score": SCORE})
-    pipeline = Pipeline(catalog, Resolver(), Invoker(), region="r", max_payload_bytes=10_000)
+    return Pipeline(Catalog({"score": SCORE}), Resolver(), Invoker(), region="r", max_payload_bytes=10_000)
+
+
+def test_a_hold_leaves_the_pipeline_as_an_outcome_to_hold_not_a_nack() -> None:
+    pipeline = held_pipeline()
     body = json.dumps({"job_id": "j1", "kind": "score", "payload": {}}).encode()
     outcome = asyncio.run(pipeline.handle(Delivery(body, {}, final_attempt=True)))
     assert not outcome.ack and outcome.result is None and outcome.dead_letter is None
-    assert outcome.hold is wait, "held even on the last attempt: never failed for it"
+    assert outcome.hold is _wait, "held even on the last attempt: never failed for it"
     assert isinstance(CallResult(200, None, 1), CallResult)
 
 
@@ -201,20 +207,7 @@ async def test_a_call_waiting_for_room_when_the_kind_is_paused_is_held_not_made(
 
 
 def test_a_job_held_too_long_on_its_last_attempt_fails_with_a_result() -> None:
-    async def wait() -> None:
-        return None
-
-    class Resolver:
-        async def resolve(self, service: str, region: str) -> str:
-            return "https://scoring"
-
-    class Invoker:
-        async def invoke(self, kind, url, job, region="R"):  # type: ignore[no-untyped-def]
-            raise HoldJob("breaker_open", wait)
-
-    pipeline = Pipeline(
-        Catalog({"score": SCORE}), Resolver(), Invoker(), region="r", max_payload_bytes=10_000
-    )
+    pipeline = held_pipeline()
     body = json.dumps({"job_id": "j1", "kind": "score", "payload": {}}).encode()
     outcome = asyncio.run(pipeline.handle(Delivery(body, {}, final_attempt=True, may_hold=False)))
     assert outcome.ack and outcome.hold is None and outcome.dead_letter is not None
