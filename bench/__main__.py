@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 # Picks the metadata port and points GCE_METADATA_HOST at it: google-auth reads it
@@ -30,6 +31,16 @@ def main() -> None:
     )
     parser.add_argument("--only", default="a,b,c,d", help="scenarios to run, e.g. a,b")
     parser.add_argument("--out", type=Path, default=None, help="JSON directory (default bench/results)")
+    parser.add_argument(
+        "--contenders", default=None, help="only these contenders, e.g. ceiling,ours (default: all)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="py-spy record --gil each `worker run` (and the minimal worker) this long, into bench/results",
+    )
     args = parser.parse_args()
     # Exit through the context managers on SIGTERM too: they stop the worker processes,
     # the emulator and the local cloud, which would otherwise outlive the driver.
@@ -45,6 +56,11 @@ def main() -> None:
         for s in suite(quick=args.quick, max_in_flight=args.max_in_flight, naive_cap_s=args.naive_cap_s)
         if s.name in wanted
     ]
+    if args.contenders:
+        keep = args.contenders.split(",")
+        scenarios = [replace(s, contenders=tuple(c for c in s.contenders if c in keep)) for s in scenarios]
+    if args.profile:
+        os.environ["BENCH_PROFILE_S"] = str(args.profile)
     with (
         PubSubEmulator(project=PROJECT) as emulator,
         LocalCloud(project=PROJECT, metadata_port=METADATA_PORT) as cloud,

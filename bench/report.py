@@ -33,7 +33,7 @@ COLUMNS = (
     ("load", 5),
 )
 # Who is measured against whom in (a), beside the ceiling.
-PEERS = ("ours", "ours-retry", "naive", "celery")
+PEERS = ("ours", "ours-retry", "minimal", "naive", "celery")
 
 
 def run_suite(
@@ -114,6 +114,7 @@ def ratios(runs: list[Run]) -> dict[str, float | None]:
     }
     return {
         **found,
+        "a_ours_over_minimal": _ratio(_find(runs, "a", "ours"), _find(runs, "a", "minimal")),
         "a_ours_over_celery": _ratio(_find(runs, "a", "ours"), _find(runs, "a", "celery")),
         "a_ours_over_naive": _ratio(_find(runs, "a", "ours"), _find(runs, "a", "naive")),
         "b_ours_over_naive": _ratio(_find(runs, "b", "ours"), _find(runs, "b", "naive")),

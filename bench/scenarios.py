@@ -1,7 +1,8 @@
 """Run one scenario's contenders on the local cloud and measure them.
 
 Contenders: the ack-only ceiling, ours (`worker run`), ours on a jobs subscription
-with a retry policy (`ours-retry`), the naive worker and the Celery peer. Every
+with a retry policy (`ours-retry`), the minimal aiohttp worker, the naive worker and
+the Celery peer. Every
 contender gets fresh topics and a service of its own, so one run's backlog,
 leftovers or cached tokens never reach another, and the cloud's counters are read
 as deltas around each run. A backlog is published before its consumer starts; an
@@ -18,6 +19,9 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,6 +42,7 @@ from tests.e2e.harness import WorkerProcess, drain, provision, publish, uid, wor
 CONTENDERS = {
     "ceiling": "bench.ceiling",
     "naive": "bench.naive_worker",
+    "minimal": "bench.minimal_worker",
     "ours": "worker",
     "ours-retry": "worker",
     "celery": "bench.celery_peer",
@@ -80,7 +85,7 @@ def suite(*, quick: bool, max_in_flight: int, naive_cap_s: float) -> list[Scenar
             "long backlog, no added latency",
             140_000 // scale,
             0.0,
-            ("ceiling", "ours", "ours-retry", "naive", "celery"),
+            ("ceiling", "ours", "ours-retry", "minimal", "naive", "celery"),
             max_in_flight,
             naive_cap_s=cap,
             capped_jobs=40_000 // scale,
@@ -286,7 +291,8 @@ def run_contender(
         else:
             publish(env, jobs)
     tokens_before, calls_before = Counter(cloud.id_tokens_minted), Counter(cloud.admin_api_calls)
-    ours = contender not in ("ceiling", "naive", "celery")  # a `worker run`, whatever its settings
+    ours = contender not in ("ceiling", "minimal", "naive", "celery")  # a `worker run`, whatever its settings
+    profiled = ours or contender == "minimal"  # --profile
     run = Run(
         scenario.name,
         contender,
@@ -301,7 +307,11 @@ def run_contender(
         with WorkerProcess(env, name=f"bench-{contender}", module=CONTENDERS[contender]) as process:
             process.wait_ready(timeout=120)
             ready_at = time.time()
-            with ProcessMonitor(process.proc.pid) as monitor, GroupMonitor(others) as group:
+            with (
+                ProcessMonitor(process.proc.pid) as monitor,
+                GroupMonitor(others) as group,
+                Profiler(process.proc.pid if profiled else None, scenario.name, contender),
+            ):
                 arrived = consume(env, scenario, contender, created, process, acks_file, results, jobs_count)
             if ours:
                 process.stop()
@@ -328,6 +338,39 @@ def run_contender(
         if emulator_pids:
             run.emulator_cpu_s_per_1000 = round(1000 * group.cpu_s["emulator"] / run.completed, 3)
     return run
+
+
+class Profiler:
+    """`py-spy record --gil` on `pid` for BENCH_PROFILE_S seconds, starting 10 s in
+    (past start-up), into bench/results/profile-<label>-<time>.txt (collapsed stacks) (`--profile`)."""
+
+    def __init__(self, pid: int | None, scenario: str, contender: str) -> None:
+        label = f"{scenario}-{contender}"
+        seconds = float(os.environ.get("BENCH_PROFILE_S") or 0)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._timer: threading.Timer | None = None
+        if pid is None or seconds <= 0:
+            return
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        out = Path(__file__).resolve().parent / "results" / f"profile-{label}-{datetime.now(UTC):%H%M%S}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = [spy, "record", "--gil", "--nonblocking", "-p", str(pid), "-d", str(int(seconds))]
+        command += ["-f", "raw", "-o", str(out)]
+
+        def start() -> None:
+            self._proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        self._timer = threading.Timer(10.0, start)
+        self._timer.start()
+
+    def __enter__(self) -> Profiler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._proc is not None:
+            self._proc.wait(timeout=120)
 
 
 def wait_for_file(path: Path, process: WorkerProcess, timeout_s: float) -> bool:

@@ -44,6 +44,27 @@ def test_an_operator_member_without_a_prefix_names_the_fix(runner: CliRunner) ->
     assert "user:" in done.output
 
 
+def test_print_gcloud_grants_the_telemetry_roles_the_deployments_exporters_need(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER", raising=False)
+    plain = runner.invoke(cli, ["setup", "--print-gcloud"])
+    assert plain.exit_code == 0 and "cloudtrace" not in plain.output and "metricWriter" not in plain.output
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "gcp_trace")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "gcp_monitoring")
+    done = runner.invoke(cli, ["setup", "--print-gcloud"])
+    assert done.exit_code == 0
+    assert (
+        "gcloud projects add-iam-policy-binding test-project "
+        "--member=serviceAccount:worker@test-project.iam.gserviceaccount.com --role=roles/cloudtrace.agent"
+    ) in done.output
+    assert "--role=roles/monitoring.metricWriter" in done.output
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    refused = runner.invoke(cli, ["setup", "--print-gcloud"])
+    assert refused.exit_code == 2 and "OTEL_TRACES_EXPORTER" in refused.output
+
+
 def test_enqueue_refuses_a_payload_that_is_not_json(runner: CliRunner) -> None:
     done = runner.invoke(cli, ["enqueue", "echo", "--payload", "{nope"])
     assert done.exit_code == 2

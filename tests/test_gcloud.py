@@ -76,6 +76,22 @@ def test_each_principal_gets_only_what_it_uses() -> None:
     assert all(b.why for b in bindings)
 
 
+def test_google_telemetry_exporters_add_their_write_roles_on_the_project() -> None:
+    plain = iam_bindings(settings(), catalog(), WORKER, WEBAPP, project_number="123")
+    traced = iam_bindings(
+        settings(), catalog(), WORKER, WEBAPP, project_number="123", telemetry=("gcp_trace", "prometheus")
+    )
+    both = iam_bindings(
+        settings(), catalog(), WORKER, WEBAPP, project_number="123", telemetry=("gcp_trace", "gcp_monitoring")
+    )
+    added = lambda more: [(b.role, b.resource) for b in more if b not in plain]  # noqa: E731
+    assert added(traced) == [("roles/cloudtrace.agent", "projects/acme")]
+    assert added(both) == [
+        ("roles/cloudtrace.agent", "projects/acme"),
+        ("roles/monitoring.metricWriter", "projects/acme"),
+    ]
+
+
 def test_commands_create_resources_as_setup_does_then_bind() -> None:
     options = SetupOptions(max_delivery_attempts=7, min_backoff_s=5, max_backoff_s=300, ack_deadline_s=90)
     commands = gcloud_commands(settings(), catalog(), WORKER, WEBAPP, options, project_number="123")

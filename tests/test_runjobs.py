@@ -96,6 +96,7 @@ def test_a_start_runs_one_execution_and_a_redelivery_adopts_it(cloud: Any) -> No
     final = until_due(runner, first)
     assert final.result.status == JobStatus.SUCCEEDED and final.dead_letter is None and final.ack
     assert final.result.execution.succeeded_count == 2 and final.result.duration_ms >= 500
+    assert final.kind == "rescore"  # the metrics count it under its kind, not "unknown"
 
 
 def test_a_failed_execution_is_dead_lettered_and_only_a_replay_starts_another(cloud: Any) -> None:

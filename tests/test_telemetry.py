@@ -23,8 +23,11 @@ from localcloud import free_port
 from tests.test_pipeline import Invoker, Resolver
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError, TransientJobError
+from worker.core.guard import Guard
+from worker.core.pauses import PauseEntry
 from worker.core.pipeline import Delivery, Pipeline
 from worker.core.telemetry import NO_TELEMETRY, Metrics, trace_id_of
+from worker.runtime.gauges import watch_protections
 from worker.telemetry import setup_telemetry
 from worker.telemetry.config import TelemetryConfig
 from worker.telemetry.metrics import SdkMetrics
@@ -204,6 +207,37 @@ def test_metrics_count_in_flight_and_age_per_catalog_kind() -> None:
     assert 'worker_job_age_seconds_bucket{kind="echo",le="30"} 0.0' in text
     assert 'worker_job_age_seconds_bucket{kind="echo",le="60"} 1.0' in text
     assert "x" * 100 not in text
+
+
+def test_breakers_limits_and_pauses_are_gauges_read_when_scraped() -> None:
+    registry = CollectorRegistry()
+    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=registry)
+    metrics = SdkMetrics([reader], Resource({}), registry)
+    catalog = Catalog.load(default_catalog_dir())
+    guard = Guard(catalog, region="us-central1", default_ceiling=50)
+    watch_protections(metrics, guard)
+    kind = catalog["account-scoring"]
+    target = (kind.service, "us-central1")
+    text = (metrics.prometheus_text() or b"").decode()
+    assert 'worker_kind_paused{kind="account-scoring"} 0.0' in text
+    assert "worker_breaker_open{" not in text  # no service called yet: no series
+
+    async def call_then_fail() -> None:
+        async with guard.call(kind) as call:
+            call.answered(200)
+        breaker = guard.breaker(target)
+        for _ in range(breaker.spec.failures + 5):
+            breaker.record(False)
+
+    asyncio.run(call_then_fail())
+    guard.pauses.apply(PauseEntry("account-scoring", paused=True, at=time.time()))
+    text = (metrics.prometheus_text() or b"").decode()
+    labels = f'region="us-central1",service="{kind.service}"'
+    assert f"worker_breaker_open{{{labels}}} 1.0" in text
+    assert f"worker_limit{{{labels}}} 50.0" in text  # WORKER_MAX_IN_FLIGHT: no 429 taught it less
+    assert f"worker_limit_in_flight{{{labels}}} 0.0" in text
+    assert 'worker_kind_paused{kind="account-scoring"} 1.0' in text
+    assert 'worker_kind_paused{kind="batch-scoring"} 0.0' in text
 
 
 def test_an_unreachable_otlp_endpoint_neither_blocks_a_job_nor_the_shutdown() -> None:

@@ -21,7 +21,7 @@ def run(max_in_flight: int | None, subscription: str | None) -> None:
     settings = load_settings_or_fail(max_in_flight=max_in_flight, jobs_subscription=subscription)
     with_logging(settings)
     try:
-        asyncio.run(run_worker(settings))
+        asyncio.run(run_worker(settings, own_process=True))
     except ConfigError as exc:
         raise CommandError(str(exc), 2) from None
     except StreamFailed as exc:

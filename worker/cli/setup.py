@@ -126,6 +126,21 @@ def apply(settings: Settings, options: SetupOptions) -> int:
     return EXIT_FAILED if any(c.action == "differs" for c in changes) else EXIT_OK
 
 
+def telemetry_exporters() -> tuple[str, ...]:
+    """The exporters OTEL_TRACES_EXPORTER and OTEL_METRICS_EXPORTER name here: set them as
+    the worker's deployment does, and the script grants what they need."""
+    import os
+
+    from worker.core.errors import ConfigError
+    from worker.telemetry.config import TelemetryConfig
+
+    try:
+        config = TelemetryConfig.from_env(os.environ)
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    return config.trace_exporters + config.metric_exporters
+
+
 def print_script(
     settings: Settings,
     *,
@@ -160,6 +175,7 @@ def print_script(
             options,
             operators=operators,
             push=push,
+            telemetry=telemetry_exporters(),
             # The nightly batch only where the catalog has the kind it publishes.
             extra_commands=(
                 scheduler_commands(settings, schedule, time_zone) if "batch-scoring" in catalog else ()

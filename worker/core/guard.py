@@ -136,7 +136,16 @@ class Guard:
 
     def snapshot(self) -> dict[str, Any]:
         """Paused kinds, breaker states and current limits, for /readyz and `worker status`."""
-        targets: dict[str, Any] = {}
+        targets = {_name(target): entry for target, entry in self.states().items()}
+        paused = {
+            kind: None if until is None else datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
+            for kind, until in self.pauses.paused().items()
+        }
+        return {"paused": paused, "targets": targets}
+
+    def states(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Per (service, region) called so far: its breaker's state and its limit's figures."""
+        targets: dict[tuple[str, str], dict[str, Any]] = {}
         for target in sorted(set(self._limits) | set(self._breakers)):
             entry: dict[str, Any] = {}
             if target in self._breakers:
@@ -145,12 +154,8 @@ class Guard:
                 limit = self._limits[target]
                 entry.update(limit=limit.current, ceiling=limit.ceiling, in_flight=limit.in_flight,
                              source=limit.source)
-            targets[_name(target)] = entry
-        paused = {
-            kind: None if until is None else datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
-            for kind, until in self.pauses.paused().items()
-        }
-        return {"paused": paused, "targets": targets}
+            targets[target] = entry
+        return targets
 
 
 class GuardedCall:

@@ -24,8 +24,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import queue
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -41,6 +41,7 @@ from worker.core.logs import bind_job_fields
 from worker.core.messages import clip
 from worker.core.pipeline import Delivery, Outcome
 from worker.core.telemetry import NO_TELEMETRY, Telemetry
+from worker.gcp.inbox import Inbox
 from worker.gcp.lease import HeldLeases
 from worker.gcp.results import ResultPublisher
 
@@ -80,36 +81,20 @@ class LoopScheduler(Scheduler):  # type: ignore[misc]
     the messages never handed over (the library nacks them)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._lock = threading.Lock()
-        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
-        self._closed = False
+        self._inbox = Inbox(loop)
 
     @property
     def queue(self) -> queue.Queue[Any]:
         return self._queue
 
     def schedule(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._pending.append((callback, args, kwargs))
-            if len(self._pending) > 1:
-                return  # the loop is already called for this batch
-        self._loop.call_soon_threadsafe(self._run_pending)
-
-    def _run_pending(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        for callback, args, kwargs in batch:
-            callback(*args, **kwargs)
+        if kwargs:
+            callback = functools.partial(callback, **kwargs)
+        self._inbox.put(callback, *args)
 
     def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
-        with self._lock:
-            self._closed = True
-            dropped, self._pending = self._pending, []
-        return [args[0] for _, args, _ in dropped if args]
+        return [args[0] for _, args in self._inbox.close() if args]
 
 
 class StreamFailed(Exception):

@@ -406,7 +406,7 @@ class RunJobs:
             log.info("job_cancelled", execution=follow.execution, checks=follow.checks)
         else:
             log.warning("job_failed", code=error.code if error else None, execution=follow.execution)
-        return Outcome(ack=True, result=result, dead_letter=dead_letter)
+        return Outcome(ack=True, result=result, dead_letter=dead_letter, kind=follow.kind)
 
     def _reject(self, delivery: Delivery, at: datetime, error: InvalidJobError) -> Outcome:
         result = Result(

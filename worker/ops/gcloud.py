@@ -11,7 +11,7 @@ table can be checked against the same list the commands are printed from.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from worker.core.catalog import Catalog
@@ -121,11 +121,14 @@ def iam_bindings(
     project_number: str = PROJECT_NUMBER_VAR,
     operators: Sequence[str] = (),
     push: PushTarget | None = None,
+    telemetry: Collection[str] = (),
 ) -> list[Binding]:
     """Every binding the system needs, and nothing more, in the order they are applied;
     `operators` (IAM members such as user:alice@example.com) get what `worker
     dead-letters`, `worker replay` and `worker doctor` need. With `push` the web app
-    no longer pulls results, so it gets no subscriber role; the push account does."""
+    no longer pulls results, so it gets no subscriber role; the push account does.
+    `telemetry`: the exporters the worker is configured with (OTEL_TRACES_EXPORTER,
+    OTEL_METRICS_EXPORTER): gcp_trace and gcp_monitoring each need a role."""
     project = f"projects/{settings.project}"
 
     def topic(name: str) -> str:
@@ -165,6 +168,22 @@ def iam_bindings(
             "it an instance runs but ignores worker pause (it logs control_channel_off)",
         ),
     ]
+    # On the project: neither service has a finer resource to grant on. Both only write.
+    if "gcp_trace" in telemetry:
+        bindings.append(
+            Binding(
+                worker, "roles/cloudtrace.agent", project, "write spans to Cloud Trace (OTEL_TRACES_EXPORTER)"
+            )
+        )
+    if "gcp_monitoring" in telemetry:
+        bindings.append(
+            Binding(
+                worker,
+                "roles/monitoring.metricWriter",
+                project,
+                "write metrics to Cloud Monitoring (OTEL_METRICS_EXPORTER)",
+            )
+        )
     published = (
         ["the child jobs of batch kinds (batch-scoring)"] if any(k.batch for k in catalog.values()) else []
     )
@@ -401,6 +420,7 @@ def gcloud_commands(
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
     push: PushTarget | None = None,
+    telemetry: Collection[str] = (),
 ) -> list[str]:
     """Every command, in an order that works on an empty project.
 
@@ -420,6 +440,7 @@ def gcloud_commands(
         project_number=project_number or PROJECT_NUMBER_VAR,
         operators=operators,
         push=push,
+        telemetry=telemetry,
     )
     commands += [binding_command(b) for b in bindings]
     commands += extra_commands
@@ -436,11 +457,14 @@ def gcloud_script(
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
     push: PushTarget | None = None,
+    telemetry: Collection[str] = (),
 ) -> str:
     """`gcloud_commands` as a commented shell script, each binding with its reason."""
     reasons = {
         binding_command(b): f"# {b.member.split(':', 1)[1]} {b.role}: {b.why}"
-        for b in iam_bindings(settings, catalog, worker_sa, webapp_sa, operators=operators, push=push)
+        for b in iam_bindings(
+            settings, catalog, worker_sa, webapp_sa, operators=operators, push=push, telemetry=telemetry
+        )
     }
     lines = [
         f"# Topics, subscriptions and IAM for project {settings.project} (worker setup --print-gcloud).",
@@ -454,7 +478,7 @@ def gcloud_script(
         ]
     for command in gcloud_commands(
         settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands, operators=operators,
-        push=push,
+        push=push, telemetry=telemetry,
     ):
         if command in reasons:
             lines.append(reasons[command])

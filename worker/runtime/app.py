@@ -32,6 +32,8 @@ from worker.gcp.invoker import Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
 from worker.gcp.runjobs import RunJobs
+from worker.runtime import heap
+from worker.runtime.gauges import watch_protections
 from worker.runtime.health import serve_health
 from worker.telemetry import setup_telemetry
 
@@ -168,6 +170,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
     guard = Guard(
         catalog, region=settings.region, default_ceiling=settings.max_in_flight, capacity=resolver.capacity
     )
+    watch_protections(telemetry.metrics, guard)
     invoker = Invoker(session, tokens, telemetry=telemetry, gate=guard)
     fan_out = BatchFanOut(
         publisher_client,
@@ -235,11 +238,17 @@ def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None
 
 
 async def run_worker(
-    settings: Settings, stop: asyncio.Event | None = None, telemetry: Telemetry | None = None
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    telemetry: Telemetry | None = None,
+    *,
+    own_process: bool = False,
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop`), drain, flush. Raises ConfigError at start-up.
 
-    `telemetry` defaults to what OpenTelemetry's environment variables configure."""
+    `telemetry` defaults to what OpenTelemetry's environment variables configure.
+    `own_process` (`worker run`): the process is the worker's alone, so its garbage
+    collector is tuned for it once the worker is built (worker/runtime/heap.py)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -266,6 +275,8 @@ async def run_worker(
             tracing=telemetry.tracing,
             metrics=telemetry.metrics.enabled,
         )
+        if own_process:
+            heap.settle()
         await worker.consumer.run(stop)
 
 
