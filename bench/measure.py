@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import threading
@@ -17,7 +18,8 @@ LIBRARIES = ("google-cloud-pubsub", "google-auth", "google-cloud-run", "aiohttp"
 
 
 class ProcessMonitor:
-    """CPU seconds (process and children) between start and stop; RSS sampled every 100 ms.
+    """CPU seconds (process and children, live or exited) between start and stop; peak RSS
+    (process and live children) sampled every 100 ms.
 
     `machine_busy_pct` is the whole machine's CPU use meanwhile: on a small shared
     machine the emulator, the local cloud and the consumer compete for the same cores,
@@ -35,14 +37,29 @@ class ProcessMonitor:
 
     def _cpu(self) -> float:
         t = self._process.cpu_times()
-        return t.user + t.system + t.children_user + t.children_system
+        total = t.user + t.system + t.children_user + t.children_system  # children_*: exited ones
+        for child in self._live_children():  # e.g. `worker run`'s span relay
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+        return total
+
+    def _live_children(self) -> list[psutil.Process]:
+        try:
+            return list(self._process.children(recursive=True))
+        except psutil.Error:
+            return []
 
     def _sample(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+                rss = self._process.memory_info().rss
             except psutil.NoSuchProcess:
                 return
+            for child in self._live_children():
+                with contextlib.suppress(psutil.Error):
+                    rss += child.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
             time.sleep(self._every_s)
 
     def __enter__(self) -> ProcessMonitor:

@@ -8,15 +8,16 @@ or with `--rate` an open loop (steady state: compare CPU per 1,000 jobs and late
 
 - **off**: as shipped, no OTEL_* variables (tracing and metrics off);
 - **otlp**: OTEL_TRACES_EXPORTER=otlp, OTEL_TRACES_SAMPLER=always_on, to a local
-  OTLP/HTTP receiver (`bench/otlp_sink.py`, its own process) that counts the spans;
+  OTLP/HTTP receiver (`bench/otlp_sink.py`, its own process) that counts the spans
+  (it decodes them only when asked for the count, after each run);
 - **otlp-down**: the same, to a port where nothing listens: jobs must keep flowing
   while the exporter fails (the batch processor drops what it cannot send).
 
-Rounds alternate the contenders, so a change in the shared machine's load shows as
-spread between rounds rather than as a cost of tracing. Keep a backlog small enough to
-drain within a few of the emulator's 13 s stream rotations (worker/gcp/emulator.py):
-a backlog the worker needs minutes for is handed to rotated-away streams until its
-delivery attempts run out, on the emulator only, and the run never completes.
+`worker run` exports its spans from the span relay, a child process
+(worker/telemetry/relay.py); the CPU figures include it (bench/measure.py counts the
+contender's live children). Rounds alternate the contenders, so a change in the
+shared machine's load shows as spread between rounds rather than as a cost of
+tracing. For steady state, give it a backlog that takes over 60 s (`--jobs 110000`).
 """
 
 from __future__ import annotations

@@ -11,12 +11,15 @@ out, so what remains is the part tracing adds to. Per mode, CPU seconds of this
 process (every thread: the batch span processor's export included) per job:
 
 - **off**: no OTEL_* configuration (`NO_TELEMETRY`);
-- **memory**: every job sampled, spans to an in-memory exporter through the batch
-  span processor (what creating and recording spans costs);
-- **otlp**: every job sampled, spans encoded and sent over OTLP/HTTP to
-  `bench/otlp_sink.py` in a process of its own (what exporting adds);
-- **otlp-10%**: the same with `parentbased_traceidratio` at 0.1 (one job in ten
-  recorded; the others still carry a trace context to the function).
+- **sdk-memory**, **sdk-otlp**: the SDK's own tracer in the process (`SdkTelemetry`),
+  every job sampled, spans to an in-memory exporter or over OTLP/HTTP to
+  `bench/otlp_sink.py` (a process of its own), through a batch span processor;
+- **recorder-memory**: the worker's recorder (`RecordingTelemetry`), its spans made
+  SDK spans in this process (`ProcessorSink`) for an in-memory exporter;
+- **relay-otlp**: as `worker run` does it: the recorder, and the span relay (a child
+  process) exporting over OTLP; the relay's CPU is counted (it exits, exported, before
+  the figure is taken), less its start-up (importing the SDK); **relay-otlp-10%**
+  the same with `parentbased_traceidratio` at 0.1.
 
 Modes alternate within each round, so load from other processes spreads evenly.
 """
@@ -27,16 +30,19 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import psutil
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
@@ -46,9 +52,12 @@ from worker.core.pipeline import Delivery, Pipeline
 from worker.core.telemetry import NO_TELEMETRY, Metrics, Telemetry
 from worker.gcp.invoker import Invoker
 from worker.runtime import heap
+from worker.telemetry.recorder import ProcessorSink, RecordingTelemetry, Sampler
+from worker.telemetry.relay import RelaySink
 from worker.telemetry.tracing import SdkTelemetry
 
-MODES = ("off", "memory", "otlp", "otlp-10%")
+STARTUP_CPU_S = [0.0]  # the relay's CPU before the first job, taken off its mode's figure
+MODES = ("off", "sdk-memory", "sdk-otlp", "recorder-memory", "relay-otlp", "relay-otlp-10%")
 
 
 class Tokens:
@@ -67,25 +76,44 @@ class Resolver:
         return self.url
 
 
-def telemetry(mode: str, sink_port: int) -> tuple[Telemetry, list[SpanProcessor]]:
+def telemetry(mode: str, sink_port: int) -> tuple[Telemetry, Callable[[], None]]:
+    """The mode's Telemetry, and what finishes its export (counted in the mode's CPU)."""
     if mode == "off":
-        return NO_TELEMETRY, []
-    sampler = ParentBased(TraceIdRatioBased(0.1)) if mode.endswith("10%") else None
-    provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
-    if mode == "memory":
+        return NO_TELEMETRY, lambda: None
+    endpoint = f"http://127.0.0.1:{sink_port}/v1/traces"
+    if mode.startswith("relay"):
+        os.environ.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=endpoint)
+        relay = RelaySink("bench")
+        ratio = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+        sampler = Sampler(ratio if mode.endswith("10%") else {})
+        traced = RecordingTelemetry(relay, Metrics(), subscription="s", topic="jobs", sampler=sampler)
+        time.sleep(3)  # its start-up (importing the SDK and the exporter) is not a cost per job
+        warm = psutil.Process(relay.pid).cpu_times()
+        STARTUP_CPU_S[0] = warm.user + warm.system
+        return traced, lambda: relay.shutdown(60)
+    if mode.endswith("memory"):
         exporter: Any = InMemorySpanExporter()
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{sink_port}/v1/traces")
+        exporter = OTLPSpanExporter(endpoint=endpoint)
     processor = BatchSpanProcessor(exporter)
+
+    def finish() -> None:
+        processor.force_flush()
+        processor.shutdown()
+
+    if mode.startswith("recorder"):
+        sink = ProcessorSink([processor])
+        return RecordingTelemetry(sink, Metrics(), subscription="s", topic="jobs"), finish
+    sampler = ParentBased(TraceIdRatioBased(0.1)) if mode.endswith("10%") else None
+    provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
     provider.add_span_processor(processor)
-    traced = SdkTelemetry(provider, Metrics(), subscription="s", topic="jobs", processors=[processor])
-    return traced, [processor]
+    return SdkTelemetry(provider, Metrics(), subscription="s", topic="jobs", processors=[processor]), finish
 
 
 async def run_mode(mode: str, jobs: int, concurrency: int, url: str, sink_port: int) -> float:
-    tel, processors = telemetry(mode, sink_port)
+    tel, finish = telemetry(mode, sink_port)
     kind = JobKind(kind="bench", service="bench", attempts=1)
     catalog = Catalog({"bench": kind})
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -114,14 +142,16 @@ async def run_mode(mode: str, jobs: int, concurrency: int, url: str, sink_port: 
                 outcomes.append(await one(data, i))
 
         started = time.process_time()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         await asyncio.gather(*(slot() for _ in range(concurrency)))
-        for processor in processors:
-            processor.force_flush()
+        finish()  # the relay exits once it has exported everything: its CPU is then a child's
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         spent = time.process_time() - started
+        spent += (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+        spent -= STARTUP_CPU_S[0]
+        STARTUP_CPU_S[0] = 0.0
         if set(outcomes) != {"succeeded"}:
             raise RuntimeError(f"{mode}: not every job succeeded: {sorted(set(outcomes))}")
-        for processor in processors:
-            processor.shutdown()
     return spent / jobs
 
 

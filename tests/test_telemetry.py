@@ -26,12 +26,14 @@ from worker.core.errors import ConfigError, TransientJobError
 from worker.core.guard import Guard
 from worker.core.pauses import PauseEntry
 from worker.core.pipeline import Delivery, Pipeline
-from worker.core.telemetry import NO_TELEMETRY, Metrics, trace_id_of
+from worker.core.telemetry import NO_TELEMETRY, Metrics, Telemetry, trace_id_of
 from worker.runtime.gauges import watch_protections
 from worker.telemetry import setup_telemetry
 from worker.telemetry.config import TelemetryConfig
+from worker.telemetry.exporters import span_exporters
 from worker.telemetry.metrics import SdkMetrics
-from worker.telemetry.tracing import SdkTelemetry, span_exporters
+from worker.telemetry.recorder import ProcessorSink, RecordingTelemetry
+from worker.telemetry.tracing import SdkTelemetry
 
 SENDER = "00-" + "c" * 32 + "-" + "d" * 16 + "-01"
 
@@ -123,16 +125,23 @@ def test_tracing_off_touches_no_opentelemetry_code_per_job() -> None:
     assert "worker.core.telemetry" in called  # the no-op interface was called, and nothing behind it
 
 
-@pytest.fixture
-def traced() -> Iterator[tuple[SdkTelemetry, InMemorySpanExporter]]:
+@pytest.fixture(params=["recorder", "sdk"])
+def traced(request: pytest.FixtureRequest) -> Iterator[tuple[Telemetry, InMemorySpanExporter]]:
+    """Both tracers: the worker's recorder (spans made SDK spans by a ProcessorSink, as the
+    relay does) and the SDK's own; every test of a span below holds for both."""
     exporter = InMemorySpanExporter()
+    if request.param == "recorder":
+        sink = ProcessorSink([SimpleSpanProcessor(exporter)])
+        yield RecordingTelemetry(sink, Metrics(), subscription="jobs-worker", topic="jobs"), exporter
+        sink.shutdown(1)
+        return
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield SdkTelemetry(provider, Metrics(), subscription="jobs-worker", topic="jobs"), exporter
     provider.shutdown()
 
 
-def test_a_job_span_continues_the_senders_trace(traced: tuple[SdkTelemetry, InMemorySpanExporter]) -> None:
+def test_a_job_span_continues_the_senders_trace(traced: tuple[Telemetry, InMemorySpanExporter]) -> None:
     telemetry, exporter = traced
     outcome = asyncio.run(
         pipeline(telemetry).handle(
@@ -162,7 +171,7 @@ def test_a_job_span_continues_the_senders_trace(traced: tuple[SdkTelemetry, InMe
     ],
 )
 def test_a_malformed_traceparent_starts_a_fresh_trace_and_the_job_runs(
-    traced: tuple[SdkTelemetry, InMemorySpanExporter], bad: Any
+    traced: tuple[Telemetry, InMemorySpanExporter], bad: Any
 ) -> None:
     telemetry, exporter = traced
     invoker = Invoker()
@@ -179,7 +188,7 @@ def test_a_malformed_traceparent_starts_a_fresh_trace_and_the_job_runs(
     assert outcome.result.trace_id == f"{process.context.trace_id:032x}" != "c" * 32
 
 
-def test_a_retried_job_ends_its_span_as_an_error(traced: tuple[SdkTelemetry, InMemorySpanExporter]) -> None:
+def test_a_retried_job_ends_its_span_as_an_error(traced: tuple[Telemetry, InMemorySpanExporter]) -> None:
     telemetry, exporter = traced
     invoker = Invoker(TransientJobError("http_503", "svc answered 503"))
     outcome = asyncio.run(pipeline(telemetry, invoker).handle(delivery({"job_id": "j", "kind": "echo"})))

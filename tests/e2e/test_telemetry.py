@@ -45,8 +45,10 @@ from tests.e2e.harness import (
 from worker.client import enqueue
 from worker.core.logs import configure_logging
 from worker.core.settings import load_settings
+from worker.core.telemetry import Telemetry
 from worker.runtime.app import run_worker
 from worker.telemetry.metrics import SdkMetrics
+from worker.telemetry.recorder import ProcessorSink, RecordingTelemetry
 from worker.telemetry.tracing import SdkTelemetry
 
 pytestmark = pytest.mark.e2e
@@ -67,7 +69,7 @@ def global_provider() -> TracerProvider:
 class InProcessWorker:
     """`run_worker` on a thread of its own with the given telemetry; stop() drains it."""
 
-    def __init__(self, env: dict[str, str], telemetry: SdkTelemetry) -> None:
+    def __init__(self, env: dict[str, str], telemetry: Telemetry) -> None:
         self.settings = load_settings(**env)
         self.telemetry = telemetry
         self._loop = asyncio.new_event_loop()
@@ -155,9 +157,12 @@ def children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSp
     return [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
 
 
+@pytest.mark.parametrize("tracer", ["recorder", "sdk"])
 def test_one_trace_from_enqueue_through_the_worker_into_the_function_and_back(
-    local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path, logs: io.StringIO
+    local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path, logs: io.StringIO, tracer: str
 ) -> None:
+    """The worker's recorder (as `worker run` uses it, its spans made SDK spans in this
+    process instead of the relay's) and the SDK's own tracer make the same trace."""
     provider = global_provider()
     _EXPORTER.clear()
     echo = local_cloud.add_service(f"echo-tel-{uid()}", "echo")
@@ -169,8 +174,17 @@ def test_one_trace_from_enqueue_through_the_worker_into_the_function_and_back(
     registry = CollectorRegistry()
     reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=registry)
     metrics = SdkMetrics([reader], Resource({}), registry)
-    telemetry = SdkTelemetry(
-        provider, metrics, subscription=names.jobs_subscription, topic=names.jobs_topic
+    # The recorder's sink shuts its processors (and their exporter) down with the worker.
+    worker_spans = InMemorySpanExporter() if tracer == "recorder" else _EXPORTER
+    telemetry: Telemetry = (
+        RecordingTelemetry(
+            ProcessorSink([SimpleSpanProcessor(worker_spans)], provider.resource),
+            metrics,
+            subscription=names.jobs_subscription,
+            topic=names.jobs_topic,
+        )
+        if tracer == "recorder"
+        else SdkTelemetry(provider, metrics, subscription=names.jobs_subscription, topic=names.jobs_topic)
     )
     settings = load_settings(**env)
     n = 5
@@ -195,7 +209,9 @@ def test_one_trace_from_enqueue_through_the_worker_into_the_function_and_back(
                 break
             time.sleep(0.2)
 
-    spans = _EXPORTER.get_finished_spans()
+    spans = list(_EXPORTER.get_finished_spans())
+    if worker_spans is not _EXPORTER:
+        spans += worker_spans.get_finished_spans()
     by_job = {s.attributes.get("worker.job.id"): s for s in spans if s.name == f"process {names.jobs_topic}"}
     calls = {r.job_id: r for r in echo.requests}
     for job_id in job_ids:
@@ -310,3 +326,93 @@ def test_jobs_flow_and_the_worker_stops_in_time_with_the_collector_down(
     assert stopped_in < grace + 2 + 5, f"stopped in {stopped_in:.1f}s"
     # The exporter's complaints are rate-limited, not one per batch.
     assert 1 <= logs.count("Failed to export") + logs.count("Transient error") <= 4, logs[-3000:]
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace endpoint on a thread: keeps every span it is sent, decoded."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans: list[tuple[dict[str, Any], Any]] = []  # (resource attributes, span)
+        received = self.spans
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                request = ExportTraceServiceRequest.FromString(body)
+                for rs in request.resource_spans:
+                    attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+                    received.extend((attrs, span) for ss in rs.scope_spans for span in ss.spans)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+def test_worker_run_exports_each_jobs_spans_through_the_relay_to_an_otlp_collector(
+    local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path
+) -> None:
+    """`worker run` as deployed: spans recorded in the worker, exported over OTLP by the
+    span relay (a child process); they arrive whole, in the sender's traces, and the
+    function's parent is the call span."""
+    receiver = OtlpReceiver()
+    echo = local_cloud.add_service(f"echo-relay-{uid()}", "echo")
+    catalog = tmp_path / "jobs"
+    write_kind(catalog, "echo", echo.name)
+    env = worker_env(
+        local_cloud,
+        names,
+        WORKER_CATALOG_DIR=str(catalog),
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_SERVICE_NAME="relay-test",
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    provision(env)
+    senders = {f"relay-{i}": (f"{i + 1:032x}", f"{i + 1:016x}") for i in range(40)}
+    jobs = [
+        {"job_id": job_id, "kind": "echo", "payload": {}, "traceparent": f"00-{trace_hex}-{span}-01"}
+        for job_id, (trace_hex, span) in senders.items()
+    ]
+    try:
+        with WorkerProcess(env, name="relay") as worker:
+            worker.wait_ready()
+            publish(env, jobs)
+            results = collect_results(env, set(senders), timeout=60)
+            assert worker.stop() == 0  # the relay exports what it holds before the worker exits
+    finally:
+        receiver.close()
+    spans = receiver.spans
+    assert {attrs.get("service.name") for attrs, _ in spans} == {"relay-test"}
+    by_id = {span.span_id: span for _, span in spans}
+    calls = {r.job_id: r for r in echo.requests}
+    for job_id, (trace_hex, parent) in senders.items():
+        assert results[job_id][0]["trace_id"] == trace_hex
+        process = [
+            s for _, s in spans
+            if s.name == f"process {names.jobs_topic}"
+            and any(a.key == "worker.job.id" and a.value.string_value == job_id for a in s.attributes)
+        ]
+        assert len(process) == 1, job_id
+        job = process[0]
+        assert job.trace_id.hex() == trace_hex and job.parent_span_id.hex() == parent
+        assert job.kind == 5  # SPAN_KIND_CONSUMER in OTLP's numbering
+        children = [s for s in by_id.values() if s.parent_span_id == job.span_id]
+        call = next(s for s in children if s.name == "POST")
+        assert call.kind == 3 and call.trace_id.hex() == trace_hex  # SPAN_KIND_CLIENT
+        assert calls[job_id].traceparent == f"00-{trace_hex}-{call.span_id.hex()}-01"
+        assert any(s.name == f"send {names.results_topic}" and s.kind == 4 for s in children)  # PRODUCER
+        assert job.start_time_unix_nano <= call.start_time_unix_nano <= call.end_time_unix_nano
+        assert call.end_time_unix_nano <= job.end_time_unix_nano

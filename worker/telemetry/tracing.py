@@ -26,21 +26,20 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from worker.core.errors import ConfigError, JobError
+from worker.core.errors import JobError
 from worker.core.telemetry import NO_SPAN, JobSpan, Metrics, Step, Telemetry
 from worker.telemetry.config import TelemetryConfig
+from worker.telemetry.exporters import quiet_exporter_logs, resource
 
 if TYPE_CHECKING:
     from worker.core.messages import Job
     from worker.core.pipeline import Delivery
 
-SERVICE_NAME = "cloudrun-job-worker"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _FAILED = frozenset({"failed", "rejected", "retry"})
 _KINDS = {"internal": SpanKind.INTERNAL, "client": SpanKind.CLIENT, "producer": SpanKind.PRODUCER}
@@ -156,7 +155,10 @@ class SdkJobSpan(JobSpan):
 
 
 class SdkTelemetry(Telemetry):
-    """Traces through `provider` (None: no tracing) and `metrics`."""
+    """Traces through `provider` (None: no tracing) and `metrics`: the SDK's own tracer,
+    in this process. `worker run` records spans without it and exports them from the
+    span relay (`build_telemetry`); this one serves a process that embeds the worker
+    with a tracer provider of its own, and is what the recorder is checked against."""
 
     def __init__(
         self,
@@ -226,90 +228,20 @@ class SdkTelemetry(Telemetry):
             )
 
 
-def resource() -> Resource:
-    """OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES, else service.name=cloudrun-job-worker."""
-    named = "OTEL_SERVICE_NAME" in os.environ or "service.name=" in os.environ.get(
-        "OTEL_RESOURCE_ATTRIBUTES", ""
-    )
-    return Resource.create({} if named else {"service.name": os.environ.get("K_SERVICE", SERVICE_NAME)})
-
-
-def span_exporters(names: tuple[str, ...], project: str) -> list[SpanExporter]:
-    exporters: list[SpanExporter] = []
-    for name in names:
-        if name == "otlp":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporters.append(OTLPSpanExporter())
-        elif name == "gcp_trace":
-            from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
-
-            exporters.append(CloudTraceSpanExporter(project_id=project))
-        elif name == "console":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-            exporters.append(ConsoleSpanExporter())
-        else:  # TelemetryConfig allows no other
-            raise ConfigError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}")
-    return exporters
-
-
 def build_telemetry(config: TelemetryConfig, *, project: str, subscription: str, topic: str) -> Telemetry:
-    """An SDK-backed Telemetry for what `config` switches on."""
+    """The Telemetry `config` switches on: spans recorded in the worker and exported by
+    the span relay (worker/telemetry/recorder.py, relay.py), metrics by the SDK here."""
     quiet_exporter_logs()
-    res = resource()
-    provider = None
-    processors: list[SpanProcessor] = []
-    if config.trace_exporters:
-        # Sampler from OTEL_TRACES_SAMPLER(_ARG); default parent-based always-on.
-        # No atexit hook: it would wait up to 30 s for a dead endpoint; `shutdown` is bounded.
-        provider = TracerProvider(resource=res, shutdown_on_exit=False)
-        for exporter in span_exporters(config.trace_exporters, project):
-            processor = BatchSpanProcessor(exporter)  # OTEL_BSP_* apply
-            provider.add_span_processor(processor)
-            processors.append(processor)
     metrics: Metrics = Metrics()
     if config.metric_exporters:
         from worker.telemetry.metrics import SdkMetrics
 
-        metrics = SdkMetrics.from_exporters(config.metric_exporters, res, project)
-    return SdkTelemetry(provider, metrics, subscription=subscription, topic=topic, processors=processors)
+        metrics = SdkMetrics.from_exporters(config.metric_exporters, resource(), project)
+    if not config.trace_exporters:
+        return SdkTelemetry(None, metrics, subscription=subscription, topic=topic)
+    from worker.telemetry.recorder import RecordingTelemetry, Sampler
+    from worker.telemetry.relay import RelaySink
 
-
-class _OncePerMinute(logging.Filter):
-    """Let a given message through once a minute: an exporter whose endpoint is down
-    would otherwise log every failed batch and every dropped span."""
-
-    def __init__(self, interval_s: float = 60.0) -> None:
-        super().__init__()
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}:{record.msg}"
-        now = time.monotonic()
-        if now - self._last.get(key, -self._interval_s) < self._interval_s:
-            return False
-        self._last[key] = now
-        if len(self._last) > 1000:
-            self._last.clear()
-        return True
-
-
-_NOISY_LOGGERS = (
-    "opentelemetry.sdk._shared_internal",
-    "opentelemetry.sdk.trace.export",
-    "opentelemetry.sdk.metrics._internal.export",
-    "opentelemetry.exporter.otlp.proto.http._common",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
-    "opentelemetry.exporter.cloud_trace",
-    "opentelemetry.exporter.cloud_monitoring",
-)
-
-
-def quiet_exporter_logs() -> None:
-    for name in _NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _OncePerMinute) for f in logger.filters):
-            logger.addFilter(_OncePerMinute())
+    return RecordingTelemetry(
+        RelaySink(project), metrics, subscription=subscription, topic=topic, sampler=Sampler(os.environ)
+    )
