@@ -20,7 +20,8 @@ TRACE = int("c" * 32, 16)
 
 
 def record(span_id: int, parent_id: int = 0, error: str | None = None) -> SpanRecord:
-    made = SpanRecord("POST", CLIENT, TRACE, span_id, parent_id, False, 1_000, {"http.request.method": "POST"})
+    attributes = {"http.request.method": "POST"}
+    made = SpanRecord("POST", CLIENT, TRACE, span_id, parent_id, False, 1_000, attributes)
     made.end_ns = 2_000
     made.error = error
     return made
@@ -37,7 +38,8 @@ def test_the_relay_reads_batches_into_sdk_spans_until_its_input_ends() -> None:
     stream = io.BytesIO(frame([record(1)]) + frame([record(2, parent_id=1, error="boom")]) + b"\x00\x00")
     assert relay(stream, sink) == 2  # a torn last frame (the worker died mid-write) is dropped
     first, second = exporter.get_finished_spans()
-    assert first.kind is SpanKind.CLIENT and first.parent is None and first.status.status_code is StatusCode.UNSET
+    assert first.kind is SpanKind.CLIENT and first.parent is None
+    assert first.status.status_code is StatusCode.UNSET
     assert (first.start_time, first.end_time) == (1_000, 2_000)
     assert second.parent is not None and second.parent.span_id == 1 and second.context.trace_id == TRACE
     assert second.status.status_code is StatusCode.ERROR and second.status.description == "boom"
@@ -72,7 +74,9 @@ def test_a_relay_that_died_costs_spans_never_a_blocked_job() -> None:
         ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, None, False),
     ],
 )
-def test_sampling_follows_otel_traces_sampler(env: dict[str, str], parent: bool | None, sampled: bool) -> None:
+def test_sampling_follows_otel_traces_sampler(
+    env: dict[str, str], parent: bool | None, sampled: bool
+) -> None:
     assert Sampler(env).sampled(TRACE, parent) is sampled
 
 
