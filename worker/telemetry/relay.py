@@ -13,8 +13,9 @@ the HTTP requests) runs there, on another core, not under the worker's GIL.
 Neither side ever holds up a job: the worker's side only appends to a buffer; a
 buffer past MAX_BUFFERED records drops what comes next (counted, logged once a
 minute), as the SDK's batch processor drops on a full queue; a relay that died is
-not restarted, its spans are dropped and the worker goes on. The child ignores
-SIGINT and SIGTERM (a Ctrl-C or a container stop reaches the whole process group)
+not restarted, its spans are dropped and the worker goes on. The child runs at a lower
+scheduling priority (NICENESS) than the worker, so exporting spans takes the CPU the
+jobs leave rather than the jobs' CPU. It ignores SIGINT and SIGTERM (a Ctrl-C or a container stop reaches the whole process group)
 and exits at the end of its input, once its processors have exported what they hold:
 the worker closes the pipe at shutdown, or dies and the pipe closes by itself.
 """
@@ -38,6 +39,7 @@ from worker.telemetry.recorder import ProcessorSink, SpanRecord, SpanSink
 MAX_BUFFERED = 50_000  # span records waiting in the worker for the relay
 BATCH = 2_048  # a write wakes up at this many records, else every FLUSH_EVERY_S
 FLUSH_EVERY_S = 0.5
+NICENESS = 10  # the relay's scheduling priority below the worker's
 QUEUE_SIZE = 4 * MAX_BUFFERED  # the relay's batch span processors' queue
 _HEADER = struct.Struct(">I")
 
@@ -163,6 +165,9 @@ def relay(stream: BinaryIO, sink: ProcessorSink) -> int:
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    # Jobs first: the relay takes the CPU the worker leaves (its buffer absorbs the wait).
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from worker.telemetry.config import TelemetryConfig
