@@ -15,9 +15,10 @@ buffer past MAX_BUFFERED records drops what comes next (counted, logged once a
 minute), as the SDK's batch processor drops on a full queue; a relay that died is
 not restarted, its spans are dropped and the worker goes on. The child runs at a lower
 scheduling priority (NICENESS) than the worker, so exporting spans takes the CPU the
-jobs leave rather than the jobs' CPU. It ignores SIGINT and SIGTERM (a Ctrl-C or a container stop reaches the whole process group)
-and exits at the end of its input, once its processors have exported what they hold:
-the worker closes the pipe at shutdown, or dies and the pipe closes by itself.
+jobs leave rather than the jobs' CPU. It ignores SIGINT and SIGTERM (a Ctrl-C or a
+container stop reaches the whole process group) and exits at the end of its input,
+once its processors have exported what they hold: the worker closes the pipe at
+shutdown, or dies and the pipe closes by itself.
 """
 
 from __future__ import annotations
