@@ -1,9 +1,9 @@
 """`make bench` in miniature: the benchmark's code runs end to end and reports correctly.
 
 A few hundred jobs through the ceiling, `worker run` (also on a subscription with a
-retry policy), the naive worker and the Celery peer; asserts counts, successes, the
-calls to Google, the results-per-second series, the plot and the JSON's shape, never
-speed (the machine is shared and small).
+retry policy), the minimal aiohttp worker, the naive worker and the Celery peer;
+asserts counts, successes, the calls to Google, the results-per-second series, the
+plot and the JSON's shape, never speed (the machine is shared and small).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bench.scenarios import Run, Scenario
 pytestmark = pytest.mark.e2e
 
 
-CONTENDERS = ("ceiling", "ours", "ours-retry", "naive", "celery")
+CONTENDERS = ("ceiling", "ours", "ours-retry", "minimal", "naive", "celery")
 
 
 def test_bench_runs_every_contender_and_writes_every_field(
@@ -52,12 +52,12 @@ def test_bench_runs_every_contender_and_writes_every_field(
         assert sum(run["per_second"]) == run["jobs"], run
         assert run["driver_cpu_s_per_1000"] is not None and len(run["load_average"]) == 3, run
     by_contender = {(r["scenario"], r["contender"]): r for r in written["runs"]}
-    ceiling, ours, retry, naive, celery = (by_contender[("a", c)] for c in CONTENDERS)
+    ceiling, ours, retry, minimal, naive, celery = (by_contender[("a", c)] for c in CONTENDERS)
     assert retry["retry_policy"] and not ours["retry_policy"]
-    # The naive worker asks Google for everything on every job; ours and Celery's task
-    # (URL looked up at start, token cached) once per service.
+    # The naive worker asks Google for everything on every job; ours, the minimal worker
+    # and Celery's task (URL looked up at start, token cached) once per service.
     assert naive["id_tokens_for_service"] == naive["admin_api_calls_for_service"] == 200
-    for run in (ours, retry, celery):
+    for run in (ours, retry, minimal, celery):
         assert run["id_tokens_for_service"] == run["admin_api_calls_for_service"] == 1, run
     assert ceiling["id_tokens_minted"] == ceiling["admin_api_calls"] == 0
     for run in written["runs"]:
@@ -66,8 +66,10 @@ def test_bench_runs_every_contender_and_writes_every_field(
     assert set(written["ratios"]) == {
         "a_ours_over_ceiling",
         "a_ours_retry_over_ceiling",
+        "a_minimal_over_ceiling",
         "a_naive_over_ceiling",
         "a_celery_over_ceiling",
+        "a_ours_over_minimal",
         "a_ours_over_celery",
         "a_ours_over_naive",
         "b_ours_over_naive",
