@@ -34,7 +34,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from worker.core.errors import JobError
 from worker.core.telemetry import NO_SPAN, JobSpan, Metrics, Step, Telemetry
 from worker.telemetry.config import TelemetryConfig
-from worker.telemetry.exporters import quiet_exporter_logs, resource
+from worker.telemetry.exporters import quiet_exporter_logs, resource, span_exporters
 
 if TYPE_CHECKING:
     from worker.core.messages import Job
@@ -241,6 +241,11 @@ def build_telemetry(config: TelemetryConfig, *, project: str, subscription: str,
         return SdkTelemetry(None, metrics, subscription=subscription, topic=topic)
     from worker.telemetry.recorder import RecordingTelemetry, Sampler
     from worker.telemetry.relay import RelaySink
+
+    # Built here once and dropped: an exporter that cannot be made (Cloud Trace without
+    # credentials) fails the start-up, as before, instead of the relay, silently.
+    for exporter in span_exporters(config.trace_exporters, project):
+        exporter.shutdown()
 
     return RecordingTelemetry(
         RelaySink(project), metrics, subscription=subscription, topic=topic, sampler=Sampler(os.environ)
