@@ -119,6 +119,23 @@ def _ratio(env: Mapping[str, str]) -> float:
         return 1.0
 
 
+def job_attributes(delivery: Delivery, job: Job | None, topic: str, subscription: str) -> dict[str, Any]:
+    """A job span's attributes (OpenTelemetry's messaging conventions, and the worker's)."""
+    attributes: dict[str, Any] = {
+        "messaging.system": "gcp_pubsub",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": topic,
+        "messaging.destination.subscription.name": subscription,
+        "messaging.message.id": delivery.message_id,
+    }
+    if delivery.delivery_attempt:
+        attributes["messaging.gcp_pubsub.message.delivery_attempt"] = delivery.delivery_attempt
+    if job is not None:
+        attributes["worker.job.id"] = job.job_id
+        attributes["worker.job.kind"] = job.kind
+    return attributes
+
+
 def _traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
@@ -271,23 +288,12 @@ class RecordingTelemetry(Telemetry):
         self._sink = sink
         self._sampler = sampler or Sampler({})
         self._name = f"process {topic}"
-        self._constant = {
-            "messaging.system": "gcp_pubsub",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": topic,
-            "messaging.destination.subscription.name": subscription,
-        }
+        self._subscription = subscription
+        self._topic = topic
 
     def start_job(self, delivery: Delivery, job: Job | None, started: datetime) -> JobSpan:
-        attributes: dict[str, Any] = dict(self._constant)
-        attributes["messaging.message.id"] = delivery.message_id
-        if delivery.delivery_attempt:
-            attributes["messaging.gcp_pubsub.message.delivery_attempt"] = delivery.delivery_attempt
-        parent = None
-        if job is not None:
-            attributes["worker.job.id"] = job.job_id
-            attributes["worker.job.kind"] = job.kind
-            parent = parse_traceparent(job.traceparent)
+        attributes = job_attributes(delivery, job, self._topic, self._subscription)
+        parent = parse_traceparent(job.traceparent) if job is not None else None
         if parent is None:
             trace_id, parent_id = _new_id(128), 0
             sampled = self._sampler.sampled(trace_id, None)

@@ -35,6 +35,7 @@ from worker.core.errors import JobError
 from worker.core.telemetry import NO_SPAN, JobSpan, Metrics, Step, Telemetry
 from worker.telemetry.config import TelemetryConfig
 from worker.telemetry.exporters import quiet_exporter_logs, resource, span_exporters
+from worker.telemetry.recorder import job_attributes
 
 if TYPE_CHECKING:
     from worker.core.messages import Job
@@ -180,20 +181,8 @@ class SdkTelemetry(Telemetry):
     def start_job(self, delivery: Delivery, job: Job | None, started: datetime) -> JobSpan:
         if self._tracer is None:
             return NO_SPAN
-        attributes: dict[str, Any] = {
-            "messaging.system": "gcp_pubsub",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": self._topic,
-            "messaging.destination.subscription.name": self._subscription,
-            "messaging.message.id": delivery.message_id,
-        }
-        if delivery.delivery_attempt:
-            attributes["messaging.gcp_pubsub.message.delivery_attempt"] = delivery.delivery_attempt
-        parent = None
-        if job is not None:
-            attributes["worker.job.id"] = job.job_id
-            attributes["worker.job.kind"] = job.kind
-            parent = parent_context(job.traceparent)
+        attributes = job_attributes(delivery, job, self._topic, self._subscription)
+        parent = parent_context(job.traceparent) if job is not None else None
         span = self._tracer.start_span(
             f"process {self._topic}",
             context=parent if parent is not None else otel_context.Context(),
