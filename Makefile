@@ -42,6 +42,7 @@ test-container: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker localcloud tests bench scripts examples
+	$(BIN)/ruff format --check worker localcloud tests bench scripts examples
 	$(BIN)/mypy worker localcloud/src examples
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile

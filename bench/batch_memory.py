@@ -113,8 +113,10 @@ def main() -> None:
             worker.stop()
     print(f"batch result: {result['status']} {json.dumps(result['response'])}")
     print(f"fan-out of {args.accounts} accounts (page size {args.page_size}) took {elapsed:.1f}s")
-    print(f"worker RSS idle {idle / MIB:.1f} MiB, peak during fan-out {max(peak) / MIB:.1f} MiB, "
-          f"growth {(max(peak) - idle) / MIB:.1f} MiB")
+    print(
+        f"worker RSS idle {idle / MIB:.1f} MiB, peak during fan-out {max(peak) / MIB:.1f} MiB, "
+        f"growth {(max(peak) - idle) / MIB:.1f} MiB"
+    )
 
 
 def sample_for(process: psutil.Process, seconds: float) -> list[int]:

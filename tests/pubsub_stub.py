@@ -118,8 +118,14 @@ class StubMessage:
 class StubStreamingPullFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     """What `subscribe()` returns: resolved when the stream is cancelled or fails."""
 
-    def __init__(self, broker: StubPubSub, subscription: str, callback: Callable[[Any], None],
-                 flow_control: Any, scheduler: Any = None) -> None:
+    def __init__(
+        self,
+        broker: StubPubSub,
+        subscription: str,
+        callback: Callable[[Any], None],
+        flow_control: Any,
+        scheduler: Any = None,
+    ) -> None:
         super().__init__()
         self.broker = broker
         self.subscription = subscription
@@ -178,16 +184,28 @@ class StubSubscriber:
     def subscription_path(project: str, subscription: str) -> str:
         return f"projects/{project}/subscriptions/{subscription}"
 
-    def subscribe(self, subscription: str, callback: Callable[[Any], None], flow_control: Any = (),
-                  scheduler: Any = None, use_legacy_flow_control: bool = False,
-                  await_callbacks_on_shutdown: bool = False) -> StubStreamingPullFuture:
+    def subscribe(
+        self,
+        subscription: str,
+        callback: Callable[[Any], None],
+        flow_control: Any = (),
+        scheduler: Any = None,
+        use_legacy_flow_control: bool = False,
+        await_callbacks_on_shutdown: bool = False,
+    ) -> StubStreamingPullFuture:
         if self.stream is not None and self.stream.open:
             raise AssertionError("the stand-in serves one stream at a time")
         self.stream = StubStreamingPullFuture(self._broker, subscription, callback, flow_control, scheduler)
         return self.stream
 
-    def deliver(self, data: bytes, attributes: dict[str, str] | None = None, *,
-                delivery_attempt: int | None = 1, publish_time: datetime | None = None) -> StubMessage:
+    def deliver(
+        self,
+        data: bytes,
+        attributes: dict[str, str] | None = None,
+        *,
+        delivery_attempt: int | None = 1,
+        publish_time: datetime | None = None,
+    ) -> StubMessage:
         """Hand a message to the open stream's callback, on the callback thread."""
         if self.stream is None or not self.stream.open:
             raise AssertionError("no open stream: call Consumer.run first")
@@ -204,8 +222,9 @@ class StubSubscriber:
     def acknowledge(self, *, subscription: str, ack_ids: list[str], **_: Any) -> None:
         self._unary("ack", ack_ids)
 
-    def modify_ack_deadline(self, *, subscription: str, ack_ids: list[str], ack_deadline_seconds: int,
-                            **_: Any) -> None:
+    def modify_ack_deadline(
+        self, *, subscription: str, ack_ids: list[str], ack_deadline_seconds: int, **_: Any
+    ) -> None:
         self._unary("modack", ack_ids, ack_deadline_seconds)
 
     def _unary(self, what: str, ack_ids: list[str], seconds: int | None = None) -> None:
@@ -222,12 +241,20 @@ class StubSubscriber:
                 else:  # a deadline of 0 gives the message back; any other holds it
                     self._queued[ack_id] = (subscription, message, seconds != 0)
 
-    def queue(self, subscription: str, data: bytes, attributes: dict[str, str] | None = None, *,
-              publish_time: datetime | None = None) -> str:
+    def queue(
+        self,
+        subscription: str,
+        data: bytes,
+        attributes: dict[str, str] | None = None,
+        *,
+        publish_time: datetime | None = None,
+    ) -> str:
         """Put a message on a subscription for `pull`; returns its message id."""
         number = next(_ids)
         message = pubsub_v1.types.PubsubMessage(
-            data=data, attributes=attributes or {}, message_id=str(number),
+            data=data,
+            attributes=attributes or {},
+            message_id=str(number),
             publish_time=publish_time or datetime.now(UTC),
         )
         with self._lock:
@@ -242,8 +269,11 @@ class StubSubscriber:
     def pull(self, *, subscription: str, max_messages: int, **_: Any) -> Any:
         """Up to `max_messages` messages not leased, each now leased (the ack deadline)."""
         with self._lock:
-            chosen = [(ack_id, m) for ack_id, (s, m, leased) in self._queued.items()
-                      if s == subscription and not leased][:max_messages]
+            chosen = [
+                (ack_id, m)
+                for ack_id, (s, m, leased) in self._queued.items()
+                if s == subscription and not leased
+            ][:max_messages]
             for ack_id, message in chosen:
                 self._queued[ack_id] = (subscription, message, True)
         return pubsub_v1.types.PullResponse(

@@ -8,7 +8,14 @@ from worker.core.backoff import Backoff
 def test_the_ceiling_doubles_from_the_initial_wait_up_to_the_cap() -> None:
     backoff = Backoff(0.5, 10.0)
     assert [backoff.ceiling(n) for n in (0, 1, 2, 3, 5, 6, 40, 10_000)] == [
-        0.5, 0.5, 1.0, 2.0, 8.0, 10.0, 10.0, 10.0
+        0.5,
+        0.5,
+        1.0,
+        2.0,
+        8.0,
+        10.0,
+        10.0,
+        10.0,
     ]
 
 

@@ -19,8 +19,18 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 def test_every_verb_is_registered_once() -> None:
     assert set(cli.commands) == {
-        "run", "setup", "enqueue", "cancel", "dead-letters", "replay", "doctor", "batch-status", "dev",
-        "pause", "resume", "status",
+        "run",
+        "setup",
+        "enqueue",
+        "cancel",
+        "dead-letters",
+        "replay",
+        "doctor",
+        "batch-status",
+        "dev",
+        "pause",
+        "resume",
+        "status",
     }
 
 
@@ -91,8 +101,13 @@ def test_batch_status_prints_markup_in_an_id_literally(
 def test_batch_status_shows_progress(tmp_path: Path, runner: CliRunner) -> None:
     results = tmp_path / "results.jsonl"
     child = {
-        "job_id": "b1:0", "kind": "account-scoring", "status": "succeeded", "attempts": 1,
-        "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z", "duration_ms": 1000,
+        "job_id": "b1:0",
+        "kind": "account-scoring",
+        "status": "succeeded",
+        "attempts": 1,
+        "started_at": "2026-01-01T00:00:00Z",
+        "finished_at": "2026-01-01T00:00:01Z",
+        "duration_ms": 1000,
         "batch": {"id": "b1", "index": 0, "total": 2},
     }
     results.write_text(json.dumps(child) + "\n[not a result]\n")
@@ -113,10 +128,18 @@ MARKUP = "x[/] [bold]b[/bold] a[red"
 
 def test_batch_status_prints_markup_in_a_parents_answer_literally(tmp_path: Path, runner: CliRunner) -> None:
     at = {"started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z", "duration_ms": 1000}
-    child = {"job_id": "b1:0", "kind": "k", "status": "succeeded",
-             "batch": {"id": "b1", "index": 0, "total": 1}}
-    parent = {"job_id": "b1", "kind": "batch-scoring", "status": "succeeded",
-              "response": {"batch_id": "b1", "children_published": MARKUP}}
+    child = {
+        "job_id": "b1:0",
+        "kind": "k",
+        "status": "succeeded",
+        "batch": {"id": "b1", "index": 0, "total": 1},
+    }
+    parent = {
+        "job_id": "b1",
+        "kind": "batch-scoring",
+        "status": "succeeded",
+        "response": {"batch_id": "b1", "children_published": MARKUP},
+    }
     results = tmp_path / "results.jsonl"
     results.write_text(json.dumps({**child, **at}) + "\n" + json.dumps({**parent, **at}) + "\n")
     done = runner.invoke(cli, ["batch-status", "b1", "--from-file", str(results)])

@@ -30,8 +30,15 @@ CATALOG = Catalog(
 
 def result(job_id: str | None, status: JobStatus = JobStatus.SUCCEEDED, **fields: Any) -> Result:
     at = datetime(2026, 1, 1, tzinfo=UTC)
-    return Result(job_id=job_id, kind="account-scoring", status=status, started_at=at, finished_at=at,
-                  duration_ms=0, **fields)
+    return Result(
+        job_id=job_id,
+        kind="account-scoring",
+        status=status,
+        started_at=at,
+        finished_at=at,
+        duration_ms=0,
+        **fields,
+    )
 
 
 def test_build_job_refuses_what_the_worker_would_reject() -> None:
@@ -93,7 +100,9 @@ def test_reader_yields_each_result_once_when_pubsub_delivers_it_twice(topics: Se
         assert time.monotonic() < deadline, f"got {got}, duplicates {reader.duplicates}"
         got.extend(reader.poll())
     assert sorted((r.job_id, r.status) for r in got) == [
-        ("dup-1", JobStatus.SUCCEEDED), ("other-1", JobStatus.FAILED)]
+        ("dup-1", JobStatus.SUCCEEDED),
+        ("other-1", JobStatus.FAILED),
+    ]
     assert reader.duplicates == 1
     # Everything was acked, the duplicate and the unreadable message too.
     subscriber = pubsub_v1.SubscriberClient()

@@ -58,8 +58,9 @@ def short_holds(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
 def result_for(delivery: Delivery, status: JobStatus = JobStatus.SUCCEEDED) -> Result:
     body = json.loads(delivery.data)
     at = datetime.now(UTC)
-    return Result(job_id=body["job_id"], kind=body["kind"], status=status, started_at=at, finished_at=at,
-                  duration_ms=0)
+    return Result(
+        job_id=body["job_id"], kind=body["kind"], status=status, started_at=at, finished_at=at, duration_ms=0
+    )
 
 
 async def succeed(delivery: Delivery) -> Outcome:
@@ -73,8 +74,15 @@ def job(job_id: str = "j1") -> bytes:
 class Running:
     """A consumer running on the stand-in, in the test's event loop."""
 
-    def __init__(self, pubsub: StubPubSub, handle: Handle, *, max_in_flight: int = 4, grace_s: float = 1.0,
-                 max_delivery_attempts: int | None = 5) -> None:
+    def __init__(
+        self,
+        pubsub: StubPubSub,
+        handle: Handle,
+        *,
+        max_in_flight: int = 4,
+        grace_s: float = 1.0,
+        max_delivery_attempts: int | None = 5,
+    ) -> None:
         self.pubsub = pubsub
         self.consumer = Consumer(
             pubsub.subscriber,
@@ -174,8 +182,13 @@ def test_a_transient_failure_is_held_for_the_attempts_delay_then_nacked(short_ho
 
 def pipeline_failing_transiently() -> Pipeline:
     failing = Invoker(TransientJobError("http_503", "account-scoring answered 503", http_status=503))
-    return Pipeline(Catalog.load(default_catalog_dir()), Resolver(), failing, region="europe-west1",
-                    max_payload_bytes=10_000)
+    return Pipeline(
+        Catalog.load(default_catalog_dir()),
+        Resolver(),
+        failing,
+        region="europe-west1",
+        max_payload_bytes=10_000,
+    )
 
 
 def test_the_final_delivery_attempt_publishes_failed_and_a_dead_letter_then_acks() -> None:
@@ -215,8 +228,11 @@ def test_a_dead_letter_that_fails_to_publish_keeps_the_job() -> None:
     pubsub = StubPubSub()
 
     async def rejected(delivery: Delivery) -> Outcome:
-        return Outcome(ack=True, result=result_for(delivery, JobStatus.REJECTED),
-                       dead_letter=DeadLetter(delivery.data, {"error_code": "invalid_job"}))
+        return Outcome(
+            ack=True,
+            result=result_for(delivery, JobStatus.REJECTED),
+            dead_letter=DeadLetter(delivery.data, {"error_code": "invalid_job"}),
+        )
 
     async def scenario() -> None:
         pubsub.publisher.topic_errors[DEAD_LETTERS] = RuntimeError("dead-letter topic gone")
@@ -356,8 +372,9 @@ def test_the_delivery_carries_the_attempt_publish_time_and_attributes() -> None:
 
     async def scenario() -> None:
         async with Running(pubsub, record, max_delivery_attempts=5) as running:
-            message = await running.deliver(job(), attributes={"kind": "account-scoring"}, delivery_attempt=5,
-                                            publish_time=published)
+            message = await running.deliver(
+                job(), attributes={"kind": "account-scoring"}, delivery_attempt=5, publish_time=published
+            )
             await running.settled(message)
 
     asyncio.run(scenario())
@@ -430,8 +447,16 @@ def test_a_held_job_leaves_its_slot_keeps_its_lease_and_is_never_nacked() -> Non
                 return Outcome(ack=False, hold=resumed.wait)
             return Outcome(ack=True)
 
-        consumer = Consumer(None, "sub", handle, NoopPublisher(), max_in_flight=1, grace_s=1,  # type: ignore[arg-type]
-                            max_delivery_attempts=5, lease_extension_s=10)
+        consumer = Consumer(
+            None,
+            "sub",
+            handle,
+            NoopPublisher(),
+            max_in_flight=1,
+            grace_s=1,  # type: ignore[arg-type]
+            max_delivery_attempts=5,
+            lease_extension_s=10,
+        )
         consumer._slots = asyncio.Semaphore(1)
         consumer._streaming = True
         held, other = HeldMessage(1), HeldMessage(2)
@@ -467,8 +492,17 @@ def test_a_job_held_too_long_on_its_last_attempt_runs_once_more_without_a_hold()
             deliveries.append(delivery)
             return Outcome(ack=True) if not delivery.may_hold else Outcome(ack=False, hold=never)
 
-        consumer = Consumer(None, "sub", handle, NoopPublisher(), max_in_flight=1, grace_s=1,  # type: ignore[arg-type]
-                            max_delivery_attempts=5, lease_extension_s=10, max_hold_s=0.05)
+        consumer = Consumer(
+            None,
+            "sub",
+            handle,
+            NoopPublisher(),
+            max_in_flight=1,
+            grace_s=1,  # type: ignore[arg-type]
+            max_delivery_attempts=5,
+            lease_extension_s=10,
+            max_hold_s=0.05,
+        )
         consumer._slots = asyncio.Semaphore(1)
         consumer._streaming = True
         message = HeldMessage(1)

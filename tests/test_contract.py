@@ -67,16 +67,31 @@ def test_the_job_messages_fields_and_the_results_fields_are_listed() -> None:
     result_fields, result_attributes = tables("Result message")
     assert result_fields == list(Result.model_fields)
     at = datetime.now(UTC)
-    result = Result(job_id="j:1", kind="k", status=JobStatus.SUCCEEDED, started_at=at, finished_at=at,
-                    duration_ms=0, batch=BatchRef(id="j", index=1, total=2))
+    result = Result(
+        job_id="j:1",
+        kind="k",
+        status=JobStatus.SUCCEEDED,
+        started_at=at,
+        finished_at=at,
+        duration_ms=0,
+        batch=BatchRef(id="j", index=1, total=2),
+    )
     assert sorted(result_attributes) == sorted(result.attributes())
 
 
 def test_every_dead_letter_attribute_is_listed() -> None:
     (names,) = tables("Dead letter")
     everything = DeadLetterAttributes(
-        status="failed", error_code="c", error_message="m", attempts=1, delivery_attempt=1,
-        dead_lettered_at=datetime.now(UTC), job_id="j", kind="k", replay_count=1, traceparent="t",
+        status="failed",
+        error_code="c",
+        error_message="m",
+        attempts=1,
+        delivery_attempt=1,
+        dead_lettered_at=datetime.now(UTC),
+        job_id="j",
+        kind="k",
+        replay_count=1,
+        traceparent="t",
     )
     assert sorted(names) == sorted(everything.to_attributes())
 

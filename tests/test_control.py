@@ -32,8 +32,13 @@ class Publisher:
 def channel(replica: str = "me") -> tuple[ControlChannel, Publisher]:
     publisher = Publisher()
     ch = ControlChannel(
-        publisher, None, project="p", topic="worker-control", pauses=PauseBook(),
-        status=lambda: {"paused": {}, "targets": {}}, replica=replica,
+        publisher,
+        None,
+        project="p",
+        topic="worker-control",
+        pauses=PauseBook(),
+        status=lambda: {"paused": {}, "targets": {}},
+        replica=replica,
     )
     return ch, publisher
 
@@ -64,12 +69,24 @@ def test_status_requests_are_answered_with_the_request_id() -> None:
     ch.handle(encode("status", request_id="abc"))
     _, reply, attrs = out.sent[-1]
     assert attrs == {"op": "status-reply"}
-    assert reply == {"op": "status-reply", "request_id": "abc", "replica": "me",
-                     "status": {"paused": {}, "targets": {}}}
+    assert reply == {
+        "op": "status-reply",
+        "request_id": "abc",
+        "replica": "me",
+        "status": {"paused": {}, "targets": {}},
+    }
 
 
-@pytest.mark.parametrize("data", [b"not json", b"[]", b'{"op": 1}', encode("pause", entry={"kind": 1}),
-                                  encode("state", replica="x", entries=[{"kind": "k"}])])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        b"[]",
+        b'{"op": 1}',
+        encode("pause", entry={"kind": 1}),
+        encode("state", replica="x", entries=[{"kind": "k"}]),
+    ],
+)
 def test_bad_control_messages_are_ignored(data: bytes) -> None:
     ch, out = channel()
     ch.handle(data)
@@ -78,7 +95,13 @@ def test_bad_control_messages_are_ignored(data: bytes) -> None:
 
 def test_durations() -> None:
     assert [parse_duration(t) for t in ("90", "90s", "15m", "2h", "1d", "0.5h")] == [
-        90, 90, 900, 7200, 86400, 1800]
+        90,
+        90,
+        900,
+        7200,
+        86400,
+        1800,
+    ]
     for bad in ("", "soon", "-5m", "0s", "5w"):
         with pytest.raises(ValueError):
             parse_duration(bad)

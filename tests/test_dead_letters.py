@@ -50,8 +50,15 @@ def test_the_original_messages_identity_replays_and_trace_travel_with_it() -> No
 
 def test_a_round_trip_keeps_every_field_and_clips_long_values() -> None:
     written = DeadLetterAttributes(
-        status="rejected", error_code="invalid_job", error_message="é" * 2000, attempts=0, delivery_attempt=1,
-        dead_lettered_at=datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC), job_id="j", kind="k", replay_count=1,
+        status="rejected",
+        error_code="invalid_job",
+        error_message="é" * 2000,
+        attempts=0,
+        delivery_attempt=1,
+        dead_lettered_at=datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC),
+        job_id="j",
+        kind="k",
+        replay_count=1,
     )
     attributes = written.to_attributes()
     assert all(isinstance(v, str) and len(v.encode()) <= 1024 for v in attributes.values())
@@ -62,8 +69,11 @@ def test_a_round_trip_keeps_every_field_and_clips_long_values() -> None:
 
 def test_pubsubs_own_dead_letters_and_junk_read_without_failing() -> None:
     by_pubsub = DeadLetterAttributes.from_attributes(
-        {"CloudPubSubDeadLetterSourceDeliveryCount": "5",
-         "CloudPubSubDeadLetterSourceSubscription": "jobs-worker", "job_id": "j"}
+        {
+            "CloudPubSubDeadLetterSourceDeliveryCount": "5",
+            "CloudPubSubDeadLetterSourceSubscription": "jobs-worker",
+            "job_id": "j",
+        }
     )
     assert by_pubsub.by_pubsub and by_pubsub.pubsub_delivery_count == 5
     assert by_pubsub.pubsub_subscription == "jobs-worker" and by_pubsub.job_id == "j"

@@ -54,7 +54,10 @@ def test_the_push_table_is_what_setup_grants_for_a_push_endpoint() -> None:
     worker, webapp = gcloud.default_worker_sa("PROJECT_ID"), gcloud.default_webapp_sa("PROJECT_ID")
     pull = gcloud.iam_bindings(settings, catalog, worker, webapp)
     push = gcloud.iam_bindings(
-        settings, catalog, worker, webapp,
+        settings,
+        catalog,
+        worker,
+        webapp,
         push=gcloud.push_target(settings, "https://webapp-abc123-uc.a.run.app/pubsub/results"),
     )
     added = [b for b in push if b not in pull]

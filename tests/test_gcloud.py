@@ -229,10 +229,19 @@ def test_setup_prints_the_push_subscription_and_refuses_push_without_print(
 ) -> None:
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "acme")
     runner = CliRunner()
-    done = runner.invoke(cli, [
-        "setup", "--print-gcloud", "--webapp-push-endpoint", PUSH_ENDPOINT,
-        "--webapp-push-sa", "pusher@acme.iam.gserviceaccount.com", "--webapp-service", "portal",
-    ])
+    done = runner.invoke(
+        cli,
+        [
+            "setup",
+            "--print-gcloud",
+            "--webapp-push-endpoint",
+            PUSH_ENDPOINT,
+            "--webapp-push-sa",
+            "pusher@acme.iam.gserviceaccount.com",
+            "--webapp-service",
+            "portal",
+        ],
+    )
     assert done.exit_code == 0, done.output
     assert (
         f"--push-endpoint={PUSH_ENDPOINT} --push-auth-service-account=pusher@acme.iam.gserviceaccount.com "
@@ -244,7 +253,9 @@ def test_setup_prints_the_push_subscription_and_refuses_push_without_print(
     ) in done.output
     without_print = runner.invoke(cli, ["setup", "--webapp-push-endpoint", PUSH_ENDPOINT])
     assert without_print.exit_code == 2 and "--print-gcloud" in without_print.output
-    plain_http = runner.invoke(cli, ["setup", "--print-gcloud", "--webapp-push-endpoint", "http://x.example/p"])
+    plain_http = runner.invoke(
+        cli, ["setup", "--print-gcloud", "--webapp-push-endpoint", "http://x.example/p"]
+    )
     assert plain_http.exit_code == 2 and "https" in plain_http.output
     sa_alone = runner.invoke(cli, ["setup", "--print-gcloud", "--webapp-push-sa", "a@b.c"])
     assert sa_alone.exit_code == 2 and "--webapp-push-endpoint" in sa_alone.output
@@ -262,7 +273,10 @@ def test_every_flag_of_the_push_subscription_exists_in_the_installed_gcloud() ->
     flags = {word.split("=", 1)[0] for word in words if word.startswith("--")}
     assert {"--push-endpoint", "--push-auth-service-account", "--push-auth-token-audience"} <= flags
     done = subprocess.run(
-        [*words[:4], "--help"], capture_output=True, text=True, timeout=120,
+        [*words[:4], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PAGER": "cat", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"},
     )
     assert done.returncode == 0, done.stderr
@@ -304,8 +318,17 @@ def test_the_builder_quotes_every_word_and_value_for_the_shell() -> None:
     assert gcloud("run", "services", "list", project="p", region="europe-west1") == (
         "gcloud run services list --project=p --region=europe-west1"
     )
-    assert gcloud("scheduler", "jobs", "create", "pubsub", "n", time_zone="Etc/UTC", schedule="0 2 * * *",
-                  message_body='{"a": 1}', location=None) == (
+    assert gcloud(
+        "scheduler",
+        "jobs",
+        "create",
+        "pubsub",
+        "n",
+        time_zone="Etc/UTC",
+        schedule="0 2 * * *",
+        message_body='{"a": 1}',
+        location=None,
+    ) == (
         "gcloud scheduler jobs create pubsub n --time-zone=Etc/UTC --schedule='0 2 * * *' "
         "--message-body='{\"a\": 1}'"
     )

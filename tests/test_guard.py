@@ -182,8 +182,13 @@ def test_a_bad_limit_or_unknown_field_fails_start_up_naming_file_and_field(
 
 def test_limits_in_the_catalog_are_read() -> None:
     kind = JobKind.model_validate(
-        {"kind": "score", "service": "s", "max_concurrency": 20, "rate_per_s": 2.5,
-         "breaker": {"failures": 3, "open_s": 2}}
+        {
+            "kind": "score",
+            "service": "s",
+            "max_concurrency": 20,
+            "rate_per_s": 2.5,
+            "breaker": {"failures": 3, "open_s": 2},
+        }
     )
     assert (kind.max_concurrency, kind.rate_per_s, kind.burst) == (20, 2.5, 2)
     assert (kind.breaker.failures, kind.breaker.open_s, kind.breaker.probes) == (3, 2, 3)

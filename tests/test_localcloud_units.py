@@ -21,8 +21,13 @@ def test_score_account_formula() -> None:
     assert score_account(account) == 52
     assert score_account({"account_id": "a", "annual_revenue": 1_000_000}) == 10 + 24
     assert score_account({"account_id": "a", "industry": "mining", "region": "mars"}) == 10 + 5 + 3
-    top = {"account_id": "a", "employees": 10**9, "annual_revenue": 1e12,
-           "industry": "software", "region": "na"}
+    top = {
+        "account_id": "a",
+        "employees": 10**9,
+        "annual_revenue": 1e12,
+        "industry": "software",
+        "region": "na",
+    }
     assert score_account(top) == 100
 
 
@@ -32,11 +37,18 @@ def test_score_account_without_features_hashes_the_id() -> None:
     assert score_account({"account_id": "acct-7", "employees": None}) == expected
 
 
-@pytest.mark.parametrize("bad", [
-    {}, {"account_id": 7}, {"account_id": ""}, {"account_id": "a", "employees": True},
-    {"account_id": "a", "employees": -1}, {"account_id": "a", "annual_revenue": "1"},
-    {"account_id": "a", "industry": 3},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        {"account_id": 7},
+        {"account_id": ""},
+        {"account_id": "a", "employees": True},
+        {"account_id": "a", "employees": -1},
+        {"account_id": "a", "annual_revenue": "1"},
+        {"account_id": "a", "industry": 3},
+    ],
+)
 def test_account_scoring_rejects_bad_accounts(bad: dict) -> None:
     with pytest.raises(ValueError):
         score_account(bad)
@@ -46,16 +58,26 @@ def test_account_scoring_rejects_bad_accounts(bad: dict) -> None:
 def test_account_scoring_needs_a_json_object() -> None:
     assert account_scoring(["a"], {})[0] == 400
     assert account_scoring({"account_id": "x"}, {}) == (
-        200, {"account_id": "x", "score": score_account({"account_id": "x"}), "model": "local-v1"})
+        200,
+        {"account_id": "x", "score": score_account({"account_id": "x"}), "model": "local-v1"},
+    )
 
 
 def test_accounts_source_pages() -> None:
     info = {"total_accounts": 3}
     assert accounts_source({}, info) == (
-        200, {"account_ids": ["acct-000000", "acct-000001", "acct-000002"],
-              "next_page_token": None, "total_size": 3})
+        200,
+        {
+            "account_ids": ["acct-000000", "acct-000001", "acct-000002"],
+            "next_page_token": None,
+            "total_size": 3,
+        },
+    )
     assert accounts_source({"page_size": 2, "page_token": "2"}, info)[1] == {
-        "account_ids": ["acct-000002"], "next_page_token": None, "total_size": 3}
+        "account_ids": ["acct-000002"],
+        "next_page_token": None,
+        "total_size": 3,
+    }
     assert accounts_source({"page_token": "nope"}, info)[0] == 400
     assert accounts_source({"page_size": 0}, info)[0] == 400
     assert accounts_source(None, info)[0] == 400
@@ -80,9 +102,7 @@ def test_unknown_builtin_function_is_refused() -> None:
         LocalService("s", "no-such-function", "us-central1", 1)
 
 
-def test_emulator_without_gcloud_names_the_packages(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_emulator_without_gcloud_names_the_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     emulator = PubSubEmulator()
     with pytest.raises(RuntimeError) as failure:

@@ -16,12 +16,25 @@ JOBS = "projects/p/topics/jobs"
 DAY = datetime(2026, 3, 1, tzinfo=UTC)
 
 
-def dead_letter(pubsub: StubPubSub, job_id: str, kind: str = "account-scoring", *, hours: int = 0,
-                replays: int | None = None) -> str:
+def dead_letter(
+    pubsub: StubPubSub,
+    job_id: str,
+    kind: str = "account-scoring",
+    *,
+    hours: int = 0,
+    replays: int | None = None,
+) -> str:
     data = json.dumps({"job_id": job_id, "kind": kind, "payload": {}}).encode()
     why = DeadLetterAttributes(
-        status="failed", error_code="http_503", error_message="answered 503", attempts=4, delivery_attempt=5,
-        dead_lettered_at=DAY + timedelta(hours=hours), job_id=job_id, kind=kind, replay_count=replays,
+        status="failed",
+        error_code="http_503",
+        error_message="answered 503",
+        attempts=4,
+        delivery_attempt=5,
+        dead_lettered_at=DAY + timedelta(hours=hours),
+        job_id=job_id,
+        kind=kind,
+        replay_count=replays,
     )
     return pubsub.subscriber.queue(DEAD_LETTERS, data, why.to_attributes())
 
@@ -34,8 +47,10 @@ def test_listing_consumes_nothing_and_shows_the_oldest_first() -> None:
     pubsub = StubPubSub()
     dead_letter(pubsub, "late", hours=5)
     dead_letter(pubsub, "early", hours=1)
-    by_pubsub = {"CloudPubSubDeadLetterSourceDeliveryCount": "5",
-                 "CloudPubSubDeadLetterSourceSubscription": "jobs-worker"}
+    by_pubsub = {
+        "CloudPubSubDeadLetterSourceDeliveryCount": "5",
+        "CloudPubSubDeadLetterSourceSubscription": "jobs-worker",
+    }
     pubsub.subscriber.queue(DEAD_LETTERS, b'{"job_id": "gave-up"}', by_pubsub, publish_time=DAY)
     entries, more = list_dead_letters(pubsub.subscriber, DEAD_LETTERS, pull_timeout_s=0.1)
     assert [e.job_id for e in entries] == ["gave-up", "early", "late"] and not more
@@ -53,8 +68,9 @@ def test_replay_republishes_the_original_job_then_acks_and_leaves_the_rest() -> 
     first = dead_letter(pubsub, "a1", replays=1)
     second = dead_letter(pubsub, "a2")
     dead_letter(pubsub, "b1", kind="echo")
-    report = replay_dead_letters(pubsub.subscriber, pubsub.publisher, DEAD_LETTERS, JOBS,
-                                 kind="account-scoring", pull_timeout_s=0.1)
+    report = replay_dead_letters(
+        pubsub.subscriber, pubsub.publisher, DEAD_LETTERS, JOBS, kind="account-scoring", pull_timeout_s=0.1
+    )
     assert sorted(e.job_id or "" for e in report.replayed) == ["a1", "a2"] and report.skipped == 1
     republished = {json.loads(e.data)["job_id"]: e for e in pubsub.published(JOBS)}
     assert republished["a1"].attributes == {"replay_count": "2", "job_id": "a1", "kind": "account-scoring"}
@@ -85,8 +101,9 @@ def test_a_dry_run_changes_nothing() -> None:
     pubsub = StubPubSub()
     dead_letter(pubsub, "a1")
     dead_letter(pubsub, "a2")
-    report = replay_dead_letters(pubsub.subscriber, pubsub.publisher, DEAD_LETTERS, JOBS, job_id="a2",
-                                 dry_run=True, pull_timeout_s=0.1)
+    report = replay_dead_letters(
+        pubsub.subscriber, pubsub.publisher, DEAD_LETTERS, JOBS, job_id="a2", dry_run=True, pull_timeout_s=0.1
+    )
     assert [e.job_id for e in report.selected] == ["a2"] and report.skipped == 1
     assert pubsub.published(JOBS) == [] and acked(pubsub) == []
     assert len(list_dead_letters(pubsub.subscriber, DEAD_LETTERS, pull_timeout_s=0.1)[0]) == 2

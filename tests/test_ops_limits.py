@@ -28,8 +28,11 @@ def test_global_figures_are_per_instance_times_max_instances() -> None:
 def test_with_the_services_asked_the_figure_names_its_source() -> None:
     stated = {"echo": Capacity(3, 10, "Service echo (scaling.max_instance_count)")}
     lines = report(Settings(project="p"), catalog(), lambda service, region: stated.get(service))
-    assert "    calls at once: 30 per instance (from Service echo (scaling.max_instance_count): " \
+    assert (
+        "    calls at once: 30 per instance (from Service echo (scaling.max_instance_count): "
         "max_instance_count 3 x max_instance_request_concurrency 10)" in lines
+    )
     assert "    calls at once: 20 per instance (from catalog: kind 'score' max_concurrency)" in lines
-    assert lines[0].endswith("(set WORKER_MAX_INSTANCES to the deployment's max instances for the "
-                             "global figures)")
+    assert lines[0].endswith(
+        "(set WORKER_MAX_INSTANCES to the deployment's max instances for the global figures)"
+    )

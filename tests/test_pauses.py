@@ -42,8 +42,12 @@ def test_a_pause_for_a_while_runs_out_by_itself() -> None:
 def test_entries_round_trip_and_bad_ones_are_refused() -> None:
     entry = PauseEntry("score", True, at=1.5, until=9.0, by="alice")
     assert PauseEntry.from_json(entry.to_json()) == entry
-    for bad in ([], {"kind": "x"}, {"kind": "x", "paused": "yes", "at": 1}, {"kind": "x", "paused": True,
-                                                                            "at": 1, "until": "soon"}):
+    for bad in (
+        [],
+        {"kind": "x"},
+        {"kind": "x", "paused": "yes", "at": 1},
+        {"kind": "x", "paused": True, "at": 1, "until": "soon"},
+    ):
         with pytest.raises(ValueError):
             PauseEntry.from_json(bad)
 

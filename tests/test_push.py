@@ -60,7 +60,10 @@ class CertsTransport:
 
 def verifier(transport: Any = None, **options: Any) -> PushVerifier:
     return PushVerifier(
-        AUDIENCE, PUSH_SA, certs_url=CERTS_URL, request=CachingRequest(transport or CertsTransport()),
+        AUDIENCE,
+        PUSH_SA,
+        certs_url=CERTS_URL,
+        request=CachingRequest(transport or CertsTransport()),
         **options,
     )
 
@@ -87,8 +90,17 @@ def claims(**overrides: Any) -> dict[str, Any]:
 def result(job_id: str | None = "job-1", status: str = "succeeded", **extra: Any) -> Result:
     now = datetime.now(UTC)
     return Result.model_validate(
-        {"job_id": job_id, "kind": "account-scoring", "status": status, "attempts": 1,
-         "response": {"score": 71}, "started_at": now, "finished_at": now, "duration_ms": 12, **extra}
+        {
+            "job_id": job_id,
+            "kind": "account-scoring",
+            "status": status,
+            "attempts": 1,
+            "response": {"score": 71},
+            "started_at": now,
+            "finished_at": now,
+            "duration_ms": 12,
+            **extra,
+        }
     )
 
 
@@ -225,12 +237,14 @@ HOSTILE: dict[str, Callable[[], tuple[str | None, int]]] = {
     "basic auth": lambda: ("Basic dXNlcjpwYXNz", 401),
     "another audience": lambda: (bearer(GOOGLE.sign(claims(aud="https://other.example.com/push"))), 401),
     "another service account": lambda: (
-        bearer(GOOGLE.sign(claims(email="intruder@evil.iam.gserviceaccount.com"))), 403
+        bearer(GOOGLE.sign(claims(email="intruder@evil.iam.gserviceaccount.com"))),
+        403,
     ),
     "email not verified": lambda: (bearer(GOOGLE.sign(claims(email_verified=False))), 403),
     "no email": lambda: (bearer(GOOGLE.sign(claims(email=..., email_verified=...))), 403),
     "expired": lambda: (
-        bearer(GOOGLE.sign(claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600))), 401
+        bearer(GOOGLE.sign(claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600))),
+        401,
     ),
     "expired beyond the skew": lambda: (bearer(GOOGLE.sign(claims(exp=int(time.time()) - 30))), 401),
     "issued in the future": lambda: (bearer(GOOGLE.sign(claims(iat=int(time.time()) + 600))), 401),
@@ -240,8 +254,15 @@ HOSTILE: dict[str, Callable[[], tuple[str | None, int]]] = {
     "unsigned (alg none)": lambda: (bearer(_unsigned(claims())), 401),
     "empty signature": lambda: (bearer(_unsigned(claims(), alg="RS256")), 401),
     "tampered payload": lambda: (
-        bearer(".".join([GOOD.split()[1].split(".")[0], _unsigned(claims(email="x@y.z")).split(".")[1],
-                         GOOD.split(".")[2]])),
+        bearer(
+            ".".join(
+                [
+                    GOOD.split()[1].split(".")[0],
+                    _unsigned(claims(email="x@y.z")).split(".")[1],
+                    GOOD.split(".")[2],
+                ]
+            )
+        ),
         401,
     ),
 }
@@ -298,10 +319,16 @@ DELETE = object()
 DEFECTS: dict[str, st.SearchStrategy[Any]] = {
     "aud": st.sampled_from(["https://other.example.com/push", AUDIENCE + "/", AUDIENCE.upper(), "", DELETE])
     | json_values.filter(lambda v: v != AUDIENCE),
-    "email": st.sampled_from([
-        "someone@acme.iam.gserviceaccount.com", "results-push@evil.iam.gserviceaccount.com",
-        PUSH_SA + ".evil.com", "", DELETE,
-    ]) | json_values.filter(lambda v: not isinstance(v, str) or v.lower() != PUSH_SA),
+    "email": st.sampled_from(
+        [
+            "someone@acme.iam.gserviceaccount.com",
+            "results-push@evil.iam.gserviceaccount.com",
+            PUSH_SA + ".evil.com",
+            "",
+            DELETE,
+        ]
+    )
+    | json_values.filter(lambda v: not isinstance(v, str) or v.lower() != PUSH_SA),
     "email_verified": st.sampled_from([False, "true", 1, None, DELETE]),
     "iss": st.sampled_from(
         ["https://evil.example", "http://accounts.google.com", "accounts.google.com.evil.com", "", DELETE]
@@ -357,8 +384,15 @@ def test_property_only_a_token_without_defects_stores_anything(token: tuple[str,
     | st.builds(lambda t: "Bearer " + t, st.text(max_size=300))
     | st.builds(
         lambda parts: "Bearer " + ".".join(parts),
-        st.lists(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
-                         min_size=1, max_size=60), min_size=1, max_size=4),
+        st.lists(
+            st.text(
+                alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+                min_size=1,
+                max_size=60,
+            ),
+            min_size=1,
+            max_size=4,
+        ),
     )
     | st.builds(lambda h, p: "Bearer " + _unsigned(p, alg=h), st.text(max_size=8), json_values),
     body=st.binary(max_size=300),

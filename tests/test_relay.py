@@ -90,9 +90,14 @@ def test_a_ratio_samples_that_share_of_trace_ids_as_the_sdk_does() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "00-" + "0" * 32 + "-" + "d" * 16 + "-01", "00-" + "c" * 32 + "-" + "0" * 16 + "-01",
-     "ff-" + "c" * 32 + "-" + "d" * 16 + "-01", "00-" + "C" * 32 + "-" + "d" * 16 + "-01",
-     "00-" + "c" * 32 + "-" + "d" * 16 + "-01\r\nX: y"],
+    [
+        "",
+        "00-" + "0" * 32 + "-" + "d" * 16 + "-01",
+        "00-" + "c" * 32 + "-" + "0" * 16 + "-01",
+        "ff-" + "c" * 32 + "-" + "d" * 16 + "-01",
+        "00-" + "C" * 32 + "-" + "d" * 16 + "-01",
+        "00-" + "c" * 32 + "-" + "d" * 16 + "-01\r\nX: y",
+    ],
 )
 def test_only_a_valid_traceparent_is_continued(bad: str) -> None:
     assert parse_traceparent(bad) is None

@@ -122,7 +122,7 @@ def test_a_pushed_result_shows_up_in_the_api(app: Any) -> None:
 
 
 def test_the_env_file_worker_dev_writes_is_what_the_web_app_reads(tmp_path: Path) -> None:
-    env = {"WEBAPP_PUSH_AUDIENCE": "http://127.0.0.1:8090/pubsub/results", "ODD": "it's $HOME; \"q\""}
+    env = {"WEBAPP_PUSH_AUDIENCE": "http://127.0.0.1:8090/pubsub/results", "ODD": 'it\'s $HOME; "q"'}
     write_env_file(str(tmp_path / "dev.env"), env)
     assert read_env_file(str(tmp_path / "dev.env")) == env
 

@@ -1,7 +1,7 @@
 """`python -m examples.webapp`: run the reference web app on 127.0.0.1.
 
-    make dev        # shell 1: worker dev (writes .worker-dev.env, pushes results to :8090)
-    make webapp     # shell 2: this, with --env-file .worker-dev.env; open http://127.0.0.1:8090
+make dev        # shell 1: worker dev (writes .worker-dev.env, pushes results to :8090)
+make webapp     # shell 2: this, with --env-file .worker-dev.env; open http://127.0.0.1:8090
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ def read_env_file(path: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m examples.webapp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.webapp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--env-file", help="read `worker dev`'s environment from this file first")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8090")))
@@ -34,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.env_file:
         if not Path(args.env_file).exists():
-            sys.exit(f"{args.env_file} does not exist: start `make dev` (worker dev) first, "
-                     "it writes the file")
+            sys.exit(
+                f"{args.env_file} does not exist: start `make dev` (worker dev) first, it writes the file"
+            )
         # Set before google.auth or the Pub/Sub client is imported (GCE_METADATA_HOST is read once).
         os.environ.update(read_env_file(args.env_file))
 
@@ -43,8 +47,10 @@ def main(argv: list[str] | None = None) -> None:
 
     config = WebappConfig.from_env(db_path=args.db)
     app = create_app(config)
-    print(f"Reference web app on http://{args.host}:{args.port} (results pushed to {config.audience})",
-          flush=True)
+    print(
+        f"Reference web app on http://{args.host}:{args.port} (results pushed to {config.audience})",
+        flush=True,
+    )
     app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
 
 

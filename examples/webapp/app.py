@@ -1,11 +1,11 @@
 """The reference web app (Flask): pages and JSON API, and the push endpoint.
 
-    GET  /                      the page (static/index.html)
-    POST /api/score             {"account_id": str} -> {"job_id"}: an account-scoring job
-    POST /api/batches           {"size": int} -> {"batch_id", "total"}: a batch-scoring job
-    GET  /api/jobs/<job_id>     the job's result, or {"status": "pending"} (202)
-    GET  /api/batches/<id>      the batch's progress, counted from its children's results
-    POST /pubsub/results        Pub/Sub push (OIDC token verified), stored by job_id
+GET  /                      the page (static/index.html)
+POST /api/score             {"account_id": str} -> {"job_id"}: an account-scoring job
+POST /api/batches           {"size": int} -> {"batch_id", "total"}: a batch-scoring job
+GET  /api/jobs/<job_id>     the job's result, or {"status": "pending"} (202)
+GET  /api/batches/<id>      the batch's progress, counted from its children's results
+POST /pubsub/results        Pub/Sub push (OIDC token verified), stored by job_id
 """
 
 from __future__ import annotations
@@ -64,8 +64,12 @@ class WebappConfig:
         return cls(**values)
 
 
-def create_app(config: WebappConfig, settings: Settings | None = None, publisher: Any = None,
-               verifier: PushVerifier | None = None) -> Flask:
+def create_app(
+    config: WebappConfig,
+    settings: Settings | None = None,
+    publisher: Any = None,
+    verifier: PushVerifier | None = None,
+) -> Flask:
     settings = settings or load_settings()
     store = SqliteResultStore(config.db_path)
     verifier = verifier or PushVerifier(config.audience, config.service_account, certs_url=config.certs_url)

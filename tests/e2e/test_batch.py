@@ -95,8 +95,16 @@ def test_a_batch_delivered_twice_fans_out_to_each_source_account_once(stack: dic
         assert result.batch.total == ACCOUNTS
         assert result.response["score"] == score_account({"account_id": f"acct-{index:06d}"})
     assert progress.as_dict() == {
-        "batch_id": batch_id, "total": ACCOUNTS, "succeeded": ACCOUNTS, "failed": 0,
-        "rejected": 0, "expired": 0, "cancelled": 0, "running": 0, "outstanding": 0, "done": True,
+        "batch_id": batch_id,
+        "total": ACCOUNTS,
+        "succeeded": ACCOUNTS,
+        "failed": 0,
+        "rejected": 0,
+        "expired": 0,
+        "cancelled": 0,
+        "running": 0,
+        "outstanding": 0,
+        "done": True,
     }
     # Both deliveries of the batch job published the same 5,000 ids: 10,000 child
     # results in all, 5,000 of them duplicates, and two results for the batch job.

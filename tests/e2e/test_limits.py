@@ -92,8 +92,12 @@ def test_limits_found_from_429s_read_from_the_service_and_set_as_a_rate(
     write_kind(catalog, "rated", rated.name, rate_per_s=50, rate_burst=5)
     env = env_for(WORKER_MAX_IN_FLIGHT="50")
     doctor = subprocess.Popen(
-        [sys.executable, "-m", "worker", "doctor", stated.name], env=env, cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "worker", "doctor", stated.name],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     narrow_jobs, stated_jobs = jobs("narrow", 400, "n"), jobs("stated", 90, "s")
     rated_jobs = jobs("rated", 150, "r")
@@ -202,8 +206,11 @@ def test_pause_stops_a_kind_on_every_replica_and_resume_starts_it_again(
         # The confirmation is `worker status`'s question: every replica answered it paused.
         assert "3 of 3 answering worker instance(s) confirm" in done.stdout, done.stdout
         status = subprocess.Popen(
-            [sys.executable, "-m", "worker", "status", "--json", "--wait", "2"], env=env, cwd=REPO,
-            stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "worker", "status", "--json", "--wait", "2"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         calls_at_pause = paused.calls
         moving = jobs("other", 90, "o")

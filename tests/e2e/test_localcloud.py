@@ -138,8 +138,10 @@ def test_echo_and_accounts_source_functions(local_cloud: LocalCloud, deploy: Any
     answer = requests.post(
         echo.url + "/some/path",
         json={"x": 1},
-        headers={"Authorization": f"Bearer {id_token.fetch_id_token(Request(), echo.url)}",
-                 "X-Job-Id": "job-1"},
+        headers={
+            "Authorization": f"Bearer {id_token.fetch_id_token(Request(), echo.url)}",
+            "X-Job-Id": "job-1",
+        },
         timeout=10,
     )
     assert answer.status_code == 200
@@ -150,11 +152,13 @@ def test_echo_and_accounts_source_functions(local_cloud: LocalCloud, deploy: Any
 
     token = id_token.fetch_id_token(Request(), source.url)
     first = call(source, token, {"page_token": None, "page_size": 3}).json()
-    assert first == {"account_ids": ["acct-000000", "acct-000001", "acct-000002"],
-                     "next_page_token": "3", "total_size": 5}
+    assert first == {
+        "account_ids": ["acct-000000", "acct-000001", "acct-000002"],
+        "next_page_token": "3",
+        "total_size": 5,
+    }
     second = call(source, token, {"page_token": first["next_page_token"], "page_size": 3}).json()
-    assert second == {"account_ids": ["acct-000003", "acct-000004"], "next_page_token": None,
-                      "total_size": 5}
+    assert second == {"account_ids": ["acct-000003", "acct-000004"], "next_page_token": None, "total_size": 5}
     assert call(source, token, {"page_size": 5000}).status_code == 400
 
 
@@ -182,8 +186,7 @@ def test_fault_knobs(local_cloud: LocalCloud, deploy: Any) -> None:
     assert local_cloud.requests[-1].component == "services"
 
 
-def test_run_admin_api_through_the_real_client(local_cloud: LocalCloud, deploy: Any,
-                                               tmp_path: Path) -> None:
+def test_run_admin_api_through_the_real_client(local_cloud: LocalCloud, deploy: Any, tmp_path: Path) -> None:
     scoring = deploy("scoring", "account-scoring")
     other = deploy("other")
     vm = google.auth.compute_engine.Credentials()
@@ -214,8 +217,9 @@ def test_run_admin_api_through_the_real_client(local_cloud: LocalCloud, deploy: 
         with pytest.raises(api_exceptions.NotFound):
             client.get_service(name=missing)
         with pytest.raises(api_exceptions.NotFound):
-            client.get_service(name=f"projects/{local_cloud.project}/locations/europe-west1"
-                                    f"/services/{scoring.name}")
+            client.get_service(
+                name=f"projects/{local_cloud.project}/locations/europe-west1/services/{scoring.name}"
+            )
         listed = list(client.list_services(request={"parent": parent, "page_size": 1}))
     finally:
         local_cloud.iam.revoke(worker, RUN_VIEWER, local_cloud.iam.project_resource)
@@ -233,19 +237,20 @@ def test_run_admin_api_through_the_real_client(local_cloud: LocalCloud, deploy: 
     keyed = service_account.Credentials.from_service_account_file(str(key), scopes=CLOUD_PLATFORM)
     with pytest.raises(api_exceptions.Forbidden):
         run_client(local_cloud, keyed).get_service(name=f"{parent}/services/{scoring.name}")
-    local_cloud.iam.grant(f"serviceAccount:{keyed.service_account_email}", RUN_VIEWER,
-                          f"run.service:{scoring.name}")
-    assert run_client(local_cloud, keyed).get_service(
-        name=f"{parent}/services/{scoring.name}").uri == scoring.url
+    local_cloud.iam.grant(
+        f"serviceAccount:{keyed.service_account_email}", RUN_VIEWER, f"run.service:{scoring.name}"
+    )
+    assert (
+        run_client(local_cloud, keyed).get_service(name=f"{parent}/services/{scoring.name}").uri
+        == scoring.url
+    )
     # No token: 401. (The client with AnonymousCredentials never shows it: its session
     # retries a 401 by refreshing, and anonymous credentials raise InvalidOperation.)
-    anonymous = requests.get(f"{local_cloud.run_api_endpoint}/v2/{parent}/services/{scoring.name}",
-                             timeout=5)
+    anonymous = requests.get(f"{local_cloud.run_api_endpoint}/v2/{parent}/services/{scoring.name}", timeout=5)
     assert anonymous.status_code == 401
     assert anonymous.json()["error"]["status"] == "UNAUTHENTICATED"
     with pytest.raises(auth_exceptions.InvalidOperation):
-        run_client(local_cloud, AnonymousCredentials()).get_service(
-            name=f"{parent}/services/{scoring.name}")
+        run_client(local_cloud, AnonymousCredentials()).get_service(name=f"{parent}/services/{scoring.name}")
 
     calls = local_cloud.admin_api_calls
     assert calls[("GetService", scoring.name)] - before[("GetService", scoring.name)] == 7
@@ -263,17 +268,20 @@ def test_fetch_id_token_with_a_service_account_key_file(
     minted = local_cloud.id_tokens_minted[echo.url]
 
     token = id_token.fetch_id_token(Request(), echo.url)
-    claims = id_token.verify_token(token, Request(), audience=echo.url,
-                                   certs_url=local_cloud.certs_url)
+    claims = id_token.verify_token(token, Request(), audience=echo.url, certs_url=local_cloud.certs_url)
     assert claims["email"] == caller
     assert local_cloud.id_tokens_minted[echo.url] == minted + 1
     assert call(echo, token, {}).status_code == 200
     assert call(echo, id_token.fetch_id_token(Request(), echo.url + "/x"), {}).status_code == 401
 
     forged = json.loads(key.read_text())
-    forged["private_key"] = rsa.generate_private_key(public_exponent=65537, key_size=2048) \
-        .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                       serialization.NoEncryption()).decode()
+    forged["private_key"] = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        .decode()
+    )
     (tmp_path / "forged.json").write_text(json.dumps(forged))
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "forged.json"))
     with pytest.raises(auth_exceptions.RefreshError, match="invalid_grant"):
@@ -282,16 +290,15 @@ def test_fetch_id_token_with_a_service_account_key_file(
     assert [r.status for r in token_calls[-3:]] == [200, 200, 400]
 
 
-def test_impersonation_through_iam_credentials(
-    local_cloud: LocalCloud, deploy: Any, tmp_path: Path
-) -> None:
+def test_impersonation_through_iam_credentials(local_cloud: LocalCloud, deploy: Any, tmp_path: Path) -> None:
     target = sa("invoker")
     echo = deploy("echo", invokers=[f"serviceAccount:{target}"])
     dev = user_credentials.Credentials.from_authorized_user_file(
         str(local_cloud.create_authorized_user_file(tmp_path / "adc.json", "dev@example.com"))
     ).with_token_uri(local_cloud.token_uri)
     iam_client = iam_credentials_v1.IAMCredentialsClient(
-        transport="rest", credentials=dev,
+        transport="rest",
+        credentials=dev,
         client_options={"api_endpoint": local_cloud.iam_endpoint},
     )
     name = f"projects/-/serviceAccounts/{target}"
@@ -310,8 +317,9 @@ def test_impersonation_through_iam_credentials(
         local_cloud.iam.revoke("user:dev@example.com", TOKEN_CREATOR, f"serviceAccount:{target}")
     with pytest.raises(api_exceptions.Forbidden):
         iam_client.generate_id_token(name=name, audience=echo.url, include_email=True)
-    iam_calls = [r.status for r in local_cloud.requests if r.component == "iam"
-                 and r.path.startswith(f"/v1/{name}")]
+    iam_calls = [
+        r.status for r in local_cloud.requests if r.component == "iam" and r.path.startswith(f"/v1/{name}")
+    ]
     assert iam_calls == [403, 200, 200, 403]
 
 
@@ -328,9 +336,12 @@ def test_impersonated_adc_file_refreshes_through_the_local_iam(
     # google-auth drops both the file's token_uri and its impersonation URL (it calls
     # Google's fixed endpoints), so a local client passes them back explicitly.
     source = user_credentials.Credentials.from_authorized_user_info(
-        info["source_credentials"]).with_token_uri(local_cloud.token_uri)
+        info["source_credentials"]
+    ).with_token_uri(local_cloud.token_uri)
     creds = impersonated_credentials.Credentials(
-        source_credentials=source, target_principal=target, target_scopes=CLOUD_PLATFORM,
+        source_credentials=source,
+        target_principal=target,
+        target_scopes=CLOUD_PLATFORM,
         iam_endpoint_override=info["service_account_impersonation_url"],
     )
     with pytest.raises(auth_exceptions.RefreshError):
@@ -361,8 +372,12 @@ def test_metadata_server_protocol_and_counts(local_cloud: LocalCloud) -> None:
     assert missing.status_code == 404
     assert missing.headers["Content-Type"].startswith("text/html")
     assert missing.headers["Metadata-Flavor"] == "Google"
-    info = requests.get(base + "/computeMetadata/v1/instance/service-accounts/default/",
-                        params={"recursive": "true"}, headers=flavor, timeout=5).json()
+    info = requests.get(
+        base + "/computeMetadata/v1/instance/service-accounts/default/",
+        params={"recursive": "true"},
+        headers=flavor,
+        timeout=5,
+    ).json()
     assert info["email"] == local_cloud.worker_email
 
     audience = f"https://counted-{uid()}.a.run.app"
@@ -376,10 +391,8 @@ def test_metadata_server_protocol_and_counts(local_cloud: LocalCloud) -> None:
     assert vm.service_account_email == local_cloud.worker_email
     assert local_cloud.id_tokens_minted[audience] == tokens + 2
     assert local_cloud.access_tokens_minted == accesses + 1
-    claims = id_token.verify_token(first, Request(), audience=audience,
-                                   certs_url=local_cloud.certs_url)
-    assert (claims["email"], claims["iss"]) == (local_cloud.worker_email,
-                                                "https://accounts.google.com")
+    claims = id_token.verify_token(first, Request(), audience=audience, certs_url=local_cloud.certs_url)
+    assert (claims["email"], claims["iss"]) == (local_cloud.worker_email, "https://accounts.google.com")
 
 
 def test_metadata_down_then_up(local_cloud: LocalCloud) -> None:
@@ -409,9 +422,7 @@ def test_services_down_then_up(local_cloud: LocalCloud, deploy: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:The return_immediately flag is deprecated")
-def test_emulator_dead_letters_after_max_delivery_attempts(
-    pubsub_emulator: Any, names: Any
-) -> None:
+def test_emulator_dead_letters_after_max_delivery_attempts(pubsub_emulator: Any, names: Any) -> None:
     project = pubsub_emulator.project
     publisher = PublisherClient()
     subscriber = SubscriberClient()
@@ -422,10 +433,14 @@ def test_emulator_dead_letters_after_max_delivery_attempts(
     publisher.create_topic(name=topic)
     publisher.create_topic(name=dead_topic)
     subscriber.create_subscription(name=dead_subscription, topic=dead_topic)
-    subscriber.create_subscription(request={
-        "name": subscription, "topic": topic, "ack_deadline_seconds": 10,
-        "dead_letter_policy": {"dead_letter_topic": dead_topic, "max_delivery_attempts": 5},
-    })
+    subscriber.create_subscription(
+        request={
+            "name": subscription,
+            "topic": topic,
+            "ack_deadline_seconds": 10,
+            "dead_letter_policy": {"dead_letter_topic": dead_topic, "max_delivery_attempts": 5},
+        }
+    )
     publisher.publish(topic, b'{"job_id": "j-1"}', job_id="j-1").result(timeout=30)
 
     # The emulator forwards to the dead-letter topic when the source subscription is
@@ -435,14 +450,19 @@ def test_emulator_dead_letters_after_max_delivery_attempts(
     dead: list[Any] = []
     deadline = time.monotonic() + 60
     while not dead and time.monotonic() < deadline:
-        pulled = subscriber.pull(subscription=subscription, max_messages=10,
-                                 return_immediately=True, timeout=10)
+        pulled = subscriber.pull(
+            subscription=subscription, max_messages=10, return_immediately=True, timeout=10
+        )
         for received in pulled.received_messages:
             attempts.append(received.delivery_attempt)
-            subscriber.modify_ack_deadline(subscription=subscription,
-                                           ack_ids=[received.ack_id], ack_deadline_seconds=0)
-        dead = list(subscriber.pull(subscription=dead_subscription, max_messages=10,
-                                    return_immediately=True, timeout=10).received_messages)
+            subscriber.modify_ack_deadline(
+                subscription=subscription, ack_ids=[received.ack_id], ack_deadline_seconds=0
+            )
+        dead = list(
+            subscriber.pull(
+                subscription=dead_subscription, max_messages=10, return_immediately=True, timeout=10
+            ).received_messages
+        )
         time.sleep(0.1)
     assert attempts == [1, 2, 3, 4, 5]
     assert len(dead) == 1
@@ -452,8 +472,9 @@ def test_emulator_dead_letters_after_max_delivery_attempts(
     assert attributes["CloudPubSubDeadLetterSourceSubscription"].endswith(names.jobs_subscription)
     assert attributes["CloudPubSubDeadLetterSourceSubscriptionProject"] == project
     subscriber.acknowledge(subscription=dead_subscription, ack_ids=[dead[0].ack_id])
-    assert not subscriber.pull(subscription=subscription, max_messages=10,
-                               return_immediately=True, timeout=10).received_messages
+    assert not subscriber.pull(
+        subscription=subscription, max_messages=10, return_immediately=True, timeout=10
+    ).received_messages
     subscriber.close()
 
 

@@ -28,8 +28,16 @@ PUSH_SA = "results-push@local-project.iam.gserviceaccount.com"
 def result(job_id: str) -> Result:
     now = datetime.now(UTC)
     return Result.model_validate(
-        {"job_id": job_id, "kind": "account-scoring", "status": "succeeded", "attempts": 1,
-         "response": {"score": 50}, "started_at": now, "finished_at": now, "duration_ms": 3}
+        {
+            "job_id": job_id,
+            "kind": "account-scoring",
+            "status": "succeeded",
+            "attempts": 1,
+            "response": {"score": 50},
+            "started_at": now,
+            "finished_at": now,
+            "duration_ms": 3,
+        }
     )
 
 
@@ -96,16 +104,21 @@ def deliverer(local_cloud: Any, topic: str, endpoint: str, **options: Any) -> An
     subscriber = pubsub_v1.SubscriberClient()
     subscription = subscriber.subscription_path("local-project", topic.rsplit("/", 1)[1] + "-push")
     return local_cloud.push_deliverer(
-        subscriber, subscription, endpoint, service_account=options.pop("service_account", PUSH_SA),
-        topic=topic, **options,
+        subscriber,
+        subscription,
+        endpoint,
+        service_account=options.pop("service_account", PUSH_SA),
+        topic=topic,
+        **options,
     )
 
 
 def test_results_are_pushed_with_a_verified_token_and_stored_once(local_cloud: Any, topic: str) -> None:
     verifier = PushVerifier("https://webapp.local/push", PUSH_SA, certs_url=local_cloud.certs_url)
-    with Endpoint(verifier) as endpoint, deliverer(
-        local_cloud, topic, endpoint.url, audience="https://webapp.local/push"
-    ) as push:
+    with (
+        Endpoint(verifier) as endpoint,
+        deliverer(local_cloud, topic, endpoint.url, audience="https://webapp.local/push") as push,
+    ):
         job_ids = [f"push-{i}" for i in range(30)]
         publish_results(topic, job_ids)
         wait_for(lambda: len(endpoint.store.results) == 30)
@@ -116,9 +129,10 @@ def test_results_are_pushed_with_a_verified_token_and_stored_once(local_cloud: A
 
 def test_a_refused_push_is_nacked_and_retried_with_a_growing_backoff(local_cloud: Any, topic: str) -> None:
     verifier = PushVerifier("https://webapp.local/push", PUSH_SA, certs_url=local_cloud.certs_url)
-    with Endpoint(verifier, fail_first=2) as endpoint, deliverer(
-        local_cloud, topic, endpoint.url, audience="https://webapp.local/push"
-    ) as push:
+    with (
+        Endpoint(verifier, fail_first=2) as endpoint,
+        deliverer(local_cloud, topic, endpoint.url, audience="https://webapp.local/push") as push,
+    ):
         publish_results(topic, ["flaky-1"])
         wait_for(lambda: "flaky-1" in endpoint.store.results)
         assert push.statuses[:3] == [503, 503, 204]
@@ -131,7 +145,10 @@ def test_another_account_or_audience_is_refused_and_nothing_stored(local_cloud: 
     verifier = PushVerifier("https://webapp.local/push", PUSH_SA, certs_url=local_cloud.certs_url)
     with Endpoint(verifier) as endpoint:
         with deliverer(
-            local_cloud, topic, endpoint.url, audience="https://webapp.local/push",
+            local_cloud,
+            topic,
+            endpoint.url,
+            audience="https://webapp.local/push",
             service_account="intruder@local-project.iam.gserviceaccount.com",
         ) as push:
             publish_results(topic, ["intruded-1"])
@@ -159,10 +176,13 @@ def test_the_emulators_own_push_sends_no_token_so_the_local_deliverer_is_needed(
         name = topic.rsplit("/", 1)[1] + "-emu"
         emulator_push = subscriber.subscription_path(pubsub_emulator.project, name)
         oidc = {"service_account_email": PUSH_SA, "audience": "https://webapp.local/push"}
-        subscriber.create_subscription(request={
-            "name": emulator_push, "topic": topic,
-            "push_config": {"push_endpoint": emulator_target.url, "oidc_token": oidc},
-        })
+        subscriber.create_subscription(
+            request={
+                "name": emulator_push,
+                "topic": topic,
+                "push_config": {"push_endpoint": emulator_target.url, "oidc_token": oidc},
+            }
+        )
         with deliverer(local_cloud, topic, local_target.url, audience="https://webapp.local/push"):
             publish_results(topic, ["both-ways"])
             wait_for(lambda: bool(emulator_target.requests) and "both-ways" in local_target.store.results)

@@ -234,12 +234,16 @@ def test_one_trace_from_enqueue_through_the_worker_into_the_function_and_back(
         tree = {s.name: s for s in children(spans, process)}
         # resolve and token are spans when they did work (the Admin API, a token minted):
         # once, under whichever job came first; a cache hit is no span.
-        assert {"POST", f"send {names.results_topic}"} <= set(tree) <= {
-            "resolve",
-            "token",
-            "POST",
-            f"send {names.results_topic}",
-        }, sorted(tree)
+        assert (
+            {"POST", f"send {names.results_topic}"}
+            <= set(tree)
+            <= {
+                "resolve",
+                "token",
+                "POST",
+                f"send {names.results_topic}",
+            }
+        ), sorted(tree)
         call = tree["POST"]
         assert call.kind is SpanKind.CLIENT and call.attributes["http.response.status_code"] == 200
         assert tree[f"send {names.results_topic}"].kind is SpanKind.PRODUCER
@@ -401,7 +405,8 @@ def test_worker_run_exports_each_jobs_spans_through_the_relay_to_an_otlp_collect
     for job_id, (trace_hex, parent) in senders.items():
         assert results[job_id][0]["trace_id"] == trace_hex
         process = [
-            s for _, s in spans
+            s
+            for _, s in spans
             if s.name == f"process {names.jobs_topic}"
             and any(a.key == "worker.job.id" and a.value.string_value == job_id for a in s.attributes)
         ]

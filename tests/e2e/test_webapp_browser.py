@@ -33,8 +33,14 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 BATCH = 25
 
@@ -48,9 +54,20 @@ class WebApp:
         self.log_path = db.with_suffix(".log")
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "examples.webapp", "--env-file", str(env_file),
-             "--port", str(self.port), "--db", str(db)],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "examples.webapp",
+                "--env-file",
+                str(env_file),
+                "--port",
+                str(self.port),
+                "--db",
+                str(db),
+            ],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -103,8 +120,14 @@ def stack(local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path) ->
     endpoint = f"http://127.0.0.1:{port}/pubsub/results"
     # The file `worker dev` writes, with this test's topic names and catalog.
     env_file = tmp_path / "worker-dev.env"
-    write_env_file(str(env_file), {**webapp_env(local_cloud, pubsub_emulator.host, endpoint), **names.env,
-                                   "WORKER_CATALOG_DIR": str(catalog)})
+    write_env_file(
+        str(env_file),
+        {
+            **webapp_env(local_cloud, pubsub_emulator.host, endpoint),
+            **names.env,
+            "WORKER_CATALOG_DIR": str(catalog),
+        },
+    )
     subscriber = pubsub_v1.SubscriberClient()
     deliverer = local_cloud.push_deliverer(
         subscriber,

@@ -25,8 +25,13 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if uv is None:
         pytest.skip("uv is not installed: run `make test`, which installs it in .tools/")
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([uv, "build", "--wheel", "--package", "cloudrun-job-worker", "--out-dir", str(out)],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [uv, "build", "--wheel", "--package", "cloudrun-job-worker", "--out-dir", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (built,) = out.glob("cloudrun_job_worker-*.whl")
     return built
 
@@ -40,6 +45,9 @@ def test_the_wheel_carries_the_code_and_the_catalog_and_nothing_else(wheel: Path
     # neither it nor what only it needs.
     assert not [n for n in names if "localcloud" in n]
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
-    requires = [line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
-                if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    requires = [
+        line
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
     assert requires and not [line for line in requires if "localcloud" in line]

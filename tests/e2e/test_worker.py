@@ -37,6 +37,7 @@ STREAMS = pytest.mark.parametrize("streams", ["rotating", "plain"])
 def with_streams(env: dict[str, str], streams: str) -> dict[str, str]:
     return dict(env, WORKER_EMULATOR_PLAIN_STREAMS="1") if streams == "plain" else env
 
+
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
 
 
@@ -297,9 +298,7 @@ def test_jobs_whose_result_cannot_be_published_are_not_acked_and_end_with_a_resu
         )
         assert worker.stop() == 0
     assert {r[0]["status"] for r in results.values()} == {"succeeded"}
-    attempts = {
-        e["job_id"]: e["attempt"] for e in worker.log_events() if e.get("message") == "job_succeeded"
-    }
+    attempts = {e["job_id"]: e["attempt"] for e in worker.log_events() if e.get("message") == "job_succeeded"}
     # Each job was delivered again after its failed publish: none had been acked.
     assert min(attempts.values()) >= 2, attempts
     assert not drain(env, "WORKER_DEAD_LETTER_SUBSCRIPTION", 1, timeout=2)

@@ -20,8 +20,13 @@ from worker.core.messages import Result
 
 @click.command("batch-status")
 @click.argument("batch_id")
-@click.option("--from-file", "results_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Results as JSON lines, e.g. what the web app stored.")
+@click.option(
+    "--from-file",
+    "results_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Results as JSON lines, e.g. what the web app stored.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @exits_with_code
 def batch_status(batch_id: str, results_file: Path, as_json: bool) -> int:

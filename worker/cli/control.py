@@ -46,10 +46,17 @@ def parse_duration(text: str) -> float:
 
 @click.command()
 @click.argument("kind")
-@click.option("--for", "duration", metavar="DURATION",
-              help="Resume by itself after this long (90s, 15m, 2h, 1d).")
-@click.option("--wait", "wait_s", type=click.FloatRange(0, 60), default=3.0, show_default=True,
-              help="Seconds to collect the instances' confirmations.")
+@click.option(
+    "--for", "duration", metavar="DURATION", help="Resume by itself after this long (90s, 15m, 2h, 1d)."
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0, 60),
+    default=3.0,
+    show_default=True,
+    help="Seconds to collect the instances' confirmations.",
+)
 @exits_with_code
 def pause(kind: str, duration: str | None, wait_s: float) -> int:
     """Stop calling KIND's service on every worker instance; its jobs wait in Pub/Sub."""
@@ -66,8 +73,14 @@ def pause(kind: str, duration: str | None, wait_s: float) -> int:
 
 @click.command()
 @click.argument("kind")
-@click.option("--wait", "wait_s", type=click.FloatRange(0, 60), default=3.0, show_default=True,
-              help="Seconds to collect the instances' confirmations.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0, 60),
+    default=3.0,
+    show_default=True,
+    help="Seconds to collect the instances' confirmations.",
+)
 @exits_with_code
 def resume(kind: str, wait_s: float) -> int:
     """Call KIND's service again on every worker instance."""
@@ -77,8 +90,14 @@ def resume(kind: str, wait_s: float) -> int:
 
 
 @click.command()
-@click.option("--wait", "wait_s", type=click.FloatRange(0.5, 60), default=3.0, show_default=True,
-              help="Seconds to collect the instances' answers.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0.5, 60),
+    default=3.0,
+    show_default=True,
+    help="Seconds to collect the instances' answers.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per instance.")
 @exits_with_code
 def status(wait_s: float, as_json: bool) -> int:
@@ -99,18 +118,24 @@ def status(wait_s: float, as_json: bool) -> int:
             f"{k} (until {u})" if u else k for k, u in sorted((state.get("paused") or {}).items())
         )
         targets = state.get("targets") or {}
-        rows.append([
-            str(reply.get("replica")),
-            paused or "-",
-            "\n".join(
-                f"{name}: {t.get('breaker', '?')}, limit {t.get('limit', '-')}/{t.get('ceiling', '-')}, "
-                f"{t.get('in_flight', 0)} in flight"
-                for name, t in sorted(targets.items())
-            ) or "- (no call made yet)",
-            f"{state.get('in_flight', 0)} / {state.get('held', 0)}",
-        ])
-    table(f"{len(replies)} worker instance(s) on {settings.control_topic}",
-          ["instance", "paused kinds", "targets: breaker, limit/ceiling", "jobs in flight / held"], rows)
+        rows.append(
+            [
+                str(reply.get("replica")),
+                paused or "-",
+                "\n".join(
+                    f"{name}: {t.get('breaker', '?')}, limit {t.get('limit', '-')}/{t.get('ceiling', '-')}, "
+                    f"{t.get('in_flight', 0)} in flight"
+                    for name, t in sorted(targets.items())
+                )
+                or "- (no call made yet)",
+                f"{state.get('in_flight', 0)} / {state.get('held', 0)}",
+            ]
+        )
+    table(
+        f"{len(replies)} worker instance(s) on {settings.control_topic}",
+        ["instance", "paused kinds", "targets: breaker, limit/ceiling", "jobs in flight / held"],
+        rows,
+    )
     return EXIT_OK
 
 
@@ -118,8 +143,7 @@ def check_kind(settings: Settings, kind: str) -> None:
     catalog = load_catalog_or_fail(settings)
     if kind not in catalog:
         raise CommandError(
-            f"unknown kind {kind!r}; known kinds: {', '.join(sorted(catalog))} "
-            f"(catalog {catalog.source})",
+            f"unknown kind {kind!r}; known kinds: {', '.join(sorted(catalog))} (catalog {catalog.source})",
             EXIT_USAGE,
         )
 

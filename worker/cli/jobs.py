@@ -28,8 +28,13 @@ from worker.core.messages import JobStatus
 @click.option("--payload", required=True, help="The job's payload, as JSON.")
 @click.option("--job-id", help="The job's id, its idempotency key [a new UUID].")
 @click.option("--wait", is_flag=True, help="Print the result: exit 0 if it succeeded, 1 if not, 3 timed out.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
-              help="Seconds --wait waits.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds --wait waits.",
+)
 @exits_with_code
 def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: float) -> int:
     """Publish one job (checked against the catalog first) and print its id."""
@@ -68,8 +73,13 @@ def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: fl
 @click.command()
 @click.argument("job_id")
 @click.option("--kind", help="Only look at this run_job kind's Cloud Run job [every run_job kind's].")
-@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Seconds to wait for the execution to stop.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the execution to stop.",
+)
 @exits_with_code
 def cancel(job_id: str, kind: str | None, timeout: float) -> int:
     """Cancel a job's running Cloud Run job execution and publish its `cancelled` result."""

@@ -97,8 +97,9 @@ def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -
     return EXIT_OK
 
 
-def replay_dead_letters(settings: Settings, *, kind: str | None, job_id: str | None, limit: int | None,
-           dry_run: bool) -> int:
+def replay_dead_letters(
+    settings: Settings, *, kind: str | None, job_id: str | None, limit: int | None, dry_run: bool
+) -> int:
     from worker.ops import operations
 
     publisher, subscriber = operator_clients(settings)
@@ -113,13 +114,23 @@ def replay_dead_letters(settings: Settings, *, kind: str | None, job_id: str | N
 
     with google_errors(settings), progress:
         report = operations.replay_dead_letters(
-            subscriber, publisher, path, topic, kind=kind, job_id=job_id, limit=limit,
-            dry_run=dry_run, on_selected=lambda chosen: progress.start(len(chosen)), on_settled=settled,
+            subscriber,
+            publisher,
+            path,
+            topic,
+            kind=kind,
+            job_id=job_id,
+            limit=limit,
+            dry_run=dry_run,
+            on_selected=lambda chosen: progress.start(len(chosen)),
+            on_settled=settled,
         )
     publisher.stop()
     if dry_run:
-        rows = [[e.job_id or "-", e.kind or "-", e.error_code or e.status, str(e.replay_count + 1)]
-                for e in report.selected]
+        rows = [
+            [e.job_id or "-", e.kind or "-", e.error_code or e.status, str(e.replay_count + 1)]
+            for e in report.selected
+        ]
         if rows:
             table("Would replay (dry run)", ["job id", "kind", "error", "replay #"], rows)
         click.echo(f"dry run: would replay {len(report.selected)}, skip {report.skipped}; nothing changed.")

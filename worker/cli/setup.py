@@ -33,22 +33,48 @@ if TYPE_CHECKING:
 @click.option("--print-gcloud", is_flag=True, help="Print the gcloud commands (IAM included) instead.")
 @click.option("--worker-sa", help="Worker service account for --print-gcloud [worker@PROJECT...].")
 @click.option("--webapp-sa", help="Web app service account for --print-gcloud [webapp@PROJECT...].")
-@click.option("--schedule", default="0 2 * * *", show_default=True,
-              help="Cron schedule of the nightly batch-scoring job, for --print-gcloud.")
-@click.option("--time-zone", default="Etc/UTC", show_default=True,
-              help="Time zone of --schedule (tz database name), for --print-gcloud.")
-@click.option("--operator", "operators", multiple=True, metavar="MEMBER",
-              help="IAM member (user:alice@example.com, group:ops@example.com) to grant what "
-              "dead-letters, replay and doctor need, for --print-gcloud. Repeatable.")
-@click.option("--webapp-push-endpoint", metavar="URL",
-              help="For --print-gcloud: the results subscription pushes to this https URL of the web app "
-              "(Cloud Run), with an OIDC token, instead of being pulled.")
-@click.option("--webapp-push-sa", metavar="EMAIL",
-              help="Service account of the push requests' tokens [results-push@PROJECT...].")
-@click.option("--webapp-push-audience", metavar="AUDIENCE",
-              help="Audience of the push requests' tokens [the push endpoint].")
-@click.option("--webapp-service", default="webapp", show_default=True,
-              help="The web app's Cloud Run service, which the push service account may invoke.")
+@click.option(
+    "--schedule",
+    default="0 2 * * *",
+    show_default=True,
+    help="Cron schedule of the nightly batch-scoring job, for --print-gcloud.",
+)
+@click.option(
+    "--time-zone",
+    default="Etc/UTC",
+    show_default=True,
+    help="Time zone of --schedule (tz database name), for --print-gcloud.",
+)
+@click.option(
+    "--operator",
+    "operators",
+    multiple=True,
+    metavar="MEMBER",
+    help="IAM member (user:alice@example.com, group:ops@example.com) to grant what "
+    "dead-letters, replay and doctor need, for --print-gcloud. Repeatable.",
+)
+@click.option(
+    "--webapp-push-endpoint",
+    metavar="URL",
+    help="For --print-gcloud: the results subscription pushes to this https URL of the web app "
+    "(Cloud Run), with an OIDC token, instead of being pulled.",
+)
+@click.option(
+    "--webapp-push-sa",
+    metavar="EMAIL",
+    help="Service account of the push requests' tokens [results-push@PROJECT...].",
+)
+@click.option(
+    "--webapp-push-audience",
+    metavar="AUDIENCE",
+    help="Audience of the push requests' tokens [the push endpoint].",
+)
+@click.option(
+    "--webapp-service",
+    default="webapp",
+    show_default=True,
+    help="The web app's Cloud Run service, which the push service account may invoke.",
+)
 @exits_with_code
 def setup(
     max_delivery_attempts: int,
@@ -83,28 +109,37 @@ def setup(
             EXIT_USAGE,
         )
     if (webapp_push_sa or webapp_push_audience) and not webapp_push_endpoint:
-        raise CommandError("--webapp-push-sa and --webapp-push-audience need --webapp-push-endpoint URL",
-                           EXIT_USAGE)
+        raise CommandError(
+            "--webapp-push-sa and --webapp-push-audience need --webapp-push-endpoint URL", EXIT_USAGE
+        )
     options = SetupOptions(max_delivery_attempts, min_backoff, max_backoff, ack_deadline, retention_days)
     if print_gcloud:
         return print_script(
-            settings, worker_sa=worker_sa, webapp_sa=webapp_sa, options=options,
-            schedule=schedule, time_zone=time_zone, operators=operators,
-            push=_push_target(settings, webapp_push_endpoint, webapp_push_sa, webapp_push_audience,
-                              webapp_service),
+            settings,
+            worker_sa=worker_sa,
+            webapp_sa=webapp_sa,
+            options=options,
+            schedule=schedule,
+            time_zone=time_zone,
+            operators=operators,
+            push=_push_target(
+                settings, webapp_push_endpoint, webapp_push_sa, webapp_push_audience, webapp_service
+            ),
         )
     return apply(settings, options)
 
 
-def _push_target(settings: Settings, endpoint: str | None, service_account: str | None,
-                 audience: str | None, service: str) -> PushTarget | None:
+def _push_target(
+    settings: Settings, endpoint: str | None, service_account: str | None, audience: str | None, service: str
+) -> PushTarget | None:
     from worker.ops.gcloud import push_target
 
     if endpoint is None:
         return None
     try:
-        return push_target(settings, endpoint, service_account=service_account, audience=audience,
-                           service=service)
+        return push_target(
+            settings, endpoint, service_account=service_account, audience=audience, service=service
+        )
     except ValueError as exc:
         raise CommandError(f"--webapp-push-endpoint: {exc}", EXIT_USAGE) from None
 

@@ -83,9 +83,15 @@ class CachingRequest(transport.Request):
         self._cache: dict[str, tuple[float, Any]] = {}
         self.fetches = 0
 
-    def __call__(self, url: str, method: str = "GET", body: Any = None,
-                 headers: Mapping[str, str] | None = None, timeout: float | None = None,
-                 **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if method != "GET" or body is not None:
             return self._request(url, method=method, body=body, headers=headers, timeout=timeout, **kwargs)
         with self._lock:
@@ -174,19 +180,24 @@ class PushVerifier:
 
         try:
             claims = id_token.verify_token(
-                token, self._request, audience=self.audience, certs_url=self.certs_url,
+                token,
+                self._request,
+                audience=self.audience,
+                certs_url=self.certs_url,
                 clock_skew_in_seconds=self.clock_skew_s,
             )
         except auth_exceptions.TransportError as exc:
             log.warning("push_certs_unavailable", certs_url=self.certs_url, error=str(exc)[:200])
             raise PushRefused(
-                503, f"cannot fetch the token signing certificates from {self.certs_url} ({exc}); "
-                "Pub/Sub retries, check the web app's egress"
+                503,
+                f"cannot fetch the token signing certificates from {self.certs_url} ({exc}); "
+                "Pub/Sub retries, check the web app's egress",
             ) from None
         except Exception as exc:  # any token google-auth cannot verify is simply not authentic
             raise PushRefused(
-                401, f"push token refused: {_short(exc)}; the subscription must push with "
-                f"--push-auth-token-audience={self.audience}"
+                401,
+                f"push token refused: {_short(exc)}; the subscription must push with "
+                f"--push-auth-token-audience={self.audience}",
             ) from None
         if not isinstance(claims, Mapping):
             raise PushRefused(401, "push token refused: its payload is not a JSON object")
@@ -195,9 +206,10 @@ class PushVerifier:
         email = claims.get("email")
         if not isinstance(email, str) or email.lower() != self.service_account:
             raise PushRefused(
-                403, f"push token is for {_short(email)}, not the push service account "
+                403,
+                f"push token is for {_short(email)}, not the push service account "
                 f"{self.service_account}; set --push-auth-service-account={self.service_account} "
-                "on the subscription, or configure the verifier with the account it uses"
+                "on the subscription, or configure the verifier with the account it uses",
             )
         if claims.get("email_verified") is not True:
             raise PushRefused(403, f"push token for {email} does not say email_verified: true")
@@ -218,8 +230,9 @@ def _check_certs_url(url: str) -> None:
 def _bearer(authorization: str | None) -> str:
     if not authorization:
         raise PushRefused(
-            401, "no Authorization header: create the push subscription with "
-            "--push-auth-service-account so Pub/Sub sends an OIDC token"
+            401,
+            "no Authorization header: create the push subscription with "
+            "--push-auth-service-account so Pub/Sub sends an OIDC token",
         )
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
@@ -303,8 +316,9 @@ def decode_envelope(body: bytes) -> PushDelivery:
         result = Result.model_validate_json(data)
     except (ValidationError, ValueError, RecursionError) as exc:
         raise PushRefused(
-            400, f"message {envelope.message.message_id[:80]!r} is not a worker result: {_describe(exc)}; "
-            "only the worker publishes to the results topic"
+            400,
+            f"message {envelope.message.message_id[:80]!r} is not a worker result: {_describe(exc)}; "
+            "only the worker publishes to the results topic",
         ) from None
     return PushDelivery(
         result=result,
@@ -405,8 +419,13 @@ class PushHandler:
         except Exception as exc:  # the caller's database: Pub/Sub will deliver again
             log.error("push_store_failed", job_id=result.job_id, error=_short(exc, 300))
             return PushResponse(503, {"error": f"storing the result failed: {_short(exc)}; Pub/Sub retries"})
-        log.info("push_result", job_id=result.job_id, status=result.status, stored=changed,
-                 delivery_attempt=delivery.delivery_attempt)
+        log.info(
+            "push_result",
+            job_id=result.job_id,
+            status=result.status,
+            stored=changed,
+            delivery_attempt=delivery.delivery_attempt,
+        )
         return PushResponse(204)
 
     def handle(self, authorization: str | None, body: bytes) -> PushResponse:

@@ -26,9 +26,7 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 class CircuitBreaker:
-    def __init__(
-        self, name: str, spec: BreakerSpec, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, name: str, spec: BreakerSpec, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.spec = spec
         self._clock = clock
@@ -84,8 +82,9 @@ class CircuitBreaker:
             len(self._window) >= self.spec.min_calls
             and self._window_failures / len(self._window) > self.spec.error_rate
         ):
-            self._open(now, f"{self._window_failures} of {len(self._window)} calls failed in "
-                       f"{self.spec.window_s:g}s")
+            self._open(
+                now, f"{self._window_failures} of {len(self._window)} calls failed in {self.spec.window_s:g}s"
+            )
 
     def release_probe(self) -> None:
         """An admitted call ended without an outcome of the service's (cancelled, no token)."""

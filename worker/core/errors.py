@@ -18,7 +18,6 @@ class ConfigError(Exception):
 class JobError(Exception):
     """A job could not be completed. `code` is stable and machine-readable."""
 
-
     def __init__(self, code: str, message: str, *, http_status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
@@ -32,10 +31,8 @@ class PermanentJobError(JobError):
     """Retrying will not help (a 403, a missing service, a 4xx from the function)."""
 
 
-
 class TransientJobError(JobError):
     """May succeed later (a 503, a timeout, the Admin API or metadata server away)."""
-
 
 
 class InvalidJobError(PermanentJobError):

@@ -49,18 +49,49 @@ def grant(member: str, role: str, resource: str) -> str:
             "projects", "add-iam-policy-binding", project, member=member, role=role, condition="None"
         )
     if parts[2] == "topics":
-        return gcloud("pubsub", "topics", "add-iam-policy-binding", parts[3], project=project, member=member,
-                      role=role)
+        return gcloud(
+            "pubsub", "topics", "add-iam-policy-binding", parts[3], project=project, member=member, role=role
+        )
     if parts[2] == "subscriptions":
-        return gcloud("pubsub", "subscriptions", "add-iam-policy-binding", parts[3], project=project,
-                      member=member, role=role)
+        return gcloud(
+            "pubsub",
+            "subscriptions",
+            "add-iam-policy-binding",
+            parts[3],
+            project=project,
+            member=member,
+            role=role,
+        )
     if parts[2] == "locations" and parts[4] == "jobs":
-        return gcloud("run", "jobs", "add-iam-policy-binding", parts[5], region=parts[3], project=project,
-                      member=member, role=role)
+        return gcloud(
+            "run",
+            "jobs",
+            "add-iam-policy-binding",
+            parts[5],
+            region=parts[3],
+            project=project,
+            member=member,
+            role=role,
+        )
     if parts[2] == "locations" and parts[4] == "services":
-        return gcloud("run", "services", "add-iam-policy-binding", parts[5], region=parts[3], project=project,
-                      member=member, role=role)
+        return gcloud(
+            "run",
+            "services",
+            "add-iam-policy-binding",
+            parts[5],
+            region=parts[3],
+            project=project,
+            member=member,
+            role=role,
+        )
     if parts[2] == "serviceAccounts":
-        return gcloud("iam", "service-accounts", "add-iam-policy-binding", parts[3], project=project,
-                      member=member, role=role)
+        return gcloud(
+            "iam",
+            "service-accounts",
+            "add-iam-policy-binding",
+            parts[3],
+            project=project,
+            member=member,
+            role=role,
+        )
     raise ValueError(f"no gcloud command for a binding on {resource!r}")

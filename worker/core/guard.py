@@ -62,9 +62,7 @@ def _no_capacity(service: str, region: str) -> Capacity | None:
     return None
 
 
-def target_ceiling(
-    kinds: list[JobKind], capacity: Capacity | None, default: int
-) -> tuple[int, str]:
+def target_ceiling(kinds: list[JobKind], capacity: Capacity | None, default: int) -> tuple[int, str]:
     """The adaptive limit's ceiling for a target called by `kinds`, and where it came from."""
     best: tuple[int, str] | None = None
     for kind in kinds:
@@ -73,8 +71,11 @@ def target_ceiling(
         elif capacity is not None:
             figure = (capacity.calls, capacity.describe())
         else:
-            figure = (default, "WORKER_MAX_IN_FLIGHT (the Service states no max_instance_count "
-                      "and max_instance_request_concurrency)")
+            figure = (
+                default,
+                "WORKER_MAX_IN_FLIGHT (the Service states no max_instance_count "
+                "and max_instance_request_concurrency)",
+            )
         if best is None or figure[0] > best[0]:
             best = figure
     return best if best is not None else (default, "WORKER_MAX_IN_FLIGHT")
@@ -105,9 +106,7 @@ class Guard:
         self._semaphores = {
             k.kind: asyncio.Semaphore(k.max_concurrency) for k in catalog.values() if k.max_concurrency
         }
-        self._buckets = {
-            k.kind: TokenBucket(k.rate_per_s, k.burst) for k in catalog.values() if k.rate_per_s
-        }
+        self._buckets = {k.kind: TokenBucket(k.rate_per_s, k.burst) for k in catalog.values() if k.rate_per_s}
         self._limits: dict[tuple[str, str], AdaptiveLimit] = {}
         self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
 
@@ -152,8 +151,9 @@ class Guard:
                 entry["breaker"] = self._breakers[target].state
             if target in self._limits:
                 limit = self._limits[target]
-                entry.update(limit=limit.current, ceiling=limit.ceiling, in_flight=limit.in_flight,
-                             source=limit.source)
+                entry.update(
+                    limit=limit.current, ceiling=limit.ceiling, in_flight=limit.in_flight, source=limit.source
+                )
             targets[target] = entry
         return targets
 

@@ -46,8 +46,14 @@ USER_CREDENTIALS_EXPLANATION = (
     "Cloud Run wants: an OIDC token whose audience is the service URL is only issued to a "
     "service account. Fix: let your account impersonate the worker's service account, then "
     "run with it: "
-    + gcloud("iam", "service-accounts", "add-iam-policy-binding", "WORKER_SA", member="user:YOU",
-             role=TOKEN_CREATOR)
+    + gcloud(
+        "iam",
+        "service-accounts",
+        "add-iam-policy-binding",
+        "WORKER_SA",
+        member="user:YOU",
+        role=TOKEN_CREATOR,
+    )
     + f" and set WORKER_IMPERSONATE_SERVICE_ACCOUNT=WORKER_SA (or run {ADC_LOGIN_AS_WORKER})"
 )
 

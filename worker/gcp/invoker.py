@@ -296,8 +296,13 @@ class Invoker:
                 f"{kind.service} answered 403: the worker's service account lacks roles/run.invoker "
                 f"on Cloud Run service {kind.service!r}. Fix: "
                 + gcloud(
-                    "run", "services", "add-iam-policy-binding", kind.service or "SERVICE",
-                    region=region, member="serviceAccount:WORKER_SA", role="roles/run.invoker",
+                    "run",
+                    "services",
+                    "add-iam-policy-binding",
+                    kind.service or "SERVICE",
+                    region=region,
+                    member="serviceAccount:WORKER_SA",
+                    role="roles/run.invoker",
                 ),
                 http_status=status,
             )

@@ -104,9 +104,7 @@ class ServiceResolver:
             self._in_flight[key] = pending
             try:
                 # A span only for a real lookup: a cache hit costs nothing worth tracing.
-                with self._telemetry.step(
-                    "resolve", **{"worker.service": service, "cloud.region": region}
-                ):
+                with self._telemetry.step("resolve", **{"worker.service": service, "cloud.region": region}):
                     pending.set_result(await self._refresh(service, region))
             except BaseException as exc:
                 pending.set_exception(exc)

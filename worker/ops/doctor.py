@@ -191,7 +191,8 @@ async def _resolve(
             # exist" (Cloud Run answers 403 for both): the list shows which it is.
             "permission_denied": [
                 grant(
-                    _member(principal), "roles/run.viewer",
+                    _member(principal),
+                    "roles/run.viewer",
                     f"projects/{settings.project}/locations/{region}/services/{service}",
                 ),
                 list_services,

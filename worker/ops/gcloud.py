@@ -58,8 +58,14 @@ class PushTarget:
     region: str
 
 
-def push_target(settings: Settings, endpoint: str, *, service_account: str | None = None,
-                audience: str | None = None, service: str = "webapp") -> PushTarget:
+def push_target(
+    settings: Settings,
+    endpoint: str,
+    *,
+    service_account: str | None = None,
+    audience: str | None = None,
+    service: str = "webapp",
+) -> PushTarget:
     """A PushTarget, or ValueError saying what to fix (Pub/Sub pushes only to https)."""
     if not endpoint.startswith("https://") or len(endpoint) <= len("https://"):
         raise ValueError(
@@ -378,32 +384,57 @@ def resource_commands(settings: Settings, options: SetupOptions, push: PushTarge
     commands = [
         gcloud("pubsub", "topics", "create", name, project=settings.project)
         for name in (
-            settings.jobs_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic
+            settings.jobs_topic,
+            settings.results_topic,
+            settings.dead_letter_topic,
+            settings.control_topic,
         )
     ]
     commands.append(
         gcloud(
-            "iam", "roles", "create", CONTROL_ROLE_ID, project=settings.project,
+            "iam",
+            "roles",
+            "create",
+            CONTROL_ROLE_ID,
+            project=settings.project,
             title="Worker control channel",
             description="Make, read and delete the short-lived subscriptions of worker pause/status",
-            permissions=",".join(CONTROL_PERMISSIONS), stage="GA",
+            permissions=",".join(CONTROL_PERMISSIONS),
+            stage="GA",
         )
     )
     commands += [
         gcloud(
-            "pubsub", "subscriptions", "create", settings.jobs_subscription,
-            project=settings.project, topic=settings.jobs_topic, **common,
+            "pubsub",
+            "subscriptions",
+            "create",
+            settings.jobs_subscription,
+            project=settings.project,
+            topic=settings.jobs_topic,
+            **common,
             dead_letter_topic=settings.dead_letter_topic,
             max_delivery_attempts=options.max_delivery_attempts,
-            min_retry_delay=f"{options.min_backoff_s}s", max_retry_delay=f"{options.max_backoff_s}s",
+            min_retry_delay=f"{options.min_backoff_s}s",
+            max_retry_delay=f"{options.max_backoff_s}s",
         ),
         gcloud(
-            "pubsub", "subscriptions", "create", settings.results_subscription,
-            project=settings.project, topic=settings.results_topic, **common, **push_flags,
+            "pubsub",
+            "subscriptions",
+            "create",
+            settings.results_subscription,
+            project=settings.project,
+            topic=settings.results_topic,
+            **common,
+            **push_flags,
         ),
         gcloud(
-            "pubsub", "subscriptions", "create", settings.dead_letter_subscription,
-            project=settings.project, topic=settings.dead_letter_topic, **common,
+            "pubsub",
+            "subscriptions",
+            "create",
+            settings.dead_letter_subscription,
+            project=settings.project,
+            topic=settings.dead_letter_topic,
+            **common,
         ),
     ]
     return commands
@@ -477,8 +508,15 @@ def gcloud_script(
             "# on it (roles/iam.serviceAccountUser). The web app verifies each token (worker.client.push).",
         ]
     for command in gcloud_commands(
-        settings, catalog, worker_sa, webapp_sa, options, extra_commands=extra_commands, operators=operators,
-        push=push, telemetry=telemetry,
+        settings,
+        catalog,
+        worker_sa,
+        webapp_sa,
+        options,
+        extra_commands=extra_commands,
+        operators=operators,
+        push=push,
+        telemetry=telemetry,
     ):
         if command in reasons:
             lines.append(reasons[command])
@@ -502,10 +540,17 @@ def scheduler_commands(settings: Settings, schedule: str, time_zone: str) -> lis
     return [
         gcloud("services", "enable", "cloudscheduler.googleapis.com", project=settings.project),
         gcloud(
-            "scheduler", "jobs", "create", "pubsub", SCHEDULER_JOB,
-            project=settings.project, location=settings.region, schedule=schedule, time_zone=time_zone,
-            topic=settings.jobs_topic, message_body=json.dumps(body),
+            "scheduler",
+            "jobs",
+            "create",
+            "pubsub",
+            SCHEDULER_JOB,
+            project=settings.project,
+            location=settings.region,
+            schedule=schedule,
+            time_zone=time_zone,
+            topic=settings.jobs_topic,
+            message_body=json.dumps(body),
             attributes=f"job_id={SCHEDULER_JOB},kind=batch-scoring",
         ),
     ]
-

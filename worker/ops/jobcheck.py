@@ -31,7 +31,10 @@ async def check_run_job(
     except exceptions.NotFound as exc:
         report.checks.append(
             Check(
-                "job", False, f"{name} does not exist", [exc.message],
+                "job",
+                False,
+                f"{name} does not exist",
+                [exc.message],
                 [gcloud("run", "jobs", "list", region=region, project=settings.project)],
             )
         )
@@ -42,10 +45,15 @@ async def check_run_job(
                 "job",
                 False,
                 f"the worker may not read {name}, or it does not exist",
-                [exc.message, "granted per job, roles/run.viewer cannot tell the two apart: Cloud Run "
-                 "answers 403 for both; the job list shows which it is"],
-                [gcloud("run", "jobs", "list", region=region, project=settings.project),
-                 grant(member, "roles/run.viewer", name)],
+                [
+                    exc.message,
+                    "granted per job, roles/run.viewer cannot tell the two apart: Cloud Run "
+                    "answers 403 for both; the job list shows which it is",
+                ],
+                [
+                    gcloud("run", "jobs", "list", region=region, project=settings.project),
+                    grant(member, "roles/run.viewer", name),
+                ],
             )
         )
         return report

@@ -39,8 +39,11 @@ def target_line(
     settings: Settings, catalog: Catalog, service: str, region: str, capacity: Capacity | None
 ) -> str:
     """At most how many calls at once one instance sends `service`, and why."""
-    kinds = [catalog[k] for k in sorted(catalog) if catalog[k].service == service
-             and (catalog[k].region or settings.region) == region]
+    kinds = [
+        catalog[k]
+        for k in sorted(catalog)
+        if catalog[k].service == service and (catalog[k].region or settings.region) == region
+    ]
     ceiling, source = target_ceiling(kinds, capacity, settings.max_in_flight)
     return f"calls at once: {_times(ceiling, settings.max_instances)} (from {source})"
 
@@ -54,8 +57,11 @@ def report(
     instances = settings.max_instances
     lines = [
         "Limits per worker instance"
-        + (f" and for WORKER_MAX_INSTANCES={instances}" if instances else
-           " (set WORKER_MAX_INSTANCES to the deployment's max instances for the global figures)")
+        + (
+            f" and for WORKER_MAX_INSTANCES={instances}"
+            if instances
+            else " (set WORKER_MAX_INSTANCES to the deployment's max instances for the global figures)"
+        )
     ]
     for name in sorted(catalog):
         kind = catalog[name]
@@ -69,10 +75,13 @@ def report(
         if capacity is None:
             lines.append(
                 "    calls at once: "
-                + (f"max_concurrency, {_times(kind.max_concurrency, instances)}" if kind.max_concurrency else
-                   "the Service's max_instance_count x max_instance_request_concurrency, read at run "
-                   f"time (`worker doctor` shows it), else WORKER_MAX_IN_FLIGHT: "
-                   f"{_times(settings.max_in_flight, instances)}")
+                + (
+                    f"max_concurrency, {_times(kind.max_concurrency, instances)}"
+                    if kind.max_concurrency
+                    else "the Service's max_instance_count x max_instance_request_concurrency, read at run "
+                    f"time (`worker doctor` shows it), else WORKER_MAX_IN_FLIGHT: "
+                    f"{_times(settings.max_in_flight, instances)}"
+                )
             )
         else:
             stated = capacity(kind.service, region)

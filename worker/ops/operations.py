@@ -146,8 +146,9 @@ class DeadLetterScan:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def pull(self, *, stop: Callable[[list[DeadLetterEntry]], bool] | None = None,
-             max_scan: int = _MAX_SCAN) -> list[DeadLetterEntry]:
+    def pull(
+        self, *, stop: Callable[[list[DeadLetterEntry]], bool] | None = None, max_scan: int = _MAX_SCAN
+    ) -> list[DeadLetterEntry]:
         """Pull until the subscription has nothing more, or `stop(entries)` says enough."""
         by_id: dict[str, DeadLetterEntry] = {}
         while not (stop and stop(list(by_id.values()))):
@@ -195,8 +196,9 @@ class DeadLetterScan:
             )
 
 
-def list_dead_letters(subscriber: Any, subscription: str, *, limit: int | None = None,
-                      pull_timeout_s: float = 2.0) -> tuple[list[DeadLetterEntry], bool]:
+def list_dead_letters(
+    subscriber: Any, subscription: str, *, limit: int | None = None, pull_timeout_s: float = 2.0
+) -> tuple[list[DeadLetterEntry], bool]:
     """Up to `limit` dead letters, oldest first, left on the subscription; and whether
     there may be more than were listed."""
     with DeadLetterScan(subscriber, subscription, pull_timeout_s=pull_timeout_s) as scan:

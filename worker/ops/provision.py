@@ -81,7 +81,10 @@ def topics(settings: Settings) -> list[str]:
     return [
         f"projects/{settings.project}/topics/{name}"
         for name in (
-            settings.jobs_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic
+            settings.jobs_topic,
+            settings.results_topic,
+            settings.dead_letter_topic,
+            settings.control_topic,
         )
     ]
 

@@ -104,7 +104,9 @@ class SdkMetrics(Metrics):
             elif name == "gcp_monitoring":
                 from opentelemetry.exporter.cloud_monitoring import CloudMonitoringMetricsExporter
 
-                readers.append(PeriodicExportingMetricReader(CloudMonitoringMetricsExporter(project_id=project)))
+                readers.append(
+                    PeriodicExportingMetricReader(CloudMonitoringMetricsExporter(project_id=project))
+                )
             elif name == "otlp":
                 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 

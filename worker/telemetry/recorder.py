@@ -56,13 +56,28 @@ class SpanRecord:
     """One finished span, as plain values (pickled as a tuple to the relay)."""
 
     __slots__ = (
-        "attributes", "end_ns", "error", "kind", "name", "parent_id", "parent_remote", "span_id",
-        "start_ns", "trace_id",
+        "attributes",
+        "end_ns",
+        "error",
+        "kind",
+        "name",
+        "parent_id",
+        "parent_remote",
+        "span_id",
+        "start_ns",
+        "trace_id",
     )
 
     def __init__(
-        self, name: str, kind: int, trace_id: int, span_id: int, parent_id: int, parent_remote: bool,
-        start_ns: int, attributes: dict[str, Any],
+        self,
+        name: str,
+        kind: int,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        parent_remote: bool,
+        start_ns: int,
+        attributes: dict[str, Any],
     ) -> None:
         self.name = name
         self.kind = kind
@@ -77,8 +92,16 @@ class SpanRecord:
 
     def as_tuple(self) -> tuple[Any, ...]:
         return (
-            self.name, self.kind, self.trace_id, self.span_id, self.parent_id, self.parent_remote,
-            self.start_ns, self.end_ns, self.attributes, self.error,
+            self.name,
+            self.kind,
+            self.trace_id,
+            self.span_id,
+            self.parent_id,
+            self.parent_remote,
+            self.start_ns,
+            self.end_ns,
+            self.attributes,
+            self.error,
         )
 
 
@@ -180,8 +203,14 @@ class _RecordedStepContext:
     def __enter__(self) -> RecordedStep:
         owner = self._owner.record
         self._record = record = SpanRecord(
-            self._name, self._kind, owner.trace_id, _new_id(64), owner.span_id, False,
-            time.time_ns(), self._attributes,
+            self._name,
+            self._kind,
+            owner.trace_id,
+            _new_id(64),
+            owner.span_id,
+            False,
+            time.time_ns(),
+            self._attributes,
         )
         self._owner.children.append(record)
         return RecordedStep(record)
@@ -301,8 +330,14 @@ class RecordingTelemetry(Telemetry):
             trace_id, parent_id, parent_sampled = parent
             sampled = self._sampler.sampled(trace_id, parent_sampled)
         record = SpanRecord(
-            self._name, CONSUMER, trace_id, _new_id(64), parent_id, parent_id != 0,
-            int(started.timestamp() * 1e9), attributes,
+            self._name,
+            CONSUMER,
+            trace_id,
+            _new_id(64),
+            parent_id,
+            parent_id != 0,
+            int(started.timestamp() * 1e9),
+            attributes,
         )
         return RecordedJobSpan(self._sink, record, sampled)
 

@@ -39,8 +39,9 @@ _CONTROL_TIMEOUT_S = 30.0
 class _Listener:
     """One app on one fixed port, which can stop listening and listen again."""
 
-    def __init__(self, factory: Callable[[], web.Application], port: int, *,
-                 cancel_on_disconnect: bool = False) -> None:
+    def __init__(
+        self, factory: Callable[[], web.Application], port: int, *, cancel_on_disconnect: bool = False
+    ) -> None:
         self._factory = factory
         self.port = port
         self._cancel_on_disconnect = cancel_on_disconnect
@@ -102,16 +103,22 @@ class LocalCloud:
         self.run_api_endpoint = f"http://127.0.0.1:{run_api_port}"
 
         identity = MetadataIdentity(project, self.project_number, region, worker_email)
-        run_api = RunApiContext(project, self.project_number, self.authority, self.iam,
-                                self.recorder, self._service_list, self._job_list)
+        run_api = RunApiContext(
+            project,
+            self.project_number,
+            self.authority,
+            self.iam,
+            self.recorder,
+            self._service_list,
+            self._job_list,
+        )
         self._listeners = {
             "metadata": _Listener(
                 lambda: build_metadata_app(identity, self.authority, self.recorder),
                 metadata_port,
             ),
             "iam": _Listener(
-                lambda: build_googleapis_app(self.token_uri, self.authority, self.iam,
-                                             self.recorder),
+                lambda: build_googleapis_app(self.token_uri, self.authority, self.iam, self.recorder),
                 googleapis_port,
             ),
             "run_api": _Listener(lambda: build_run_api_app(run_api), run_api_port),
@@ -218,8 +225,7 @@ class LocalCloud:
                 raise ValueError(f"service {name!r} already exists")
             self._services[name] = service
             listener = _Listener(
-                lambda: build_service_app(service, self.authority, self.iam, self.recorder,
-                                          self.certs_url),
+                lambda: build_service_app(service, self.authority, self.iam, self.recorder, self.certs_url),
                 service.port,
                 cancel_on_disconnect=True,
             )
@@ -267,9 +273,13 @@ class LocalCloud:
         default the worker's service account. `knobs`: task_count, task_seconds,
         timeout_s, args, env (see LocalRunJob)."""
         region = region or self.region
-        job = LocalRunJob(name, region, project=self.project,
-                          service_account=f"{self.project_number}-compute@developer.gserviceaccount.com",
-                          **knobs)
+        job = LocalRunJob(
+            name,
+            region,
+            project=self.project,
+            service_account=f"{self.project_number}-compute@developer.gserviceaccount.com",
+            **knobs,
+        )
         with self._lock:
             if (name, region) in self._jobs:
                 raise ValueError(f"job {name!r} already exists in {region}")
@@ -293,18 +303,21 @@ class LocalCloud:
     def create_service_account_key(self, path: str | os.PathLike[str], email: str) -> Path:
         """Write a service-account JSON key file for `email` whose token_uri is this cloud."""
         key_id, private_key = self.authority.new_service_account_key(email)
-        return _write_json(path, {
-            "type": "service_account",
-            "project_id": self.project,
-            "private_key_id": key_id,
-            "private_key": private_key,
-            "client_email": email,
-            "client_id": numeric_id(email),
-            "auth_uri": "https://accounts.google.com/o/oauth2/auth",
-            "token_uri": self.token_uri,
-            "auth_provider_x509_cert_url": self.certs_url,
-            "universe_domain": "googleapis.com",
-        })
+        return _write_json(
+            path,
+            {
+                "type": "service_account",
+                "project_id": self.project,
+                "private_key_id": key_id,
+                "private_key": private_key,
+                "client_email": email,
+                "client_id": numeric_id(email),
+                "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+                "token_uri": self.token_uri,
+                "auth_provider_x509_cert_url": self.certs_url,
+                "universe_domain": "googleapis.com",
+            },
+        )
 
     def _authorized_user_info(self, email: str) -> dict[str, Any]:
         grant = self.authority.new_user(email)
@@ -318,26 +331,30 @@ class LocalCloud:
             "universe_domain": "googleapis.com",
         }
 
-    def create_authorized_user_file(self, path: str | os.PathLike[str],
-                                    email: str = "dev@example.com") -> Path:
+    def create_authorized_user_file(
+        self, path: str | os.PathLike[str], email: str = "dev@example.com"
+    ) -> Path:
         """Write what `gcloud auth application-default login` writes, for `email`.
 
         google-auth ignores the file's token_uri (it always uses Google's), so a
         client must call `.with_token_uri(cloud.token_uri)` to refresh here."""
         return _write_json(path, self._authorized_user_info(email))
 
-    def create_impersonated_file(self, path: str | os.PathLike[str], target_email: str,
-                                 source_email: str = "dev@example.com") -> Path:
+    def create_impersonated_file(
+        self, path: str | os.PathLike[str], target_email: str, source_email: str = "dev@example.com"
+    ) -> Path:
         """Write what `gcloud auth application-default login --impersonate-service-account`
         writes: user credentials of `source_email` that impersonate `target_email`."""
-        url = (f"{self.iam_endpoint}/v1/projects/-/serviceAccounts/"
-               f"{target_email}:generateAccessToken")
-        return _write_json(path, {
-            "type": "impersonated_service_account",
-            "service_account_impersonation_url": url,
-            "source_credentials": self._authorized_user_info(source_email),
-            "delegates": [],
-        })
+        url = f"{self.iam_endpoint}/v1/projects/-/serviceAccounts/{target_email}:generateAccessToken"
+        return _write_json(
+            path,
+            {
+                "type": "impersonated_service_account",
+                "service_account_impersonation_url": url,
+                "source_credentials": self._authorized_user_info(source_email),
+                "delegates": [],
+            },
+        )
 
     def push_deliverer(
         self,
@@ -352,8 +369,13 @@ class LocalCloud:
         """A push deliverer (not started) for `subscription`, a pull subscription on the
         emulator, whose OIDC tokens this cloud's authority signs (see localcloud.push)."""
         return PushDeliverer(
-            subscriber, subscription, endpoint, service_account=service_account,
-            audience=audience, mint=self.authority.mint_id_token, **options,
+            subscriber,
+            subscription,
+            endpoint,
+            service_account=service_account,
+            audience=audience,
+            mint=self.authority.mint_id_token,
+            **options,
         )
 
     def mint_access_token(self, email: str) -> str:

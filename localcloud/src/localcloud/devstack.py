@@ -59,8 +59,14 @@ def write_env_file(path: str, env: dict[str, str]) -> None:
             out.write(f"export {key}={shlex.quote(value)}\n")
 
 
-def run_dev(*, sample_jobs: int, max_in_flight: int, fire_batch: int = 0,
-            push_endpoint: str = DEFAULT_PUSH_ENDPOINT, env_file: str = DEFAULT_ENV_FILE) -> None:
+def run_dev(
+    *,
+    sample_jobs: int,
+    max_in_flight: int,
+    fire_batch: int = 0,
+    push_endpoint: str = DEFAULT_PUSH_ENDPOINT,
+    env_file: str = DEFAULT_ENV_FILE,
+) -> None:
     metadata_port = _pin_metadata_host()
     os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
     from localcloud import LocalCloud, PubSubEmulator
@@ -110,9 +116,7 @@ async def _run(sample_jobs: int, fire_batch: int, cloud: Any = None, push_endpoi
     settings = load_settings()
     configure_logging("console", "warning", settings.project)
     publisher, subscriber = pubsub_clients(settings, None)
-    for change in apply_setup(
-        publisher, subscriber, settings, for_target(SetupOptions())
-    ):
+    for change in apply_setup(publisher, subscriber, settings, for_target(SetupOptions())):
         click.echo(f"{change.action:>9}  {change.resource}")
     deliverer = None
     if cloud is not None and push_endpoint:

@@ -31,8 +31,7 @@ GOOGLE_TOKEN_AUDIENCES = (
 )
 TOKEN_PATH = "/token"
 USER_SCOPES = (
-    "openid https://www.googleapis.com/auth/userinfo.email "
-    "https://www.googleapis.com/auth/cloud-platform"
+    "openid https://www.googleapis.com/auth/userinfo.email https://www.googleapis.com/auth/cloud-platform"
 )
 _PERMISSIONS = {
     "generateIdToken": "iam.serviceAccounts.getOpenIdToken",
@@ -43,9 +42,7 @@ _MAX_LIFETIME_S = 43200
 
 def google_error(code: int, message: str, status: str) -> web.Response:
     """An error in the JSON shape google-api-core maps to its exception classes."""
-    response = web.json_response(
-        {"error": {"code": code, "message": message, "status": status}}, status=code
-    )
+    response = web.json_response({"error": {"code": code, "message": message, "status": status}}, status=code)
     if code == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="https://accounts.google.com/"'
     return response
@@ -103,9 +100,7 @@ def build_googleapis_app(
             email = str(claims["iss"])
             target_audience = claims.get("target_audience")
             if target_audience:
-                return web.json_response(
-                    {"id_token": authority.mint_id_token(email, str(target_audience))}
-                )
+                return web.json_response({"id_token": authority.mint_id_token(email, str(target_audience))})
             return web.json_response(
                 {
                     "access_token": authority.mint_access_token(email),
@@ -128,9 +123,7 @@ def build_googleapis_app(
                     "expires_in": TOKEN_LIFETIME_S - 1,
                     "token_type": "Bearer",
                     "scope": USER_SCOPES,
-                    "id_token": authority.mint_id_token(
-                        user.email, user.client_id, azp=user.client_id
-                    ),
+                    "id_token": authority.mint_id_token(user.email, user.client_id, azp=user.client_id),
                 }
             )
         return _oauth_error("unsupported_grant_type", f"Invalid grant_type: {grant_type}")
@@ -192,4 +185,3 @@ def _lifetime_seconds(value: Any) -> int | None:
     if match is None or not 0 < int(match.group(1)) <= _MAX_LIFETIME_S:
         return None
     return int(match.group(1))
-

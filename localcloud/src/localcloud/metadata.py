@@ -89,9 +89,7 @@ def build_metadata_app(
         if request.path == "/":
             return _text("computeMetadata/\n")
         if request.headers.get("Metadata-Flavor") != "Google":
-            return _text(
-                "Missing required header: Metadata-Flavor\n", status=403, content_type="text/html"
-            )
+            return _text("Missing required header: Metadata-Flavor\n", status=403, content_type="text/html")
         if not request.path.startswith(ROOT):
             return _not_found()
         relative = request.path[len(ROOT) :]

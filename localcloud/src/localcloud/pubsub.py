@@ -108,13 +108,23 @@ class PubSubEmulator:
             CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK="1",
         )
         command = [
-            gcloud, "beta", "emulators", "pubsub", "start",
-            f"--host-port={self.host}", f"--project={self.project}", f"--data-dir={data_dir}",
+            gcloud,
+            "beta",
+            "emulators",
+            "pubsub",
+            "start",
+            f"--host-port={self.host}",
+            f"--project={self.project}",
+            f"--data-dir={data_dir}",
         ]
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout

@@ -109,15 +109,18 @@ def build_run_api_app(ctx: RunApiContext) -> web.Application:
         if not ctx.iam.allowed(member_for(principal), RUN_VIEWER, f"run.service:{name}"):
             return google_error(
                 403,
-                f"Permission 'run.services.get' denied on resource '{resource}' "
-                "(or resource may not exist).",
+                f"Permission 'run.services.get' denied on resource '{resource}' (or resource may not exist).",
                 "PERMISSION_DENIED",
             )
         for service in ctx.services():
             if project == ctx.project and service.name == name and service.region == location:
                 return web.json_response(service_json(service, ctx.project, ctx.project_number))
-        return google_error(404, f"Resource '{name}' of kind 'SERVICE' in region "
-                            f"'{location}' in project '{project}' does not exist.", "NOT_FOUND")
+        return google_error(
+            404,
+            f"Resource '{name}' of kind 'SERVICE' in region "
+            f"'{location}' in project '{project}' does not exist.",
+            "NOT_FOUND",
+        )
 
     async def list_services(request: web.Request) -> web.Response:
         project, location = request.match_info["project"], request.match_info["location"]
@@ -140,10 +143,14 @@ def build_run_api_app(ctx: RunApiContext) -> web.Application:
         if size <= 0 or offset < 0:
             return google_error(400, "Invalid page size or page token.", "INVALID_ARGUMENT")
         size = min(size, MAX_PAGE_SIZE)
-        matching = sorted(
-            (s for s in ctx.services() if location in ("-", s.region)),
-            key=lambda s: (s.region, s.name),
-        ) if project == ctx.project else []
+        matching = (
+            sorted(
+                (s for s in ctx.services() if location in ("-", s.region)),
+                key=lambda s: (s.region, s.name),
+            )
+            if project == ctx.project
+            else []
+        )
         page = matching[offset : offset + size]
         body: dict[str, object] = {
             "services": [service_json(s, ctx.project, ctx.project_number) for s in page]
@@ -156,6 +163,8 @@ def build_run_api_app(ctx: RunApiContext) -> web.Application:
     base = "/v2/projects/{project}/locations/{location}/services"
     app.router.add_get(base, list_services)
     app.router.add_get(base + "/{service}", get_service)
-    add_job_routes(app, JobsContext(ctx.project, ctx.iam, caller, ctx.recorder.count_admin_call, ctx.jobs,
-                                    ctx.operations))
+    add_job_routes(
+        app,
+        JobsContext(ctx.project, ctx.iam, caller, ctx.recorder.count_admin_call, ctx.jobs, ctx.operations),
+    )
     return app

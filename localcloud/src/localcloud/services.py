@@ -31,9 +31,7 @@ from localcloud.iam import RUN_INVOKER, IamPolicy, member_for
 from localcloud.recording import RecordedRequest, Recorder, bearer_token
 
 _CREDENTIAL_HEADERS = frozenset({"authorization", "x-serverless-authorization"})
-_WWW_AUTHENTICATE = (
-    'Bearer error="invalid_token" error_description="The access token could not be verified"'
-)
+_WWW_AUTHENTICATE = 'Bearer error="invalid_token" error_description="The access token could not be verified"'
 
 
 _VERIFIED_TOKENS = 1024
@@ -145,8 +143,15 @@ class CertsRequest(transport.Request):
         self._certs_url = certs_url
         self._certs_json = certs_json
 
-    def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
-                 timeout: Any = None, **kwargs: Any) -> transport.Response:
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: Any = None,
+        headers: Any = None,
+        timeout: Any = None,
+        **kwargs: Any,
+    ) -> transport.Response:
         if url == self._certs_url and method == "GET":
             return _CertsResponse(200, self._certs_json)
         return _CertsResponse(404, b"{}")
@@ -167,7 +172,8 @@ def _error_page(status: int, title: str, message: str) -> web.Response:
 def _unauthorized(request: web.Request) -> web.Response:
     path = html.escape(request.path)
     response = _error_page(
-        401, "Unauthorized",
+        401,
+        "Unauthorized",
         f"Your client does not have permission to the requested URL <code>{path}</code>.",
     )
     response.headers["WWW-Authenticate"] = _WWW_AUTHENTICATE
@@ -177,7 +183,8 @@ def _unauthorized(request: web.Request) -> web.Response:
 def _forbidden(request: web.Request) -> web.Response:
     path = html.escape(request.path)
     return _error_page(
-        403, "Forbidden",
+        403,
+        "Forbidden",
         f"Your client does not have permission to get URL <code>{path}</code> from this server.",
     )
 
@@ -207,9 +214,7 @@ def build_service_app(
         found = verified.get(key)
         if found is None or time.time() >= float(found.get("exp", 0)):
             try:
-                found = id_token.verify_token(
-                    token, certs, audience=list(key[1]), certs_url=certs_url
-                )
+                found = id_token.verify_token(token, certs, audience=list(key[1]), certs_url=certs_url)
             except Exception:
                 # Any token google-auth cannot verify (garbage, access token, wrong aud,
                 # expired, unknown key) is a 401 on Cloud Run.
@@ -225,13 +230,12 @@ def build_service_app(
         email = caller_email(request)
         if email is None:
             return _unauthorized(request)
-        if not email or not iam.allowed(
-            member_for(email), RUN_INVOKER, f"run.service:{service.name}"
-        ):
+        if not email or not iam.allowed(member_for(email), RUN_INVOKER, f"run.service:{service.name}"):
             return _forbidden(request)
         if service.capacity is not None and service.active >= service.capacity:
             return _error_page(
-                429, "Too Many Requests",
+                429,
+                "Too Many Requests",
                 "The request was aborted because there was no available instance.",
             )
         service.active += 1
@@ -273,8 +277,7 @@ async def run_function(service: LocalService, request: web.Request, email: str) 
         "method": request.method,
         "path": request.path,
         "query": dict(request.query),
-        "headers": {k: v for k, v in request.headers.items()
-                    if k.lower() not in _CREDENTIAL_HEADERS},
+        "headers": {k: v for k, v in request.headers.items() if k.lower() not in _CREDENTIAL_HEADERS},
         "body": text,
         "email": email,
         "service": service.name,
