@@ -48,7 +48,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from localcloud import free_port
 from worker.core.catalog import Catalog, JobKind
-from worker.core.pipeline import Delivery, Pipeline
+from worker.core.pipeline import Pipeline
+from worker.core.shapes import Delivery
 from worker.core.telemetry import NO_TELEMETRY, Metrics, Telemetry
 from worker.gcp.invoker import Invoker
 from worker.runtime import heap

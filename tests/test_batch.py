@@ -18,7 +18,7 @@ from worker.client import BatchProgress
 from worker.core.catalog import JobKind
 from worker.core.errors import PermanentJobError
 from worker.core.messages import BatchRef, Job, JobStatus, Result
-from worker.core.pipeline import CallResult
+from worker.core.shapes import CallResult
 from worker.gcp.batch import BatchFanOut, batch_id_for
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

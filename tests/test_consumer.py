@@ -22,7 +22,8 @@ from tests.test_pipeline import Invoker, Resolver
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import TransientJobError
 from worker.core.messages import JobStatus, Result
-from worker.core.pipeline import DeadLetter, Delivery, Outcome, Pipeline
+from worker.core.pipeline import Pipeline
+from worker.core.shapes import DeadLetter, Delivery, Outcome
 from worker.gcp import consumer as consumer_module
 from worker.gcp.consumer import (
     NACK_DELAY_BASE_S,
@@ -434,7 +435,7 @@ class NoopPublisher:
 def test_a_held_job_leaves_its_slot_keeps_its_lease_and_is_never_nacked() -> None:
     import asyncio
 
-    from worker.core.pipeline import Outcome
+    from worker.core.shapes import Outcome
     from worker.gcp.consumer import Consumer
 
     async def main() -> None:
@@ -479,7 +480,7 @@ def test_a_held_job_leaves_its_slot_keeps_its_lease_and_is_never_nacked() -> Non
 def test_a_job_held_too_long_on_its_last_attempt_runs_once_more_without_a_hold() -> None:
     import asyncio
 
-    from worker.core.pipeline import Outcome
+    from worker.core.shapes import Outcome
     from worker.gcp.consumer import Consumer
 
     async def main() -> None:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from tests.test_pipeline import Invoker, make, run
 from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import PermanentJobError
-from worker.core.pipeline import Delivery
+from worker.core.shapes import Delivery
 from worker.ops.operations import DeadLetterEntry
 
 JOB = {"job_id": "j1", "kind": "account-scoring", "payload": {"account_id": "a"}}

@@ -14,7 +14,8 @@ from worker.core.catalog import Catalog, JobKind
 from worker.core.errors import ConfigError, HoldJob, TransientJobError
 from worker.core.guard import Capacity, Guard, target_ceiling
 from worker.core.pauses import PauseEntry
-from worker.core.pipeline import CallResult, Delivery, Pipeline
+from worker.core.pipeline import Pipeline
+from worker.core.shapes import CallResult, Delivery
 
 
 def guard(*kinds: JobKind, capacity: Capacity | None = None, default: int = 100) -> Guard:

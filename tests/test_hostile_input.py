@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from worker.core.catalog import Catalog, JobKind, default_catalog_dir
 from worker.core.messages import MAX_ATTRIBUTE_BYTES, MAX_PUBLISH_BYTES, Job, JobStatus, usable_traceparent
-from worker.core.pipeline import CallResult, Delivery, Outcome, Pipeline
+from worker.core.pipeline import Pipeline
+from worker.core.shapes import CallResult, Delivery, Outcome
 
 MAX_PAYLOAD = 100_000
 FIELDS = ("job_id", "kind", "payload", "created_at", "not_after", "batch", "traceparent")

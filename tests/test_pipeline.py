@@ -11,7 +11,8 @@ import pytest
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import PermanentJobError, TransientJobError
 from worker.core.messages import JobStatus
-from worker.core.pipeline import CallResult, Delivery, Pipeline
+from worker.core.pipeline import Pipeline
+from worker.core.shapes import CallResult, Delivery
 
 
 class Resolver:

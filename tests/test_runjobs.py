@@ -18,9 +18,9 @@ from worker.core.catalog import Catalog, JobKind
 from worker.core.errors import InvalidJobError, PermanentJobError
 from worker.core.followup import FollowUp, is_follow_up
 from worker.core.messages import Job, JobStatus, now
-from worker.core.pipeline import Delivery, Outcome
 from worker.core.runjob import RunJobSpec
 from worker.core.settings import Settings
+from worker.core.shapes import Delivery, Outcome
 from worker.gcp.runjobs import RunJobs
 from worker.ops.cancel import CancelError, cancel_job
 from worker.runtime.app import access_credentials, run_client

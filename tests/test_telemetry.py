@@ -25,7 +25,8 @@ from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError, TransientJobError
 from worker.core.guard import Guard
 from worker.core.pauses import PauseEntry
-from worker.core.pipeline import Delivery, Pipeline
+from worker.core.pipeline import Pipeline
+from worker.core.shapes import Delivery
 from worker.core.telemetry import NO_TELEMETRY, Metrics, Telemetry, trace_id_of
 from worker.runtime.gauges import watch_protections
 from worker.telemetry import setup_telemetry

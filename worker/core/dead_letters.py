@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from worker.core.errors import JobError
 from worker.core.messages import Result, clip
+from worker.core.shapes import DeadLetter, Delivery
 
 # Attributes of the original message that travel with its dead letter (Pub/Sub allows
 # 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
@@ -119,3 +120,9 @@ def _time(value: str | None) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def dead_letter_for(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
+    """The dead letter of a job that failed for good: its original bytes, and why."""
+    why = DeadLetterAttributes.for_failure(delivery.attributes, result, error, delivery.delivery_attempt)
+    return DeadLetter(data=delivery.data, attributes=why.to_attributes())

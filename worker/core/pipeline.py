@@ -7,20 +7,17 @@ whether to ack. It never raises: whatever goes wrong becomes a result or a nack.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
 
 import structlog
 
 from worker.core.catalog import Catalog, JobKind
-from worker.core.dead_letters import DeadLetterAttributes
+from worker.core.dead_letters import dead_letter_for
 from worker.core.errors import HoldJob, InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.logs import bind_job_fields, debug_enabled
 from worker.core.messages import (
     ErrorInfo,
-    ExecutionInfo,
     Job,
     JobStatus,
     Result,
@@ -28,82 +25,10 @@ from worker.core.messages import (
     now,
     salvage_identity,
 )
-from worker.core.telemetry import NO_SPAN, NO_TELEMETRY, JobSpan, Telemetry, trace_id_of
+from worker.core.shapes import BatchHandler, Caller, CallResult, Delivery, Outcome, Resolver, RunJobHandler
+from worker.core.telemetry import NO_TELEMETRY, JobSpan, Telemetry, trace_id_of
 
 log = structlog.get_logger("worker.core.pipeline")
-
-
-@dataclass
-class CallResult:
-    """What a handler (an HTTP call, a batch fan-out, a Cloud Run job start) answered.
-
-    A job start answers `running` with the execution it started and the follow-up
-    message that will report its end (worker/core/followup.py)."""
-
-    http_status: int | None
-    response: Any
-    attempts: int
-    status: JobStatus = JobStatus.SUCCEEDED
-    execution: ExecutionInfo | None = None
-    follow_up: Republish | None = None
-
-
-@dataclass(frozen=True)
-class Delivery:
-    data: bytes
-    attributes: dict[str, str]
-    message_id: str = ""  # Pub/Sub's, for the job span's messaging.message.id
-    delivery_attempt: int | None = None
-    final_attempt: bool = False
-    publish_time: datetime | None = None  # Pub/Sub's, the same on every redelivery
-    may_hold: bool = True  # False once held for WORKER_MAX_HOLD_SECONDS on the last attempt
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """The original job bytes, so it can be replayed as it was, plus why it died
-    (worker.core.dead_letters.DeadLetterAttributes)."""
-
-    data: bytes
-    attributes: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Republish:
-    """A message for the jobs topic, published with the result, before the ack."""
-
-    data: bytes
-    attributes: dict[str, str]
-
-
-@dataclass
-class Outcome:
-    ack: bool
-    result: Result | None = None
-    dead_letter: DeadLetter | None = None
-    span: JobSpan = NO_SPAN  # ended by whoever settles the message
-    kind: str | None = None  # the catalog's kind, once the job's kind was found in it
-    retry_code: str | None = None  # why a job that is not acked goes back
-    # Not now: hold the job under lease (no delivery attempt used), run it again once
-    # `hold()` returns (a paused kind, an open circuit breaker; worker/core/guard.py).
-    hold: Callable[[], Awaitable[None]] | None = None
-    follow_up: Republish | None = None
-    hold_s: float = 0.0  # keep the message leased this long before publishing and acking
-
-
-class Resolver(Protocol):
-    async def resolve(self, service: str, region: str) -> str: ...
-
-
-class Caller(Protocol):
-    async def invoke(self, kind: JobKind, url: str, job: Job, region: str = ...) -> CallResult: ...
-
-
-# A batch handler fans a job out (given the job, its kind and when the message was
-# published); it returns the parent's response and child count.
-BatchHandler = Callable[[Job, JobKind, datetime | None], Awaitable[CallResult]]
-# A run-job handler starts (or finds) the Cloud Run job execution of a job.
-RunJobHandler = Callable[[Job, JobKind, Delivery], Awaitable[CallResult]]
 
 
 class Pipeline:
@@ -156,7 +81,7 @@ class Pipeline:
             if delivery.may_hold:
                 log.debug("job_held", reason=exc.reason)
                 held = self._span(span, delivery, job, started)
-                return Outcome(ack=False, hold=exc.wait, span=held, kind=known)
+                return Outcome.held(exc.wait, span=held, kind=known)
             error = TransientJobError(
                 "held_too_long",
                 f"held for WORKER_MAX_HOLD_SECONDS on its last delivery attempt ({exc.reason}): "
@@ -212,7 +137,7 @@ class Pipeline:
         error: JobError,
     ) -> Outcome:
         span = self._span(span, delivery, job, started)
-        return Outcome(ack=False, span=span, kind=known, retry_code=error.code)
+        return Outcome.retry(error.code, span=span, kind=known)
 
     def _finish(
         self,
@@ -252,7 +177,7 @@ class Pipeline:
         )
         dead_letter = None
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
-            dead_letter = self._dead_letter(delivery, result, error)
+            dead_letter = dead_letter_for(delivery, result, error)
             log.warning("job_" + status.value, code=error.code, error=error.message)
         elif status == JobStatus.RUNNING:
             log.info("job_running", execution=result.execution.name if result.execution else None)
@@ -264,17 +189,4 @@ class Pipeline:
         else:
             log.info("job_expired", not_after=str(job.not_after if job else None))
         follow_up = call.follow_up if call else None
-        return Outcome(
-            ack=True, result=result, dead_letter=dead_letter, follow_up=follow_up, span=span, kind=known
-        )
-
-    @staticmethod
-    def _dead_letter(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
-        why = DeadLetterAttributes.for_failure(delivery.attributes, result, error, delivery.delivery_attempt)
-        return DeadLetter(data=delivery.data, attributes=why.to_attributes())
-
-
-def dead_letter_for(delivery: Delivery, result: Result, error: JobError) -> DeadLetter:
-    """The dead letter of a job that failed for good; the Cloud Run job follow-ups
-    (worker/gcp/runjobs.py) dead-letter a failed execution's original job with it."""
-    return Pipeline._dead_letter(delivery, result, error)
+        return Outcome.settled(result, dead_letter=dead_letter, follow_up=follow_up, span=span, kind=known)

@@ -31,7 +31,7 @@ import structlog
 from worker.core.catalog import JobKind
 from worker.core.errors import InvalidJobError, PermanentJobError
 from worker.core.messages import BatchRef, Job, now
-from worker.core.pipeline import Caller, CallResult, Resolver
+from worker.core.shapes import Caller, CallResult, Resolver
 
 log = structlog.get_logger("worker.gcp.batch")
 

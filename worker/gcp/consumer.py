@@ -39,7 +39,7 @@ from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 from worker.core.backoff import Backoff
 from worker.core.logs import bind_job_fields
 from worker.core.messages import clip
-from worker.core.pipeline import Delivery, Outcome
+from worker.core.shapes import Delivery, Outcome
 from worker.core.telemetry import NO_TELEMETRY, Telemetry
 from worker.gcp.inbox import Inbox
 from worker.gcp.lease import HeldLeases
@@ -263,7 +263,8 @@ class Consumer:
             async with self._slots:
                 self._waiting.discard(task)  # type: ignore[arg-type]
                 outcome = await self._handle(delivery)
-            while outcome.hold is not None:
+            while outcome.is_held:
+                assert outcome.hold is not None
                 outcome.span.end("held", None)  # the run after the hold gets a span of its own
                 outcome = await self._hold(message, delivery, outcome.hold)
             await self._conclude(message, outcome)
@@ -294,7 +295,7 @@ class Consumer:
         except TimeoutError:
             log.warning("job_held_too_long", held_s=self._max_hold_s, final_attempt=delivery.final_attempt)
             if not delivery.final_attempt:
-                return Outcome(ack=False)
+                return Outcome.retry("held_too_long")
             # A nack now would dead-letter it without a result: run it once more, and
             # if it would be held again, fail it (result and dead letter).
             delivery = dataclasses.replace(delivery, may_hold=False)
@@ -330,8 +331,7 @@ class Consumer:
         finally:
             outcome.span.end(status, code)
             # A run_job follow-up held and republished has no outcome of its own to count.
-            counted = outcome.result is not None or outcome.kind is not None or not outcome.ack
-            if self._metrics.enabled and counted:
+            if self._metrics.enabled and outcome.counted:
                 attempts = outcome.result.attempts if outcome.result else 0
                 self._metrics.job_finished(outcome.kind, status, attempts)
 

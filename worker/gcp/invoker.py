@@ -30,7 +30,7 @@ from worker.core.catalog import JobKind
 from worker.core.errors import JobError, PermanentJobError, TransientJobError
 from worker.core.gcloud_command import gcloud
 from worker.core.messages import Job, now
-from worker.core.pipeline import CallResult
+from worker.core.shapes import CallResult
 from worker.core.telemetry import NO_STEP, NO_TELEMETRY, Step, Telemetry
 
 USER_AGENT = "cloudrun-job-worker/0.1"

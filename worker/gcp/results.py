@@ -7,7 +7,7 @@ import concurrent.futures
 import functools
 from typing import Any
 
-from worker.core.pipeline import Outcome
+from worker.core.shapes import Outcome
 from worker.gcp.inbox import Inbox
 
 

@@ -28,6 +28,7 @@ from google.api_core import exceptions as api_exceptions
 from pydantic import ValidationError
 
 from worker.core.catalog import Catalog, JobKind
+from worker.core.dead_letters import dead_letter_for
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
 from worker.core.followup import FollowUp, is_follow_up
 from worker.core.gcloud_command import gcloud, grant
@@ -40,8 +41,8 @@ from worker.core.messages import (
     describe_validation_error,
     now,
 )
-from worker.core.pipeline import CallResult, Delivery, Outcome, Republish, dead_letter_for
 from worker.core.runjob import JOB_ID_ENV, REPLAY_ENV, Overrides, render
+from worker.core.shapes import CallResult, Delivery, Outcome, Republish
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
 
 log = structlog.get_logger("worker.gcp.runjobs")
@@ -308,7 +309,7 @@ class RunJobs:
             return await self._follow(delivery)
         except Exception:  # a bug must not lose the follow-up nor stop the worker
             log.exception("job_internal_error")
-            return Outcome(ack=False)
+            return Outcome.retry("internal_error")
 
     async def _follow(self, delivery: Delivery) -> Outcome:
         at = self._clock()
@@ -330,8 +331,8 @@ class RunJobs:
         except InvalidJobError as exc:
             return self._reject(delivery, at, exc)
         if not follow.due(at):
-            return Outcome(
-                ack=True, follow_up=Republish(delivery.data, follow.attributes()), hold_s=follow.hold(at)
+            return Outcome.settled(
+                None, follow_up=Republish(delivery.data, follow.attributes()), hold_s=follow.hold(at)
             )
         try:
             execution = await asyncio.to_thread(
@@ -351,8 +352,8 @@ class RunJobs:
             state = execution_state(execution)
         if state is None:
             later = follow.next_check(at, kind.run_job.poll_max_s)
-            return Outcome(
-                ack=True, follow_up=Republish(later.to_bytes(), later.attributes()), hold_s=later.hold(at)
+            return Outcome.settled(
+                None, follow_up=Republish(later.to_bytes(), later.attributes()), hold_s=later.hold(at)
             )
         final_error: JobError | None = None
         if state == JobStatus.FAILED:
@@ -406,7 +407,7 @@ class RunJobs:
             log.info("job_cancelled", execution=follow.execution, checks=follow.checks)
         else:
             log.warning("job_failed", code=error.code if error else None, execution=follow.execution)
-        return Outcome(ack=True, result=result, dead_letter=dead_letter, kind=follow.kind)
+        return Outcome.settled(result, dead_letter=dead_letter, kind=follow.kind)
 
     def _reject(self, delivery: Delivery, at: datetime, error: InvalidJobError) -> Outcome:
         result = Result(
@@ -419,7 +420,7 @@ class RunJobs:
             duration_ms=0,
         )
         log.warning("follow_up_rejected", error=error.message)
-        return Outcome(ack=True, result=result, dead_letter=dead_letter_for(delivery, result, error))
+        return Outcome.settled(result, dead_letter=dead_letter_for(delivery, result, error))
 
 
 def _oldest(executions: list[Any]) -> Any:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor
 
     from worker.core.messages import Job
-    from worker.core.pipeline import Delivery
+    from worker.core.shapes import Delivery
 
 # Span kinds as OpenTelemetry numbers them (opentelemetry.trace.SpanKind).
 INTERNAL, SERVER, CLIENT, PRODUCER, CONSUMER = range(5)

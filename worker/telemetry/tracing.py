@@ -39,7 +39,7 @@ from worker.telemetry.recorder import job_attributes
 
 if TYPE_CHECKING:
     from worker.core.messages import Job
-    from worker.core.pipeline import Delivery
+    from worker.core.shapes import Delivery
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _FAILED = frozenset({"failed", "rejected", "retry"})
