@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.doubles import Invoker, Resolver
 from tests.pubsub_stub import StubMessage, StubPubSub
-from tests.test_pipeline import Invoker, Resolver
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import TransientJobError
 from worker.core.messages import JobStatus, Result

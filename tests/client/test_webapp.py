@@ -16,7 +16,7 @@ from localcloud.devstack import write_env_file
 from examples.webapp.__main__ import read_env_file
 from examples.webapp.app import WebappConfig, create_app
 from examples.webapp.store import SqliteResultStore
-from tests.test_push import GOOD, VERIFIER, envelope, result
+from tests.doubles import GOOD, VERIFIER, envelope, result
 from worker.core.settings import Settings
 
 AUDIENCE = "https://webapp-abc123-uc.a.run.app/pubsub/results"

@@ -18,7 +18,7 @@ from worker.core.catalog import Catalog
 from worker.core.settings import Settings
 from worker.ops import gcloud
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GUIDE = (REPO / "docs" / "deploy.md").read_text()
 SEVERITY = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "error": "ERROR", "exception": "ERROR"}
 

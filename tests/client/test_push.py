@@ -12,17 +12,28 @@ import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from localcloud.authority import TokenAuthority
-from localcloud.recording import Recorder
 
+from tests.doubles import (
+    AUDIENCE,
+    CERTS_URL,
+    GOOD,
+    GOOGLE,
+    IMPOSTOR,
+    PUSH_SA,
+    VERIFIER,
+    CertsTransport,
+    bearer,
+    claims,
+    envelope,
+    result,
+    verifier,
+)
 from worker.client.push import (
-    CachingRequest,
     MemoryResultStore,
     PushHandler,
     PushRefused,
@@ -31,101 +42,6 @@ from worker.client.push import (
     supersedes,
 )
 from worker.core.messages import JobStatus, Result
-
-AUDIENCE = "https://webapp-abc123-uc.a.run.app/pubsub/results"
-PUSH_SA = "results-push@acme.iam.gserviceaccount.com"
-CERTS_URL = "https://certs.example.test/oauth2/v1/certs"
-
-GOOGLE = TokenAuthority(Recorder(lambda token: (None, None)))
-# Another key, with its own kid: what an attacker who is not Google can sign with.
-IMPOSTOR = TokenAuthority(Recorder(lambda token: (None, None)))
-
-
-class CertsTransport:
-    """A stand-in google.auth transport Request that serves GOOGLE's certificates."""
-
-    def __init__(self, status: int = 200, max_age: int = 20000) -> None:
-        self.status = status
-        self.max_age = max_age
-        self.calls = 0
-
-    def __call__(self, url: str, method: str = "GET", **_: Any) -> Any:
-        self.calls += 1
-        return SimpleNamespace(
-            status=self.status,
-            headers={"Cache-Control": f"public, max-age={self.max_age}"},
-            data=GOOGLE.certs_json if self.status == 200 else b"unavailable",
-        )
-
-
-def verifier(transport: Any = None, **options: Any) -> PushVerifier:
-    return PushVerifier(
-        AUDIENCE,
-        PUSH_SA,
-        certs_url=CERTS_URL,
-        request=CachingRequest(transport or CertsTransport()),
-        **options,
-    )
-
-
-VERIFIER = verifier()
-
-
-def claims(**overrides: Any) -> dict[str, Any]:
-    now = int(time.time())
-    base: dict[str, Any] = {
-        "aud": AUDIENCE,
-        "azp": "112233445566778899001",
-        "email": PUSH_SA,
-        "email_verified": True,
-        "exp": now + 3600,
-        "iat": now,
-        "iss": "https://accounts.google.com",
-        "sub": "112233445566778899001",
-    }
-    base.update(overrides)
-    return {k: v for k, v in base.items() if v is not ...}
-
-
-def result(job_id: str | None = "job-1", status: str = "succeeded", **extra: Any) -> Result:
-    now = datetime.now(UTC)
-    return Result.model_validate(
-        {
-            "job_id": job_id,
-            "kind": "account-scoring",
-            "status": status,
-            "attempts": 1,
-            "response": {"score": 71},
-            "started_at": now,
-            "finished_at": now,
-            "duration_ms": 12,
-            **extra,
-        }
-    )
-
-
-def envelope(data: bytes, **message: Any) -> bytes:
-    body = {
-        "message": {
-            "data": base64.b64encode(data).decode(),
-            "attributes": {"job_id": "job-1", "status": "succeeded"},
-            "messageId": "1234567890",
-            "publishTime": "2026-12-01T07:00:00.123Z",
-            **message,
-        },
-        "subscription": "projects/acme/subscriptions/job-results-webapp",
-        "deliveryAttempt": 1,
-    }
-    return json.dumps(body).encode()
-
-
-def bearer(token: str) -> str:
-    return f"Bearer {token}"
-
-
-# Valid for 12 h (a real push token lasts 1 h), so it outlives any test run.
-GOOD = bearer(GOOGLE.sign(claims(exp=int(time.time()) + 12 * 3600)))
-
 
 # -- the genuine case ----------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from tests.test_push import GOOD, VERIFIER, envelope, result
+from tests.doubles import GOOD, VERIFIER, envelope, result
 from worker.client.push import MAX_ENVELOPE_BYTES, MemoryResultStore, PushHandler
 from worker.client.web import flask_view, starlette_endpoint
 

@@ -3,7 +3,7 @@
 The worker pool's spec is checked with gcloud's own Cloud Run v1 message classes (the
 ones `gcloud beta run worker-pools replace` parses the file into), so a misspelt field
 fails here rather than in a deploy; the commands' flags are checked against gcloud's
---help by tests/test_gcloud_commands.py.
+--help by tests/ops/test_gcloud_commands.py.
 """
 
 from __future__ import annotations

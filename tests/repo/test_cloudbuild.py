@@ -18,7 +18,7 @@ import yaml
 from scripts import cloud_run_deploy
 from worker.core.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_TEXT = (REPO / "cloudbuild.yaml").read_text()
 CONFIG: dict[str, Any] = yaml.safe_load(CONFIG_TEXT)
 IMAGE = "${_REGION}-docker.pkg.dev/$PROJECT_ID/${_REPOSITORY}/worker:$SHORT_SHA"

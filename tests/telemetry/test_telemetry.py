@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 
 from localcloud import free_port
-from tests.test_pipeline import Invoker, Resolver
+from tests.doubles import Invoker, Resolver
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError, TransientJobError
 from worker.core.guard import Guard

@@ -18,7 +18,7 @@ from worker.core.messages import BatchRef, Job, JobStatus, Result
 from worker.core.runjob import RunJobSpec
 from worker.core.settings import Settings
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).parents[2]
 CONTRACT = (REPO / "docs" / "contract.md").read_text("utf-8")
 
 

@@ -31,7 +31,7 @@ from scripts import cloud_run_deploy
 
 pytestmark = pytest.mark.gcloud
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FLAG = re.compile(r"--(\[no-\])?([a-z][a-z0-9-]*)")
 SHELL_STOP = {"|", "||", "&&", ";", ">", ">>", "<", "(", ")", "2>"}

@@ -348,7 +348,7 @@ def test_every_printed_gcloud_command_comes_from_the_one_builder() -> None:
     import re
 
     by_hand = re.compile(r"\bgcloud (projects|pubsub|run|iam|auth|services|scheduler)\b")
-    root = Path(__file__).parent.parent / "worker"
+    root = Path(__file__).parents[2] / "worker"
     found = []
     for path in root.rglob("*.py"):
         if path.name == "gcloud_command.py":

@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-from tests.test_pipeline import Invoker, make, run
+from tests.doubles import Invoker, make, run
 from worker.core.dead_letters import DeadLetterAttributes
 from worker.core.errors import PermanentJobError
 from worker.core.shapes import Delivery

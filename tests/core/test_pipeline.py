@@ -2,53 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.doubles import Invoker, Resolver, make, run
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import PermanentJobError, TransientJobError
 from worker.core.messages import JobStatus
 from worker.core.pipeline import Pipeline
-from worker.core.shapes import CallResult, Delivery
-
-
-class Resolver:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    async def resolve(self, service: str, region: str) -> str:
-        self.calls.append((service, region))
-        return f"https://{service}-abc-uc.a.run.app"
-
-
-class Invoker:
-    def __init__(self, outcome: object = None) -> None:
-        self.outcome = outcome
-        self.calls: list[tuple[str, str, str]] = []
-
-    async def invoke(self, kind, url, job, region="REGION"):  # type: ignore[no-untyped-def]
-        self.calls.append((kind.kind, url, job.job_id))
-        if isinstance(self.outcome, Exception):
-            raise self.outcome
-        return CallResult(200, {"echo": job.payload}, 1)
-
-
-def make(invoker: Invoker | None = None, max_bytes: int = 10_000) -> tuple[Pipeline, Resolver, Invoker]:
-    resolver, invoker = Resolver(), invoker or Invoker()
-    catalog = Catalog.load(default_catalog_dir())
-    return (
-        Pipeline(catalog, resolver, invoker, region="europe-west1", max_payload_bytes=max_bytes),
-        resolver,
-        invoker,
-    )
-
-
-def run(pipeline: Pipeline, body: object, **kw: object):  # type: ignore[no-untyped-def]
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return asyncio.run(pipeline.handle(Delivery(data=data, attributes={}, **kw)))  # type: ignore[arg-type]
+from worker.core.shapes import CallResult
 
 
 def test_success_calls_the_catalog_service_at_the_resolved_url() -> None:
