@@ -16,14 +16,8 @@ from tests.e2e.harness import worker_cli
 from worker.cli import cli
 from worker.core.catalog import Catalog, JobKind
 from worker.core.settings import Settings
-from worker.ops.gcloud import (
-    Binding,
-    PushTarget,
-    gcloud_commands,
-    gcloud_script,
-    iam_bindings,
-    push_target,
-)
+from worker.ops.gcloud import gcloud_commands, gcloud_script
+from worker.ops.iam import Binding, PushTarget, iam_bindings, push_target
 from worker.ops.provision import SetupOptions
 
 WORKER = "worker@acme.iam.gserviceaccount.com"

@@ -16,7 +16,7 @@ import yaml
 
 from worker.core.catalog import Catalog
 from worker.core.settings import Settings
-from worker.ops import gcloud
+from worker.ops import iam
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = (REPO / "docs" / "deploy.md").read_text()
@@ -38,11 +38,11 @@ def table(header: list[str]) -> list[list[str]]:
 
 def test_the_iam_table_is_what_setup_grants() -> None:
     settings = Settings(project="PROJECT_ID")
-    bindings = gcloud.iam_bindings(
+    bindings = iam.iam_bindings(
         settings,
         Catalog.load(REPO / "jobs"),
-        gcloud.default_worker_sa("PROJECT_ID"),
-        gcloud.default_webapp_sa("PROJECT_ID"),
+        iam.default_worker_sa("PROJECT_ID"),
+        iam.default_webapp_sa("PROJECT_ID"),
     )
     expected = [[b.member, b.role, b.resource, b.why] for b in bindings]
     assert table(["Member", "Role", "Resource", "Why"]) == expected
@@ -51,14 +51,14 @@ def test_the_iam_table_is_what_setup_grants() -> None:
 def test_the_push_table_is_what_setup_grants_for_a_push_endpoint() -> None:
     settings = Settings(project="PROJECT_ID")
     catalog = Catalog.load(REPO / "jobs")
-    worker, webapp = gcloud.default_worker_sa("PROJECT_ID"), gcloud.default_webapp_sa("PROJECT_ID")
-    pull = gcloud.iam_bindings(settings, catalog, worker, webapp)
-    push = gcloud.iam_bindings(
+    worker, webapp = iam.default_worker_sa("PROJECT_ID"), iam.default_webapp_sa("PROJECT_ID")
+    pull = iam.iam_bindings(settings, catalog, worker, webapp)
+    push = iam.iam_bindings(
         settings,
         catalog,
         worker,
         webapp,
-        push=gcloud.push_target(settings, "https://webapp-abc123-uc.a.run.app/pubsub/results"),
+        push=iam.push_target(settings, "https://webapp-abc123-uc.a.run.app/pubsub/results"),
     )
     added = [b for b in push if b not in pull]
     assert [b for b in pull if b not in push] == [pull[-1]]  # the web app's subscriber role
@@ -68,7 +68,7 @@ def test_the_push_table_is_what_setup_grants_for_a_push_endpoint() -> None:
 
 def test_the_operator_table_is_what_setup_grants_an_operator() -> None:
     settings = Settings(project="PROJECT_ID")
-    bindings = gcloud.operator_bindings(settings, "user:OPERATOR", gcloud.default_worker_sa("PROJECT_ID"))
+    bindings = iam.operator_bindings(settings, "user:OPERATOR", iam.default_worker_sa("PROJECT_ID"))
     assert table(["Operator role", "Resource", "Why"]) == [[b.role, b.resource, b.why] for b in bindings]
 
 

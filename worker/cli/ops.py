@@ -180,7 +180,7 @@ class _Progress:
 
 def diagnose(settings: Settings, service: str | None, *, audience: str | None, worker_sa: str | None) -> int:
     from worker.ops import doctor as chain
-    from worker.ops.gcloud import default_worker_sa
+    from worker.ops.iam import default_worker_sa
     from worker.runtime.app import access_credentials, run_client
 
     catalog = load_catalog_or_fail(settings)

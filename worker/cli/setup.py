@@ -21,7 +21,7 @@ from worker.core.settings import Settings
 from worker.ops.provision import SetupOptions
 
 if TYPE_CHECKING:
-    from worker.ops.gcloud import PushTarget
+    from worker.ops.iam import PushTarget
 
 
 @click.command()
@@ -132,7 +132,7 @@ def setup(
 def _push_target(
     settings: Settings, endpoint: str | None, service_account: str | None, audience: str | None, service: str
 ) -> PushTarget | None:
-    from worker.ops.gcloud import push_target
+    from worker.ops.iam import push_target
 
     if endpoint is None:
         return None
@@ -187,13 +187,8 @@ def print_script(
     operators: Sequence[str] = (),
     push: PushTarget | None = None,
 ) -> int:
-    from worker.ops.gcloud import (
-        check_operator,
-        default_webapp_sa,
-        default_worker_sa,
-        gcloud_script,
-        scheduler_commands,
-    )
+    from worker.ops.gcloud import gcloud_script, scheduler_commands
+    from worker.ops.iam import check_operator, default_webapp_sa, default_worker_sa
 
     catalog = load_catalog_or_fail(settings)
     try:

@@ -31,10 +31,10 @@ from google.oauth2 import service_account
 
 from worker.core.errors import ConfigError, PermanentJobError, TransientJobError
 from worker.core.gcloud_command import gcloud
+from worker.core.roles import TOKEN_CREATOR
 from worker.core.telemetry import NO_TELEMETRY, Telemetry
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
-TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
 _IMPERSONATION_URL_RE = re.compile(r"/serviceAccounts/([^/:]+):generateAccessToken")
 
 # What gcloud's application-default login writes, and how to log in as the worker instead.

@@ -30,6 +30,7 @@ from worker.core.catalog import JobKind
 from worker.core.errors import JobError, PermanentJobError, TransientJobError
 from worker.core.gcloud_command import gcloud
 from worker.core.messages import Job, now
+from worker.core.roles import RUN_INVOKER
 from worker.core.shapes import CallResult
 from worker.core.telemetry import NO_STEP, NO_TELEMETRY, Step, Telemetry
 
@@ -302,7 +303,7 @@ class Invoker:
                     kind.service or "SERVICE",
                     region=region,
                     member="serviceAccount:WORKER_SA",
-                    role="roles/run.invoker",
+                    role=RUN_INVOKER,
                 ),
                 http_status=status,
             )

@@ -20,6 +20,7 @@ from worker.core.errors import PermanentJobError, TransientJobError
 from worker.core.gcloud_command import grant
 from worker.core.guard import Capacity
 from worker.core.logs import log
+from worker.core.roles import RUN_VIEWER
 from worker.core.settings import is_loopback
 from worker.core.telemetry import NO_TELEMETRY, Telemetry
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
@@ -132,7 +133,7 @@ class ServiceResolver:
                 "permission_denied",
                 f"the worker's identity may not read Cloud Run service {service!r}, or it does not "
                 f"exist (Admin API 403 for {name}); grant roles/run.viewer on the service: "
-                + grant("serviceAccount:WORKER_SA", "roles/run.viewer", name),
+                + grant("serviceAccount:WORKER_SA", RUN_VIEWER, name),
             ) from None
         except Exception as exc:  # any outage: API errors, refused connections, auth refresh
             if credentials_refused(exc):

@@ -41,13 +41,13 @@ from worker.core.messages import (
     describe_validation_error,
     now,
 )
+from worker.core.roles import RUN_JOB_EXECUTOR_WITH_OVERRIDES, RUN_VIEWER
 from worker.core.runjob import JOB_ID_ENV, REPLAY_ENV, Overrides, render
 from worker.core.shapes import CallResult, Delivery, Outcome, Republish
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
 
 log = structlog.get_logger("worker.gcp.runjobs")
 
-EXECUTOR_ROLE = "roles/run.jobsExecutorWithOverrides"  # run.jobs.run + runWithOverrides + cancel
 # Executions this long before the job's message was published cannot be its own.
 LOOKBACK = timedelta(minutes=10)
 _API_TIMEOUT_S = 30.0
@@ -275,10 +275,10 @@ class RunJobs:
             # cancelling them is the executor role's, on the job.
             reading = any(p in str(exc.message) for p in _VIEWER_PERMISSIONS)
             if reading:
-                role = "roles/run.viewer"
+                role = RUN_VIEWER
                 fix = grant("serviceAccount:WORKER_SA", role, job_path(self._project, region, job))
             else:
-                role = EXECUTOR_ROLE
+                role = RUN_JOB_EXECUTOR_WITH_OVERRIDES
                 fix = grant("serviceAccount:WORKER_SA", role, job_path(self._project, region, job))
             # Granted per job, a role cannot tell "denied" from "does not exist": Cloud Run
             # answers 403 for both, so the message names both and how to tell them apart.

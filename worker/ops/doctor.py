@@ -20,6 +20,7 @@ import aiohttp
 
 from worker.core.errors import ConfigError, JobError
 from worker.core.gcloud_command import gcloud, grant
+from worker.core.roles import RUN_INVOKER, RUN_VIEWER
 from worker.core.settings import Settings
 from worker.gcp.identity import ADC_LOGIN, TOKEN_CREATOR, IdentityTokenSource, Principal, build_token_source
 from worker.ops.checks import Check, ServiceReport
@@ -192,7 +193,7 @@ async def _resolve(
             "permission_denied": [
                 grant(
                     _member(principal),
-                    "roles/run.viewer",
+                    RUN_VIEWER,
                     f"projects/{settings.project}/locations/{region}/services/{service}",
                 ),
                 list_services,
@@ -289,7 +290,7 @@ async def _call(
             [
                 grant(
                     _member(principal),
-                    "roles/run.invoker",
+                    RUN_INVOKER,
                     f"projects/{settings.project}/locations/{region}/services/{service}",
                 )
             ],

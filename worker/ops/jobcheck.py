@@ -13,8 +13,9 @@ from typing import Any
 from google.api_core import exceptions
 
 from worker.core.gcloud_command import gcloud, grant
+from worker.core.roles import RUN_JOB_EXECUTOR_WITH_OVERRIDES, RUN_VIEWER
 from worker.core.settings import Settings
-from worker.gcp.runjobs import EXECUTOR_ROLE, job_path
+from worker.gcp.runjobs import job_path
 from worker.ops.checks import Check, ServiceReport
 
 # RunJob needs run.jobs.run, and run.jobs.runWithOverrides once it carries overrides.
@@ -52,7 +53,7 @@ async def check_run_job(
                 ],
                 [
                     gcloud("run", "jobs", "list", region=region, project=settings.project),
-                    grant(member, "roles/run.viewer", name),
+                    grant(member, RUN_VIEWER, name),
                 ],
             )
         )
@@ -89,11 +90,12 @@ async def check_run_job(
                 f"{member} lacks {', '.join(missing)} on {job}",
                 [
                     "the worker starts each execution with overrides (args, env, task count, "
-                    f"timeout), which needs both {' and '.join(RUN_PERMISSIONS)}; {EXECUTOR_ROLE} "
+                    f"timeout), which needs both {' and '.join(RUN_PERMISSIONS)}; "
+                    f"{RUN_JOB_EXECUTOR_WITH_OVERRIDES} "
                     "is the least role holding them (roles/run.invoker and roles/run.jobsExecutor "
                     "lack runWithOverrides)"
                 ],
-                [grant(member, EXECUTOR_ROLE, name)],
+                [grant(member, RUN_JOB_EXECUTOR_WITH_OVERRIDES, name)],
             )
         )
     else:

@@ -1,0 +1,21 @@
+"""The predefined IAM roles the worker and its operators are granted, named once.
+
+Who gets which on what is worker/ops/iam.py's data; the adapters name a role only in
+the fix they print when a call is refused (worker/gcp/resolver.py, invoker.py, ...).
+"""
+
+from __future__ import annotations
+
+CLOUD_TRACE_AGENT = "roles/cloudtrace.agent"
+METRIC_WRITER = "roles/monitoring.metricWriter"
+PUBSUB_PUBLISHER = "roles/pubsub.publisher"
+PUBSUB_SUBSCRIBER = "roles/pubsub.subscriber"
+PUBSUB_VIEWER = "roles/pubsub.viewer"
+RUN_INVOKER = "roles/run.invoker"
+RUN_VIEWER = "roles/run.viewer"
+# Cancels a Cloud Run job's executions (run.executions.cancel), for operators.
+RUN_JOBS_EXECUTOR = "roles/run.jobsExecutor"
+# The least predefined role holding run.jobs.runWithOverrides (with run.jobs.run and
+# run.executions.cancel); roles/run.invoker and roles/run.jobsExecutor lack it.
+RUN_JOB_EXECUTOR_WITH_OVERRIDES = "roles/run.jobsExecutorWithOverrides"
+TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
