@@ -20,11 +20,16 @@ from typing import Any
 from flask import Flask, jsonify, request, send_from_directory
 
 from examples.webapp.store import SqliteResultStore
-from worker.client import enqueue
-from worker.client.push import GOOGLE_CERTS_URL, PushHandler, PushVerifier
-from worker.client.web import flask_view
-from worker.core.errors import InvalidJobError
-from worker.core.settings import Settings, load_settings
+from worker.client import (
+    GOOGLE_CERTS_URL,
+    InvalidJobError,
+    PushHandler,
+    PushVerifier,
+    Settings,
+    enqueue,
+    flask_view,
+    load_settings,
+)
 
 STATIC = Path(__file__).parent / "static"
 PUSH_PATH = "/pubsub/results"

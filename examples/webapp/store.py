@@ -1,7 +1,7 @@
 """Results in SQLite, keyed by job_id, written idempotently (worker.client.push.ResultStore).
 
 One upsert decides, inside SQLite, whether a result replaces the stored one, by the
-same rule as worker.client.push.supersedes: a job's first result is kept, a later one
+same rule as worker.client.supersedes: a job's first result is kept, a later one
 replaces it only if the stored one did not succeed, the new status differs and is not
 `running` (a Cloud Run job execution's start never replaces a final result). So
 Pub/Sub's redeliveries, and pushes racing on several instances, change nothing.
@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from worker.core.messages import Result
+from worker.client import Result
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (

@@ -35,7 +35,7 @@ import structlog
 from google.auth import transport
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from worker.core.messages import JobStatus, Result
+from worker.core.messages import Result, supersedes
 
 log = structlog.get_logger("worker.client.push")
 
@@ -348,19 +348,6 @@ class ResultStore(Protocol):
     anything. Pub/Sub pushes a message at least once, and to several instances."""
 
     def record(self, result: Result) -> bool: ...
-
-
-def supersedes(stored: JobStatus | str | None, new: JobStatus | str) -> bool:
-    """Whether a result with status `new` replaces the stored one: nothing stored, or
-    the stored one did not succeed and this one says something else (a replayed job
-    that succeeds after failing). `succeeded` is final, and a `running` result (a
-    Cloud Run job execution started) never replaces a final one: it may be a late
-    redelivery, and the execution's own final result follows anyway."""
-    if stored is None:
-        return True
-    if stored == JobStatus.SUCCEEDED or stored == new:
-        return False
-    return not (new == JobStatus.RUNNING and JobStatus(stored).final)
 
 
 class MemoryResultStore:

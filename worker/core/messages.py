@@ -41,6 +41,23 @@ class JobStatus(StrEnum):
         return self is not JobStatus.RUNNING
 
 
+def supersedes(stored: JobStatus | str | None, new: JobStatus | str, *, new_execution: bool = False) -> bool:
+    """Which result of one job wins, the one rule the results reader, batch progress and
+    the push store share: a result with status `new` replaces the stored one if nothing
+    is stored, or the stored one did not succeed and this one says something else (a
+    replayed job that succeeds after failing). `succeeded` is final, and a result that
+    is not final (`running`) never replaces a final one (a late redelivery: the final
+    result follows anyway) unless it is a replay's `new_execution`."""
+    if stored is None:
+        return True
+    stored, new = JobStatus(stored), JobStatus(new)
+    if stored is JobStatus.SUCCEEDED or stored is new:
+        return False
+    if not new.final and stored.final:
+        return new_execution
+    return True
+
+
 class BatchRef(BaseModel):
     """Where a child job sits in its batch."""
 
