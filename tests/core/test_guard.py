@@ -15,7 +15,7 @@ from worker.core.errors import ConfigError, HoldJob, TransientJobError
 from worker.core.guard import Capacity, Guard, target_ceiling
 from worker.core.pauses import PauseEntry
 from worker.core.pipeline import Pipeline
-from worker.core.shapes import CallResult, Delivery
+from worker.core.shapes import Delivery
 
 
 def guard(*kinds: JobKind, capacity: Capacity | None = None, default: int = 100) -> Guard:
@@ -157,7 +157,8 @@ def test_a_hold_leaves_the_pipeline_as_an_outcome_to_hold_not_a_nack() -> None:
     outcome = asyncio.run(pipeline.handle(Delivery(body, {}, final_attempt=True)))
     assert not outcome.ack and outcome.result is None and outcome.dead_letter is None
     assert outcome.hold is _wait, "held even on the last attempt: never failed for it"
-    assert isinstance(CallResult(200, None, 1), CallResult)
+    assert outcome.is_held and outcome.counted, "a held job counts as an outcome of its kind"
+    assert outcome.kind == "score"
 
 
 @pytest.mark.parametrize(

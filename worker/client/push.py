@@ -35,9 +35,16 @@ import structlog
 from google.auth import transport
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from worker.core.errors import shorten
 from worker.core.messages import Result, supersedes
 
 log = structlog.get_logger("worker.client.push")
+
+
+def _brief(value: object) -> str:
+    """A caller's value or an error in a refusal: its text alone, at most 160 characters."""
+    return shorten(value, 160, with_type=False)
+
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 # What Google writes in `iss` for the ID tokens Pub/Sub push sends.
@@ -196,18 +203,21 @@ class PushVerifier:
         except Exception as exc:  # any token google-auth cannot verify is simply not authentic
             raise PushRefused(
                 401,
-                f"push token refused: {_short(exc)}; the subscription must push with "
+                f"push token refused: {_brief(exc)}; the subscription must push with "
                 f"--push-auth-token-audience={self.audience}",
             ) from None
         if not isinstance(claims, Mapping):
             raise PushRefused(401, "push token refused: its payload is not a JSON object")
         if claims.get("iss") not in GOOGLE_ISSUERS:
-            raise PushRefused(401, f"push token refused: issuer {_short(claims.get('iss'))} is not Google's")
+            raise PushRefused(
+                401,
+                f"push token refused: issuer {_brief(claims.get('iss'))} is not Google's",
+            )
         email = claims.get("email")
         if not isinstance(email, str) or email.lower() != self.service_account:
             raise PushRefused(
                 403,
-                f"push token is for {_short(email)}, not the push service account "
+                f"push token is for {_brief(email)}, not the push service account "
                 f"{self.service_account}; set --push-auth-service-account={self.service_account} "
                 "on the subscription, or configure the verifier with the account it uses",
             )
@@ -252,12 +262,6 @@ def _precheck(token: str) -> None:
         header = None
     if not isinstance(header, dict) or header.get("alg") != "RS256" or not isinstance(header.get("kid"), str):
         raise PushRefused(401, "push token refused: not signed with RS256 by a Google key (alg, kid)")
-
-
-def _short(value: Any, limit: int = 160) -> str:
-    if isinstance(value, str | Exception):
-        return str(value)[:limit]
-    return repr(value)[:limit]
 
 
 # -- the envelope --------------------------------------------------------------
@@ -334,7 +338,7 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         errors = exc.errors()[:3]
         return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
-    return _short(exc)
+    return _brief(exc)
 
 
 # -- storing, idempotently -----------------------------------------------------
@@ -404,8 +408,11 @@ class PushHandler:
         try:
             changed = self.store.record(result)
         except Exception as exc:  # the caller's database: Pub/Sub will deliver again
-            log.error("push_store_failed", job_id=result.job_id, error=_short(exc, 300))
-            return PushResponse(503, {"error": f"storing the result failed: {_short(exc)}; Pub/Sub retries"})
+            log.error("push_store_failed", job_id=result.job_id, error=shorten(exc, 300, with_type=False))
+            return PushResponse(
+                503,
+                {"error": f"storing the result failed: {_brief(exc)}; Pub/Sub retries"},
+            )
         log.info(
             "push_result",
             job_id=result.job_id,

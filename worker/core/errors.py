@@ -49,3 +49,13 @@ class HoldJob(Exception):
         super().__init__(reason)
         self.reason = reason
         self.wait = wait
+
+
+def shorten(value: object, limit: int = 300, *, with_type: bool = True) -> str:
+    """A value for a one-line message: an exception as `Type: message` (or its message
+    alone), anything else as str or repr, cut to `limit` characters with "..."."""
+    if isinstance(value, BaseException):
+        text = f"{type(value).__name__}: {value}" if with_type else str(value)
+    else:
+        text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -240,12 +240,3 @@ class GuardedCall:
 
 def _name(target: tuple[str, str]) -> str:
     return f"{target[0]} ({target[1]})"
-
-
-async def hold_until(wait: Callable[[], Any], seconds: float) -> bool:
-    """Await `wait()` for at most `seconds`; True if it returned in time."""
-    try:
-        await asyncio.wait_for(wait(), seconds)
-    except TimeoutError:
-        return False
-    return True

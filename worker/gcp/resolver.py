@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from google.api_core import exceptions as api_exceptions
 
-from worker.core.errors import PermanentJobError, TransientJobError
+from worker.core.errors import PermanentJobError, TransientJobError, shorten
 from worker.core.gcloud_command import grant
 from worker.core.guard import Capacity
 from worker.core.logs import log
@@ -139,7 +139,7 @@ class ServiceResolver:
             if credentials_refused(exc):
                 raise PermanentJobError(
                     "token_creator_missing",
-                    f"the worker's credentials were refused while reading {name}: {_short(exc)}; "
+                    f"the worker's credentials were refused while reading {name}: {shorten(exc)}; "
                     f"when impersonating, the caller needs {TOKEN_CREATOR} on the service account",
                 ) from None
             stale = self._cache.get((service, region))
@@ -147,12 +147,12 @@ class ServiceResolver:
                 log.warning(
                     "admin_api_unavailable_using_cached_url",
                     service=service,
-                    error=_short(exc),
+                    error=shorten(exc),
                 )
                 return stale.url
             raise TransientJobError(
                 "admin_api_unavailable",
-                f"the Cloud Run Admin API did not answer for {name}: {_short(exc)}",
+                f"the Cloud Run Admin API did not answer for {name}: {shorten(exc)}",
             ) from None
         url = self._check_url(service, found.uri)
         self._cache[(service, region)] = _Entry(url, self._clock(), service_capacity(found, name))
@@ -174,8 +174,3 @@ class ServiceResolver:
             f"the Admin API gave service {service!r} the URL {uri!r}; the worker only sends "
             "ID tokens to https URLs (plain http only to loopback in the local cloud)",
         )
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 300 else text[:297] + "..."

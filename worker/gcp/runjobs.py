@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from worker.core.catalog import Catalog, JobKind
 from worker.core.dead_letters import dead_letter_for
-from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError
+from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError, shorten
 from worker.core.followup import FollowUp, is_follow_up
 from worker.core.gcloud_command import gcloud, grant
 from worker.core.messages import (
@@ -295,11 +295,11 @@ class RunJobs:
         if credentials_refused(exc):
             return PermanentJobError(
                 "token_creator_missing",
-                f"the worker's credentials were refused by the Admin API: {_short(exc)}; when "
+                f"the worker's credentials were refused by the Admin API: {shorten(exc)}; when "
                 f"impersonating, the caller needs {TOKEN_CREATOR} on the service account",
             )
         return TransientJobError(
-            "admin_api_unavailable", f"the Admin API did not answer for {where}: {_short(exc)}"
+            "admin_api_unavailable", f"the Admin API did not answer for {where}: {shorten(exc)}"
         )
 
     # -- follow ------------------------------------------------------------------
@@ -425,8 +425,3 @@ class RunJobs:
 
 def _oldest(executions: list[Any]) -> Any:
     return min(executions, key=lambda e: (e.create_time or datetime.max.replace(tzinfo=UTC), e.name))
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -16,8 +16,6 @@ from worker.core.catalog import Catalog, JobKind
 from worker.core.guard import Capacity, target_ceiling
 from worker.core.settings import Settings
 
-NOT_ASKED = object()
-
 
 def _times(figure: float, instances: int | None, unit: str = "") -> str:
     if instances is None:
