@@ -185,7 +185,7 @@ class FakePublisher:
 
     def publish(self, topic: str, data: bytes, **attributes: str) -> FakeFuture:
         job = Job.model_validate_json(data)
-        assert attributes == {"job_id": job.job_id, "kind": job.kind} and topic == "topic"
+        assert attributes == {"job_id": job.job_id, "kind": job.kind, "lane": "batch"} and topic == "topic"
         self.jobs.append(job)
         return FakeFuture()
 

@@ -30,6 +30,7 @@ import structlog
 
 from worker.core.catalog import JobKind
 from worker.core.errors import InvalidJobError, PermanentJobError
+from worker.core.lanes import BATCH
 from worker.core.messages import BatchRef, Job, now
 from worker.core.shapes import Caller, CallResult, Resolver
 
@@ -56,7 +57,8 @@ def batch_id_for(job: Job, published: datetime) -> str:
 
 
 class BatchFanOut:
-    """The pipeline's batch handler: `await fan_out(job, kind)` publishes the children."""
+    """The pipeline's batch handler: `await fan_out(job, kind)` publishes the children
+    to `jobs_topic`, the batch lane's topic (WORKER_BATCH_TOPIC), marked `lane=batch`."""
 
     def __init__(
         self,
@@ -135,7 +137,9 @@ class BatchFanOut:
                 batch=BatchRef(id=batch_id, index=index, total=total),
                 traceparent=parent.traceparent,
             )
-            futures.append(self._publisher.publish(self._topic, child.to_bytes(), **child.attributes()))
+            futures.append(
+                self._publisher.publish(self._topic, child.to_bytes(), **child.attributes(), lane=BATCH)
+            )
         for future in futures:
             future.result(timeout=_PUBLISH_TIMEOUT_S)
 

@@ -128,9 +128,9 @@ class SdkMetrics(Metrics):
     def job_left(self, kind: str) -> None:
         self._in_flight.add(-1, {"kind": kind})
 
-    def job_finished(self, kind: str | None, status: str, attempts: int) -> None:
+    def job_finished(self, kind: str | None, status: str, attempts: int, lane: str = "interactive") -> None:
         kind = kind or "unknown"
-        self._jobs.add(1, {"kind": kind, "status": status})
+        self._jobs.add(1, {"kind": kind, "status": status, "lane": lane})
         if status != "retry":
             self._attempts.record(attempts, {"kind": kind})
 
