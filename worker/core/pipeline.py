@@ -111,7 +111,7 @@ class Pipeline:
         if kind.handler == "batch":
             if self._batch_handler is None:
                 raise PermanentJobError("batch_unavailable", f"kind {kind.kind!r} needs the batch fan-out")
-            return await self._batch_handler(job, kind, delivery.publish_time)
+            return await self._batch_handler(job, kind, delivery)
         if kind.handler == "run_job":
             if self._run_job_handler is None:
                 raise PermanentJobError(

@@ -135,6 +135,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must be below WORKER_MAX_IN_FLIGHT ({total}), or the batch lane gets no slot")
         return value
 
+    @property
+    def lanes(self) -> tuple[str, ...]:
+        """The lanes this deployment runs: both, or only interactive when WORKER_BATCH_TOPIC
+        is the jobs topic (one queue for everything, as before lanes)."""
+        if self.batch_topic == self.jobs_topic:
+            return ("interactive",)
+        return ("interactive", "batch")
+
     def lane_topic(self, lane: str) -> str:
         """The topic a job of `lane` is published to."""
         return self.batch_topic if lane == "batch" else self.jobs_topic

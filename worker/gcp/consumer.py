@@ -128,12 +128,15 @@ class Consumer:
         """`slots`: this lane's share of the slots (a lane alone gets `max_in_flight`).
         `batch_topic`: where the interactive lane moves a job marked `lane=batch`."""
         self.lane = lane
+        # Lanes share one publisher and flush it once, after every lane has drained.
+        self.flush_at_drain = True
         self.slots = slots or LaneSlots(max_in_flight, floor=0).lane(lane)
         self._batch_topic = batch_topic if lane == INTERACTIVE else None
         self._subscriber = subscriber
         self._subscription = subscription
         self._handle = handle
         self._publisher = publisher
+        self.publisher = publisher
         self._max_in_flight = max_in_flight
         self._lease_extension_s = lease_extension_s
         self._grace_s = grace_s
@@ -233,15 +236,11 @@ class Consumer:
             if late:
                 log.warning("grace_period_over_releasing", jobs=len(late))
                 await asyncio.gather(*late, return_exceptions=True)
-        await asyncio.to_thread(self._publisher.flush)
-        log.info(
-            "consumer_stopped",
-            acked=self.stats.acked,
-            nacked=self.stats.nacked,
-            released=self.stats.released,
-            longest_lease_s=round(self.stats.longest_lease_s, 2),
-            **self.stats.finished,
-        )
+        if self.flush_at_drain:  # alone, not one of Lanes (which says consumer_stopped)
+            await asyncio.to_thread(self._publisher.flush)
+            log.info("consumer_stopped", **stopped_fields(self.stats))
+        else:
+            log.info("lane_stopped", lane=self.lane, **stopped_fields(self.stats))
 
     async def _summarize(self) -> None:
         """Every SUMMARY_EVERY_S, what was finished since the last line, if anything."""
@@ -434,6 +433,9 @@ class Lanes:
     def __init__(self, consumers: list[Consumer]) -> None:
         self.consumers = {consumer.lane: consumer for consumer in consumers}
         self.max_delivery_attempts = consumers[0].max_delivery_attempts
+        self._publishers = {id(c.publisher): c.publisher for c in consumers}
+        for consumer in consumers:
+            consumer.flush_at_drain = False
 
     @property
     def in_flight(self) -> int:
@@ -491,9 +493,24 @@ class Lanes:
             )
         finally:
             relay_task.cancel()
+        for publisher in self._publishers.values():
+            await asyncio.to_thread(publisher.flush)
+        log.info("consumer_stopped", **stopped_fields(self.stats))
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+
+def stopped_fields(stats: ConsumerStats) -> dict[str, Any]:
+    """What consumer_stopped and lane_stopped say of a drained consumer."""
+    return {
+        "acked": stats.acked,
+        "nacked": stats.nacked,
+        "released": stats.released,
+        "moved": stats.moved,
+        "longest_lease_s": round(stats.longest_lease_s, 2),
+        **stats.finished,
+    }
 
 
 def nack_delay(delivery_attempt: int | None) -> float:

@@ -13,7 +13,6 @@ from collections.abc import Collection, Sequence
 
 from worker.core.catalog import Catalog
 from worker.core.gcloud_command import gcloud, grant
-from worker.core.lanes import LANES
 from worker.core.settings import Settings
 from worker.ops.iam import (
     CONTROL_PERMISSIONS,
@@ -86,7 +85,7 @@ def resource_commands(settings: Settings, options: SetupOptions, push: PushTarge
             min_retry_delay=f"{options.min_backoff_s}s",
             max_retry_delay=f"{options.max_backoff_s}s",
         )
-        for lane in LANES
+        for lane in settings.lanes
     ]
     commands += [
         gcloud(

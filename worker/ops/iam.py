@@ -11,7 +11,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from worker.core.catalog import Catalog
-from worker.core.lanes import LANES
 from worker.core.roles import (
     CLOUD_TRACE_AGENT,
     METRIC_WRITER,
@@ -150,7 +149,7 @@ def iam_bindings(
     worker = f"serviceAccount:{worker_sa}"
     webapp = f"serviceAccount:{webapp_sa}"
     agent = f"serviceAccount:{pubsub_service_agent(project_number)}"
-    lane_subs = [(lane, subscription(settings.lane_subscription(lane))) for lane in LANES]
+    lane_subs = [(lane, subscription(settings.lane_subscription(lane))) for lane in settings.lanes]
     dead_letters = topic(settings.dead_letter_topic)
     bindings = []
     for lane, lane_sub in lane_subs:
@@ -361,7 +360,7 @@ def operator_bindings(
                 f"{project}/topics/{settings.lane_topic(lane)}",
                 f"republish dead-lettered jobs (worker replay, {lane} lane)",
             )
-            for lane in LANES
+            for lane in settings.lanes
         ),
         Binding(
             member,

@@ -12,7 +12,6 @@ from google.api_core import exceptions
 from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded module
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from worker.core.lanes import LANES
 from worker.core.settings import Settings
 
 
@@ -59,7 +58,7 @@ def _subscriptions(settings: Settings, options: SetupOptions) -> list[dict[str, 
                 max_delivery_attempts=options.max_delivery_attempts,
             ),
         }
-        for lane in LANES
+        for lane in settings.lanes
     ]
     if options.retry_policy:
         for subscription in lanes:

@@ -20,7 +20,7 @@ import structlog
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError
 from worker.core.guard import Guard
-from worker.core.lanes import BATCH, INTERACTIVE, LANES, LaneSlots
+from worker.core.lanes import BATCH, INTERACTIVE, LaneSlots
 from worker.core.pipeline import Pipeline
 from worker.core.settings import Settings
 from worker.core.telemetry import Telemetry
@@ -161,12 +161,12 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
     stack.callback(subscriber_client.close)
     subscriptions = {
         lane: subscriber_client.subscription_path(settings.project, settings.lane_subscription(lane))
-        for lane in LANES
+        for lane in settings.lanes
     }
     max_attempts = {
         lane: settings.max_delivery_attempts
         or await asyncio.to_thread(_subscription_max_attempts, subscriber_client, subscriptions[lane], lane)
-        for lane in LANES
+        for lane in settings.lanes
     }
     results = ResultPublisher(
         publisher_client,
@@ -221,9 +221,13 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
                 max_held=settings.max_held,
                 lane=lane,
                 slots=slots.lane(lane),
-                batch_topic=publisher_client.topic_path(settings.project, settings.batch_topic),
+                batch_topic=(
+                    publisher_client.topic_path(settings.project, settings.batch_topic)
+                    if BATCH in settings.lanes
+                    else None
+                ),
             )
-            for lane in LANES
+            for lane in settings.lanes
         ]
     )
     control = ControlChannel(
@@ -288,7 +292,7 @@ async def run_worker(
             "worker_ready",
             identity=worker.tokens.principal.describe(),
             kinds=sorted(worker.catalog),
-            subscriptions={lane: settings.lane_subscription(lane) for lane in LANES},
+            subscriptions={lane: settings.lane_subscription(lane) for lane in settings.lanes},
             max_delivery_attempts=worker.consumer.max_delivery_attempts,
             tracing=telemetry.tracing,
             metrics=telemetry.metrics.enabled,
