@@ -71,53 +71,64 @@ class LaneSlots:
         self.total = total
         self.floor = default_floor(total) if floor is None else min(max(0, floor), total - 1)
         self.in_use = dict.fromkeys(LANES, 0)
+        self._used = 0
+        # Waiters not yet handed a slot (a cancelled one leaves its queue at once).
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {lane: deque() for lane in LANES}
+        self._waiting = dict.fromkeys(LANES, 0)
 
     def lane(self, lane: str) -> LaneSlot:
         return LaneSlot(self, check_lane(lane))
 
     def waiting(self, lane: str) -> int:
-        return sum(1 for w in self._waiters[lane] if not w.done())
+        return self._waiting[lane]
 
     def _may_take(self, lane: str) -> bool:
-        used = sum(self.in_use.values())
-        if used >= self.total:
+        if self._used >= self.total:
             return False
-        if lane == BATCH:
-            return self.in_use[BATCH] < self.total - self.floor
-        return True
+        return lane != BATCH or self.in_use[BATCH] < self.total - self.floor
 
     async def acquire(self, lane: str) -> None:
-        if self._may_take(lane) and not self.waiting(lane):
+        if not self._waiting[lane] and self._may_take(lane):
             self.in_use[lane] += 1
+            self._used += 1
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[lane].append(waiter)
+        self._waiting[lane] += 1
         try:
             await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 # Handed a slot as we were cancelled: give it back.
                 self.release(lane)
-            elif waiter in self._waiters[lane]:
+            elif waiter in self._waiters[lane]:  # else _wake already dropped it
                 self._waiters[lane].remove(waiter)
+                self._waiting[lane] -= 1
             raise
 
     def release(self, lane: str) -> None:
         self.in_use[lane] -= 1
+        self._used -= 1
         self._wake()
 
     def _wake(self) -> None:
-        while True:
-            ready = [lane for lane in LANES if self.waiting(lane) and self._may_take(lane)]
-            if not ready:
+        # Counters, not scans: this runs once per finished call, with hundreds waiting.
+        while self._used < self.total:
+            interactive = self._waiting[INTERACTIVE] > 0
+            batch = self._waiting[BATCH] > 0 and self._may_take(BATCH)
+            if interactive and batch:
+                share = self.in_use[INTERACTIVE] / WEIGHTS[INTERACTIVE] <= self.in_use[BATCH] / WEIGHTS[BATCH]
+                lane = INTERACTIVE if share else BATCH
+            elif interactive or batch:
+                lane = INTERACTIVE if interactive else BATCH
+            else:
                 return
-            lane = min(ready, key=lambda name: self.in_use[name] / WEIGHTS[name])
-            queue = self._waiters[lane]
-            while queue and queue[0].done():
-                queue.popleft()
-            waiter = queue.popleft()
+            waiter = self._waiters[lane].popleft()
+            self._waiting[lane] -= 1
+            if waiter.done():  # cancelled, its task not yet resumed to leave the queue
+                continue
             self.in_use[lane] += 1
+            self._used += 1
             waiter.set_result(None)
 
 

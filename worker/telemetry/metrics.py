@@ -2,7 +2,7 @@
 
 Instruments (Prometheus names in brackets, as `/metrics` shows them):
 
-    worker.jobs               counter    kind, status   [worker_jobs_total]
+    worker.jobs               counter    kind, status, lane   [worker_jobs_total]
         one per job outcome: succeeded, failed, rejected, expired, or retry (handed back)
     worker.job.attempts       histogram  kind           [worker_job_attempts]
         HTTP attempts per finished job
@@ -68,7 +68,7 @@ class SdkMetrics(Metrics):
         )
         meter = self._provider.get_meter("worker")
         self._meter = meter
-        self._jobs = meter.create_counter("worker.jobs", "{job}", "Jobs finished, by kind and status")
+        self._jobs = meter.create_counter("worker.jobs", "{job}", "Jobs finished, by kind, status and lane")
         self._attempts = meter.create_histogram(
             "worker.job.attempts", "{attempt}", "HTTP attempts per finished job"
         )
