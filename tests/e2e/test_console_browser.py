@@ -185,7 +185,9 @@ def test_dead_letters_dry_run_replay_and_their_results_live(stack: dict[str, Any
         group.locator("[data-testid=dl-replay]").click()
         yes.wait_for()
         yes.click()
-        page.locator("[data-testid=flash]:has-text('replayed 5, skipped 1, failed 0')").wait_for(timeout=30_000)
+        page.locator("[data-testid=flash]:has-text('replayed 5, skipped 1, failed 0')").wait_for(
+            timeout=30_000
+        )
         for job_id in job_ids:
             page.locator(f"[data-testid=dl-watched][data-job-id='{job_id}'][data-status=succeeded]").wait_for(
                 timeout=60_000
@@ -195,14 +197,20 @@ def test_dead_letters_dry_run_replay_and_their_results_live(stack: dict[str, Any
 
         page.click("[data-testid=tab-results]")
         for job_id in job_ids:
-            page.locator(f"[data-testid=rs-row][data-job-id='{job_id}'][data-status=succeeded]").first.wait_for()
+            page.locator(
+                f"[data-testid=rs-row][data-job-id='{job_id}'][data-status=succeeded]"
+            ).first.wait_for()
         succeeded = page.locator("[data-testid=rs-count][data-kind=echo][data-status=succeeded] td").nth(2)
         assert succeeded.inner_text() == "5"
         page.fill("[data-testid=rs-job]", job_ids[0])
         page.click("[data-testid=rs-find]")
         page.locator("[data-testid=rs-found-status]:text-is('succeeded')").wait_for()
         logs = page.locator("[data-testid=rs-found] a", has_text="logs").get_attribute("href")
-        assert logs and logs.startswith("https://console.cloud.google.com/logs/query;query=") and job_ids[0] in logs
+        assert (
+            logs
+            and logs.startswith("https://console.cloud.google.com/logs/query;query=")
+            and job_ids[0] in logs
+        )
         assert worker.stop() == 0
 
 
@@ -235,7 +243,9 @@ def test_pause_and_resume_from_the_page_show_on_worker_status_for_three_instance
         assert "echo paused until " in flash.inner_text()
         assert "3 of 3 answering worker instance(s) confirm." in flash.inner_text()
         assert page.locator("[data-testid=in-confirmed]").all_inner_texts() == ["confirmed"] * 3
-        assert all(p.startswith("echo (until ") for p in page.locator("[data-testid=in-paused]").all_inner_texts())
+        assert all(
+            p.startswith("echo (until ") for p in page.locator("[data-testid=in-paused]").all_inner_texts()
+        )
 
         status = worker_cli(env, "status", "--json")
         assert status.returncode == 0, status.stderr
@@ -246,21 +256,26 @@ def test_pause_and_resume_from_the_page_show_on_worker_status_for_three_instance
         assert "Resume echo on every worker instance" in text.inner_text()
         page.click("[data-testid=confirm-yes]")
         page.locator("[data-testid=flash]:has-text('echo resumed')").wait_for(timeout=30_000)
-        assert "3 of 3 answering worker instance(s) confirm." in page.locator("[data-testid=flash]").inner_text()
+        assert (
+            "3 of 3 answering worker instance(s) confirm." in page.locator("[data-testid=flash]").inner_text()
+        )
         assert page.locator("[data-testid=in-paused]").all_inner_texts() == ["-"] * 3
         status = worker_cli(env, "status", "--json")
         replies = [json.loads(line) for line in status.stdout.splitlines()]
         assert len(replies) == 3 and not any(r["paused"] for r in replies), replies
 
         # An unknown kind gets the CLI's own sentence.
-        page.evaluate(
-            "document.getElementById('in-kind').append(new Option('no-such-kind', 'no-such-kind'))"
-        )
+        page.evaluate("document.getElementById('in-kind').append(new Option('no-such-kind', 'no-such-kind'))")
         page.select_option("[data-testid=in-kind]", "no-such-kind")
         page.click("[data-testid=in-pause]")
         page.click("[data-testid=confirm-yes]")
-        page.locator("[data-testid=flash][data-kind=error]:has-text(\"unknown kind 'no-such-kind'\")").wait_for()
-        assert "known kinds: account-scoring, batch-scoring, echo" in page.locator("[data-testid=flash]").inner_text()
+        page.locator(
+            "[data-testid=flash][data-kind=error]:has-text(\"unknown kind 'no-such-kind'\")"
+        ).wait_for()
+        assert (
+            "known kinds: account-scoring, batch-scoring, echo"
+            in page.locator("[data-testid=flash]").inner_text()
+        )
     finally:
         for worker in workers:
             worker.kill()
@@ -276,7 +291,11 @@ def test_a_batch_bar_reaches_done(stack: dict[str, Any], browser: Any) -> None:
         publish(env, [{"job_id": batch_id, "kind": "batch-scoring", "payload": {"source": True}}])
         batch = page.locator(f"[data-testid=batch][data-batch-id='{batch_id}'][data-done=true]")
         batch.wait_for(timeout=90_000)
-        assert batch.locator("[data-testid=batch-text]").inner_text().startswith("30 of 30 finished: 30 succeeded")
+        assert (
+            batch.locator("[data-testid=batch-text]")
+            .inner_text()
+            .startswith("30 of 30 finished: 30 succeeded")
+        )
         assert batch.locator("[data-testid=batch-bar]").get_attribute("value") == "30"
         assert worker.stop() == 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from functools import partial
 
 import click
 
@@ -25,6 +26,7 @@ from worker.cli.common import (
     operator_clients,
 )
 from worker.cli.control import check_kind, parse_duration
+from worker.core.settings import Settings
 
 
 def is_loopback(host: str) -> bool:
@@ -34,6 +36,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def explain(settings: Settings, exc: BaseException) -> str | None:
+    """The sentence `google_errors` would end a verb with for `exc`; None if it is not Google's."""
+    try:
+        with google_errors(settings):
+            raise exc
+    except CommandError as error:
+        return error.format_message()
+    except BaseException:
+        return None
 
 
 @click.command()
@@ -66,15 +79,6 @@ def console(host: str, port: int, allow_remote: bool) -> int:
     catalog = load_catalog_or_fail(settings)
     publisher, subscriber = operator_clients(settings)
 
-    def explain(exc: BaseException) -> str | None:
-        try:
-            with google_errors(settings):
-                raise exc
-        except CommandError as error:
-            return error.format_message()
-        except BaseException:
-            return None
-
     def known_kind(kind: str) -> None:
         from worker.console.backend import ConsoleError
 
@@ -87,7 +91,7 @@ def console(host: str, port: int, allow_remote: bool) -> int:
         settings,
         publisher,
         subscriber,
-        explain=explain,
+        explain=partial(explain, settings),
         check_kind=known_kind,
         parse_duration=parse_duration,
         kinds=list(catalog),

@@ -64,7 +64,6 @@ def make_app(backend: Backend, *, check_host: bool = True) -> web.Application:
         return response
 
     app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
-    app["backend"] = backend
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> web.Response:
         try:

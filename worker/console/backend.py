@@ -340,9 +340,7 @@ class Backend:
 
     def dry_run(self, kind: str | None, reason: str | None) -> dict[str, Any]:
         if not kind:
-            raise ConsoleError(
-                "choose a kind to replay (a group's Replay button): replay never takes every kind"
-            )
+            raise ConsoleError(NO_KIND)
         try:
             report = operations.replay_dead_letters(
                 self._subscriber,
@@ -371,9 +369,7 @@ class Backend:
     def replay(self, kind: str | None, reason: str | None, count: int) -> dict[str, Any]:
         """Replay at most `count` (what the confirmed dry run showed) of kind and reason."""
         if not kind:
-            raise ConsoleError(
-                "choose a kind to replay (a group's Replay button): replay never takes every kind"
-            )
+            raise ConsoleError(NO_KIND)
         if count < 1:
             raise ConsoleError("nothing to replay: the dry run found no dead letter of that kind and reason")
         try:

@@ -113,7 +113,7 @@ async function loadDeadLetters(rescan) {
   }
   dl.matching = data.matching;
   dl.limit = data.limit;
-  const more = data.truncated ? " (the scan stopped at 10000; replay some and rescan for more)" : "";
+  const more = data.truncated ? " (a scan stops at 10000: there may be more; replay some and rescan)" : "";
   $("dl-summary").textContent =
     `${data.total} dead letter(s) on ${data.subscription}, scanned ${when(data.scanned_at)} in ${data.scan_s}s, left in place${more}.`;
   $("dl-summary").dataset.total = String(data.total);
