@@ -122,7 +122,7 @@ async function loadDeadLetters(rescan) {
   const filter = [dl.kind !== undefined ? `kind ${dl.kind || "(none)"}` : null, dl.reason ? `reason ${dl.reason}` : null].filter(Boolean).join(", ");
   $("dl-filter").textContent = filter ? `(${filter})` : "(all)";
   const last = Math.min(data.offset + data.entries.length, data.matching);
-  $("dl-page").textContent = data.matching ? `${data.offset + 1}–${last} of ${data.matching}` : "none";
+  $("dl-page").textContent = data.matching ? `${data.offset + 1}-${last} of ${data.matching}` : "none";
   $("dl-prev").disabled = data.offset === 0;
   $("dl-next").disabled = last >= data.matching;
   fill($("dl-rows"), ...data.entries.map(entryRow));
