@@ -23,6 +23,7 @@ from localcloud.ports import free_port
 
 from tests.e2e.harness import REPO, WorkerProcess, provision, publish, uid, worker_cli, worker_env, write_kind
 from tests.e2e.test_batch import write_batch_kind
+from tests.e2e.test_run_jobs import write_run_job_kind
 from tests.e2e.test_webapp_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.e2e
@@ -94,6 +95,8 @@ def stack(local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path) ->
     write_kind(catalog, "echo", echo.name, attempts=1, timeout_s=5)
     write_kind(catalog, "account-scoring", scoring.name, attempts=4, backoff_initial_s=0.05)
     write_batch_kind(catalog, source.name)
+    long = local_cloud.add_run_job(f"long-{suffix}", task_seconds=300)
+    write_run_job_kind(catalog, "long", long.name)
     env = worker_env(local_cloud, names, WORKER_CATALOG_DIR=str(catalog), WORKER_SHUTDOWN_GRACE_SECONDS="1")
     provision(env)
     console = ConsoleProcess(env, tmp_path / "console.log")
@@ -273,7 +276,7 @@ def test_pause_and_resume_from_the_page_show_on_worker_status_for_three_instance
             "[data-testid=flash][data-kind=error]:has-text(\"unknown kind 'no-such-kind'\")"
         ).wait_for()
         assert (
-            "known kinds: account-scoring, batch-scoring, echo"
+            "known kinds: account-scoring, batch-scoring, echo, long"
             in page.locator("[data-testid=flash]").inner_text()
         )
     finally:
@@ -297,6 +300,44 @@ def test_a_batch_bar_reaches_done(stack: dict[str, Any], browser: Any) -> None:
             .startswith("30 of 30 finished: 30 succeeded")
         )
         assert batch.locator("[data-testid=batch-bar]").get_attribute("value") == "30"
+        assert worker.stop() == 0
+
+
+def test_a_running_execution_is_cancelled_from_the_page(stack: dict[str, Any], browser: Any) -> None:
+    env = stack["env"]
+    job_id = f"long-{uid()}"
+    with WorkerProcess(env) as worker:
+        worker.wait_ready()
+        publish(env, [{"job_id": job_id, "kind": "long", "payload": None}])
+        page = browser.new_page(viewport={"width": 1280, "height": 600})
+        page.goto(stack["console"].url + "/#executions")
+        running = page.locator(f"[data-testid=ex-row][data-job-id='{job_id}'][data-state=running]")
+        deadline = time.monotonic() + 30
+        while not running.count():
+            assert time.monotonic() < deadline, page.locator("[data-testid=ex-summary]").inner_text()
+            page.click("[data-testid=ex-refresh]")
+            page.wait_for_timeout(700)
+        running.locator("[data-testid=ex-cancel]").click()
+        text = page.locator("[data-testid=confirm-text]").inner_text()
+        assert text.startswith("Cancel execution ") and f"of job {job_id} (kind long)?" in text
+        page.click("[data-testid=confirm-yes]")
+        flash = page.locator("[data-testid=flash]:has-text('published job')")
+        flash.wait_for(timeout=60_000)
+        assert f"published job {job_id}'s `cancelled` result" in flash.inner_text()
+        page.locator(f"[data-testid=ex-row][data-job-id='{job_id}'][data-state=cancelled]").wait_for()
+        page.click("[data-testid=tab-results]")
+        page.locator(f"[data-testid=rs-row][data-job-id='{job_id}'][data-status=cancelled]").first.wait_for()
+
+        # Nothing left to cancel: the CLI's own sentence, as an error.
+        page.click("[data-testid=tab-executions]")
+        page.evaluate(
+            "fetch('/api/cancel', {method: 'POST', headers: {'Content-Type': 'application/json', "
+            f"'X-Worker-Console': '1'}}, body: JSON.stringify({{job_id: '{job_id}'}})}})"
+            ".then(r => r.json()).then(d => {{ window.again = d; }})"
+        )
+        page.wait_for_function("window.again !== undefined", timeout=60_000)
+        again = page.evaluate("window.again")
+        assert not again["ok"] and f"job {job_id} has no running execution" in again["message"]
         assert worker.stop() == 0
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
+import sys
 from functools import partial
 
 import click
@@ -49,6 +51,31 @@ def explain(settings: Settings, exc: BaseException) -> str | None:
         return None
 
 
+def explain_admin_api(exc: BaseException) -> str | None:
+    from google.api_core import exceptions
+
+    if isinstance(exc, exceptions.Forbidden):
+        return (
+            f"the Admin API refused: {exc.message}; listing executions needs roles/run.viewer "
+            "(see `worker setup --print-gcloud --operator MEMBER`)"
+        )
+    if isinstance(exc, exceptions.GoogleAPICallError):
+        return f"the Cloud Run Admin API failed: {exc.message}"
+    return None
+
+
+def cancel_with_the_cli(job_id: str, timeout_s: float = 30) -> tuple[bool, str]:
+    """`worker cancel JOB_ID` as the operator would type it: its exit status and its own words."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "cancel", job_id, "--timeout", f"{timeout_s:g}"],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s + 60,
+    )
+    said = "\n".join(part.strip() for part in (done.stdout, done.stderr) if part.strip())
+    return done.returncode == 0, said or f"`worker cancel {job_id}` exited {done.returncode}"
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -74,6 +101,7 @@ def console(host: str, port: int, allow_remote: bool) -> int:
 
     from worker.console.app import make_app
     from worker.console.backend import Backend
+    from worker.runtime.app import access_credentials, run_client
 
     settings = load_settings_or_fail()
     catalog = load_catalog_or_fail(settings)
@@ -95,6 +123,12 @@ def console(host: str, port: int, allow_remote: bool) -> int:
         check_kind=known_kind,
         parse_duration=parse_duration,
         kinds=list(catalog),
+        run_jobs=[
+            (k.kind, k.run_job.job, k.region or settings.region) for k in catalog.values() if k.run_job
+        ],
+        executions_client=lambda: run_client(settings, access_credentials(settings), "ExecutionsClient"),
+        cancel=cancel_with_the_cli,
+        explain_run=explain_admin_api,
         operator=os.environ.get("USER", ""),
     )
     # Behind a proxy the Host is the proxy's name; on loopback, any other Host is a rebinding attack.

@@ -138,6 +138,16 @@ def make_app(backend: Backend, *, check_host: bool = True) -> web.Application:
     async def batches(_: web.Request) -> web.Response:
         return _json({"batches": backend.live.batch_view(), "error": backend.live_error})
 
+    async def executions(_: web.Request) -> web.Response:
+        return await call(backend.executions)
+
+    async def cancel(request: web.Request) -> web.Response:
+        body = await _body(request)
+        job_id = _text(body, "job_id")
+        if not job_id:
+            return _error("cancel needs the job id of a running execution", 400)
+        return await call(backend.cancel, job_id)
+
     async def kinds(_: web.Request) -> web.Response:
         return _json({"kinds": backend.kinds, "project": backend.settings.project})
 
@@ -154,6 +164,8 @@ def make_app(backend: Backend, *, check_host: bool = True) -> web.Application:
     app.router.add_get("/api/results", results)
     app.router.add_get("/api/jobs/{job_id}", job)
     app.router.add_get("/api/batches", batches)
+    app.router.add_get("/api/executions", executions)
+    app.router.add_post("/api/cancel", cancel)
 
     async def live(app: web.Application) -> Any:
         await asyncio.to_thread(backend.start_live)

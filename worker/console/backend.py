@@ -17,6 +17,7 @@ own words (`explain`, given by `worker console`), or the operation's.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 import uuid
@@ -40,6 +41,7 @@ RECENT = 500  # results kept for the live page
 LATEST = 50_000  # job ids whose latest result is kept for the look-up
 RATE_WINDOW_S = 120  # seconds of the sparkline
 MAX_BATCHES = 50
+EXECUTIONS = 50  # latest executions listed per Cloud Run job
 DETAIL_BYTES = 2 * 1024 * 1024  # a dead letter's data shown in full up to this (Pub/Sub's max is 10 MB)
 
 
@@ -258,11 +260,19 @@ class Backend:
         check_kind: Callable[[str], None],
         parse_duration: Callable[[str], float],
         kinds: list[str] | None = None,
+        run_jobs: list[tuple[str, str, str]] | None = None,
+        executions_client: Callable[[], Any] | None = None,
+        cancel: Callable[[str], tuple[bool, str]] | None = None,
+        explain_run: Explain | None = None,
         status_wait_s: float = 2.0,
         operator: str = "",
     ) -> None:
         self.settings = settings
         self.kinds = sorted(kinds or [])
+        self._run_jobs = sorted(run_jobs or [])  # (kind, Cloud Run job, region)
+        self._executions_client = executions_client or _no_client
+        self._cancel = cancel or (lambda job_id: (False, "cancelling is not wired in this console"))
+        self._explain_run = explain_run or (lambda exc: None)
         self._publisher = publisher
         self._subscriber = subscriber
         self._explain = explain
@@ -452,6 +462,55 @@ class Backend:
             "ok": agree == len(confirmations),
         }
 
+    # -- Cloud Run job executions
+
+    def executions(self) -> dict[str, Any]:
+        """The latest executions of every run_job kind's Cloud Run job, running ones first."""
+        from worker.core.runjob import JOB_ID_ENV
+        from worker.gcp.runjobs import execution_env, execution_state, job_path
+
+        if not self._run_jobs:
+            return {"executions": [], "message": "the catalog has no run_job kind: no execution to show"}
+        rows, problems = [], []
+        try:
+            client = self._executions_client()
+        except Exception as exc:
+            raise ConsoleError(self._explain_run(exc) or f"no Cloud Run Admin API client: {exc}") from None
+        for kind, job, region in self._run_jobs:
+            parent = job_path(self.settings.project, region, job)
+            try:
+                pager = client.list_executions(
+                    request={"parent": parent, "page_size": EXECUTIONS}, retry=None, timeout=30
+                )
+                listed = list(itertools.islice(pager, EXECUTIONS))
+            except Exception as exc:
+                problems.append(f"{parent}: {self._explain_run(exc) or exc}")
+                continue
+            for execution in listed:
+                state = execution_state(execution)
+                rows.append(
+                    {
+                        "name": execution.name,
+                        "short": execution.name.rsplit("/", 1)[-1],
+                        "kind": kind,
+                        "job_id": execution_env(execution).get(JOB_ID_ENV),
+                        "state": "running" if state is None else state.value,
+                        "tasks": f"{execution.succeeded_count} ok, {execution.failed_count} failed, "
+                        f"{execution.cancelled_count} cancelled of {execution.task_count}",
+                        "created": _iso(execution.create_time),
+                        "completed": _iso(execution.completion_time),
+                        "log_uri": execution.log_uri or None,
+                    }
+                )
+        rows.sort(key=lambda r: r["created"] or "", reverse=True)
+        rows.sort(key=lambda r: r["state"] != "running")  # stable: running first, each newest first
+        return {"executions": rows, "message": "; ".join(problems) or None}
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """`worker cancel JOB_ID`, its own words back."""
+        ok, said = self._cancel(job_id)
+        return {"ok": ok, "message": said, "executions": self.executions()["executions"]}
+
     # -- live results
 
     def start_live(self) -> None:
@@ -501,6 +560,10 @@ class Backend:
             if found
             else f"no result for {job_id} since the console started; its logs may say more",
         }
+
+
+def _no_client() -> Any:
+    raise ConsoleError("no Cloud Run Admin API client: start the console with `worker console`")
 
 
 def _instance(reply: dict[str, Any]) -> dict[str, Any]:

@@ -379,6 +379,49 @@ async function loadBatches() {
 
 refreshers.batches = { once: loadBatches, every: loadBatches };
 
+// ---- Cloud Run job executions
+
+async function loadExecutions() {
+  let data;
+  try {
+    data = await api("/api/executions");
+  } catch (err) {
+    $("ex-summary").textContent = "Could not list the executions.";
+    flash(err.message, true);
+    return;
+  }
+  renderExecutions(data.executions);
+  const running = data.executions.filter((e) => e.state === "running").length;
+  $("ex-summary").textContent = `${data.executions.length} recent execution(s), ${running} running.` + (data.message ? ` ${data.message}` : "");
+}
+
+function renderExecutions(rows) {
+  fill($("ex-rows"), ...rows.map((e) => el("tr", { "data-testid": "ex-row", "data-job-id": e.job_id, "data-state": e.state },
+    el("td", {}, e.log_uri ? el("a", { href: e.log_uri, target: "_blank", rel: "noopener noreferrer" }, e.short) : e.short),
+    el("td", {}, e.kind), el("td", {}, e.job_id || "-"), el("td", { class: e.state }, e.state), el("td", {}, e.tasks),
+    el("td", {}, when(e.created)), el("td", {}, when(e.completed)),
+    el("td", {}, e.state === "running" && e.job_id
+      ? el("button", { "data-testid": "ex-cancel", onclick: () => cancelExecution(e) }, "Cancel…") : ""))));
+}
+
+async function cancelExecution(e) {
+  const scope = `cancel execution ${e.short} of job ${e.job_id} (kind ${e.kind})`;
+  if (!(await confirmAction(`${capitalise(scope)}? Its tasks are stopped and the job's result is recorded as cancelled.`, capitalise(scope)))) {
+    flash("cancelled: nothing sent.", false);
+    return;
+  }
+  flash(`cancelling ${e.short}…`, false);
+  try {
+    const done = await api("/api/cancel", { job_id: e.job_id });
+    flash(done.message, !done.ok);
+    renderExecutions(done.executions);
+  } catch (err) {
+    flash(err.message, true);
+  }
+}
+
+refreshers.executions = { once: loadExecutions };
+
 // ---- start
 
 document.addEventListener("DOMContentLoaded", async () => {
@@ -389,6 +432,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("dl-all").addEventListener("click", () => { dl.kind = undefined; dl.reason = undefined; dl.offset = 0; loadDeadLetters(false); });
   $("dl-detail-close").addEventListener("click", () => { $("dl-detail").hidden = true; });
   $("in-refresh").addEventListener("click", loadInstances);
+  $("ex-refresh").addEventListener("click", loadExecutions);
   $("in-pause").addEventListener("click", () => order(true));
   $("in-resume").addEventListener("click", () => order(false));
   $("rs-lookup").addEventListener("submit", findJob);
