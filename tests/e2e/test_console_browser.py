@@ -62,6 +62,8 @@ class ConsoleProcess:
         raise AssertionError(f"console not up in {timeout}s:\n{self.log_path.read_text()}")
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(10)

@@ -285,7 +285,8 @@ class Backend:
         )
         self.jobs_topic = publisher.topic_path(settings.project, settings.jobs_topic)
         self.snapshot = Snapshot()
-        self._scan_lock = threading.Lock()
+        # One scan at a time: two scans at once each see only what the other is not holding.
+        self._scan_lock = threading.RLock()
         self.live = LiveResults(settings.project)
         self._results_subscription: str | None = None
         self._results_future: Any = None
@@ -352,15 +353,16 @@ class Backend:
         if not kind:
             raise ConsoleError(NO_KIND)
         try:
-            report = operations.replay_dead_letters(
-                self._subscriber,
-                self._publisher,
-                self.dead_letter_path,
-                self.jobs_topic,
-                kind=kind,
-                reason=reason,
-                dry_run=True,
-            )
+            with self._scan_lock:
+                report = operations.replay_dead_letters(
+                    self._subscriber,
+                    self._publisher,
+                    self.dead_letter_path,
+                    self.jobs_topic,
+                    kind=kind,
+                    reason=reason,
+                    dry_run=True,
+                )
         except Exception as exc:
             raise self._fail(exc, "the dry run") from None
         count = len(report.selected)
@@ -383,15 +385,16 @@ class Backend:
         if count < 1:
             raise ConsoleError("nothing to replay: the dry run found no dead letter of that kind and reason")
         try:
-            report = operations.replay_dead_letters(
-                self._subscriber,
-                self._publisher,
-                self.dead_letter_path,
-                self.jobs_topic,
-                kind=kind,
-                reason=reason,
-                limit=count,
-            )
+            with self._scan_lock:
+                report = operations.replay_dead_letters(
+                    self._subscriber,
+                    self._publisher,
+                    self.dead_letter_path,
+                    self.jobs_topic,
+                    kind=kind,
+                    reason=reason,
+                    limit=count,
+                )
         except Exception as exc:
             raise self._fail(exc, "the replay") from None
         failed = [{"job_id": e.job_id or e.message_id, "error": error} for e, error in report.failed[:SAMPLE]]
