@@ -287,3 +287,71 @@ async def test_page_headers_and_the_guards_against_other_sites() -> None:
         assert gone.status == 404 and "press Rescan" in (await gone.json())["error"]
     finally:
         await client.close()
+
+
+def execution(name: str, job_id: str, *, done: bool, created_min: int) -> Any:
+    from google.cloud import run_v2
+
+    return run_v2.Execution(
+        name=f"projects/p/locations/r/jobs/j/executions/{name}",
+        task_count=1,
+        succeeded_count=1 if done else 0,
+        create_time=T0 + timedelta(minutes=created_min),
+        completion_time=T0 + timedelta(minutes=created_min + 1) if done else None,
+        template=run_v2.TaskTemplate(
+            containers=[run_v2.Container(env=[run_v2.EnvVar(name="WORKER_JOB_ID", value=job_id)])]
+        ),
+    )
+
+
+class FakeExecutions:
+    def __init__(self, listed: list[Any] | Exception) -> None:
+        self.listed = listed
+
+    def list_executions(self, *, request: dict[str, Any], **_: Any) -> Any:
+        if isinstance(self.listed, Exception):
+            raise self.listed
+        assert request["parent"] == "projects/p/locations/europe-west1/jobs/rescore-job"
+        return iter(self.listed)
+
+
+def with_executions(client: FakeExecutions, cancel: Any = None) -> Backend:
+    from worker.cli.console import explain_admin_api
+
+    made, _, _ = backend([])
+    made._run_jobs = [("rescore", "rescore-job", "europe-west1")]
+    made._executions_client = lambda: client
+    made._explain_run = explain_admin_api
+    if cancel:
+        made._cancel = cancel
+    return made
+
+
+def test_executions_running_first_then_newest_and_cancel_says_what_the_cli_said() -> None:
+    listed = [
+        execution("old", "a", done=True, created_min=0),
+        execution("new", "b", done=True, created_min=5),
+        execution("run", "c", done=False, created_min=1),
+    ]
+    asked: list[str] = []
+    made = with_executions(
+        FakeExecutions(listed), cancel=lambda job_id: (asked.append(job_id) or True, "said")
+    )
+    rows = made.executions()["executions"]
+    assert [(r["short"], r["job_id"], r["state"]) for r in rows] == [
+        ("run", "c", "running"),
+        ("new", "b", "succeeded"),
+        ("old", "a", "succeeded"),
+    ]
+    done = made.cancel("c")
+    assert (asked, done["ok"], done["message"]) == (["c"], True, "said")
+
+
+def test_an_admin_api_refusal_names_the_role() -> None:
+    made = with_executions(FakeExecutions(exceptions.Forbidden("caller lacks run.executions.list")))
+    shown = made.executions()
+    assert shown["executions"] == []
+    assert "listing executions needs roles/run.viewer" in shown["message"]
+    assert shown["message"].startswith(
+        "projects/p/locations/europe-west1/jobs/rescore-job: the Admin API refused"
+    )
