@@ -123,7 +123,7 @@ def backend(
 
 def mixed() -> list[Any]:
     return [
-        *(received(i, "echo", "forbidden") for i in range(3)),
+        *(received(i, "echo", "forbidden", **({"lane": "batch"} if i == 2 else {})) for i in range(3)),
         received(3, "echo", "timeout"),
         received(4, "scoring", "forbidden"),
         received(5, None, None),
@@ -162,6 +162,12 @@ def test_dry_run_then_replay_only_the_confirmed_count_of_kind_and_reason() -> No
     assert done["message"] == "replayed 3, skipped 4, failed 0"
     assert sorted(subscriber.acked) == ["ack-0", "ack-1", "ack-2"]
     assert [attrs["job_id"] for _, _, attrs in publisher.published] == ["job-0", "job-1", "job-2"]
+    # Each down the lane it came from, as `worker replay` sends it.
+    assert [topic for topic, _, _ in publisher.published] == [
+        "projects/p/topics/jobs",
+        "projects/p/topics/jobs",
+        "projects/p/topics/jobs-batch",
+    ]
     # The list was rescanned: what is left, the late one included.
     assert made.dead_letters(kind=None, reason=None, offset=0)["total"] == 4
 

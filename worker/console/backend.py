@@ -103,6 +103,7 @@ def entry_row(entry: operations.DeadLetterEntry) -> dict[str, Any]:
         "job_id": entry.job_id,
         "kind": entry.kind,
         "reason": entry.reason,
+        "lane": entry.lane,
         "status": entry.status,
         "error": entry.error_message[:300],
         "attempts": entry.attempts,
@@ -283,7 +284,7 @@ class Backend:
         self.dead_letter_path = subscriber.subscription_path(
             settings.project, settings.dead_letter_subscription
         )
-        self.jobs_topic = publisher.topic_path(settings.project, settings.jobs_topic)
+        self._topic_path = publisher.topic_path
         self.snapshot = Snapshot()
         # One scan at a time: two scans at once each see only what the other is not holding.
         self._scan_lock = threading.RLock()
@@ -291,6 +292,10 @@ class Backend:
         self._results_subscription: str | None = None
         self._results_future: Any = None
         self.live_error: str | None = None
+
+    def lane_topic(self, lane: str) -> str:
+        """Each dead letter goes back down the lane it came from, as `worker replay` sends it."""
+        return str(self._topic_path(self.settings.project, self.settings.lane_topic(lane)))
 
     # -- errors
 
@@ -358,7 +363,7 @@ class Backend:
                     self._subscriber,
                     self._publisher,
                     self.dead_letter_path,
-                    self.jobs_topic,
+                    self.lane_topic,
                     kind=kind,
                     reason=reason,
                     dry_run=True,
@@ -390,7 +395,7 @@ class Backend:
                     self._subscriber,
                     self._publisher,
                     self.dead_letter_path,
-                    self.jobs_topic,
+                    self.lane_topic,
                     kind=kind,
                     reason=reason,
                     limit=count,
@@ -588,6 +593,14 @@ def _instance(reply: dict[str, Any]) -> dict[str, Any]:
         ],
         "in_flight": state.get("in_flight", 0),
         "held": state.get("held", 0),
+        "lanes": [
+            {
+                "name": str(name),
+                **{k: lane.get(k, 0) for k in ("in_flight", "calling", "waiting", "held")},
+            }
+            for name, lane in sorted((state.get("lanes") or {}).items())
+            if isinstance(lane, dict)
+        ],
     }
 
 

@@ -148,6 +148,7 @@ function entryRow(e) {
   return el("tr", { "data-testid": "dl-row" },
     el("td", {}, el("button", { class: "link", "data-testid": "dl-open", onclick: () => openDetail(e.message_id) }, e.job_id || e.message_id)),
     el("td", {}, e.kind || "-"),
+    el("td", {}, e.lane),
     el("td", {}, e.reason),
     el("td", { "data-testid": "dl-error" }, e.error),
     el("td", { class: "n" }, e.attempts ?? "-"),
@@ -255,6 +256,7 @@ function renderInstances(data) {
     el("td", {}, ...(i.targets.length ? i.targets.map((t) => el("div", {},
       `${t.name}: `, el("span", { class: t.breaker }, t.breaker), `, limit ${t.limit ?? "-"}/${t.ceiling ?? "-"}, ${t.in_flight} in flight`)) : ["- (no call made yet)"])),
     el("td", {}, `${i.in_flight} / ${i.held}`),
+    el("td", {}, ...(i.lanes.length ? i.lanes.map((l) => el("div", {}, `${l.name}: ${l.in_flight}, ${l.calling}, ${l.waiting}, ${l.held}`)) : ["-"])),
     el("td", { "data-testid": "in-confirmed" }, lastConfirmations[i.replica] === undefined ? "-" :
       el("span", { class: lastConfirmations[i.replica] ? "ok" : "no" }, lastConfirmations[i.replica] ? "confirmed" : "NOT confirmed")))));
 }
