@@ -25,6 +25,7 @@ from tests.e2e.harness import REPO, WorkerProcess, provision, publish, uid, work
 from tests.e2e.test_batch import write_batch_kind
 from tests.e2e.test_run_jobs import write_run_job_kind
 from tests.e2e.test_webapp_browser import CHROMIUM, CHROMIUM_ARGS
+from worker.core.messages import ErrorInfo, JobStatus, Result, now
 
 pytestmark = pytest.mark.e2e
 
@@ -303,6 +304,26 @@ def test_a_batch_bar_reaches_done(stack: dict[str, Any], browser: Any) -> None:
         )
         assert batch.locator("[data-testid=batch-bar]").get_attribute("value") == "30"
         assert worker.stop() == 0
+
+    # A hostile result on the results topic is text on the live page too.
+    hostile = Result(
+        job_id="<script>window.pwned=5</script>",
+        kind="<b>bold</b>",
+        status=JobStatus.FAILED,
+        error=ErrorInfo(code="<i>x</i>", message='<img src=x onerror="window.pwned=6">'),
+        started_at=now(),
+        finished_at=now(),
+        duration_ms=1,
+    )
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(env["GOOGLE_CLOUD_PROJECT"], env["WORKER_RESULTS_TOPIC"])
+    publisher.publish(topic, hostile.to_bytes()).result(timeout=30)
+    page.click("[data-testid=tab-results]")
+    row = page.locator("[data-testid=rs-row][data-status=failed]", has_text="window.pwned=5")
+    row.wait_for(timeout=30_000)
+    assert "<b>bold</b>" in row.inner_text() and 'onerror="window.pwned=6"' in row.inner_text()
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("main script, main b, main img, main i").count() == 0
 
 
 def test_a_running_execution_is_cancelled_from_the_page(stack: dict[str, Any], browser: Any) -> None:
