@@ -9,6 +9,7 @@
 | `batch.py` | `batch-status` |
 | `control.py` | `pause`, `resume`, `status` |
 | `dev.py` | `dev` (needs the local cloud) |
+| `console.py` | `console` (the operators' web page, worker/console/) |
 
 Every failure goes through `common.CommandError`. Google's libraries are imported
 inside the verbs, not at import time: `worker dev` must set GCE_METADATA_HOST before
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import batch, control, dev, jobs, ops, run, setup
+from worker.cli import batch, console, control, dev, jobs, ops, run, setup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +28,7 @@ def cli() -> None:
     """Run Pub/Sub jobs against private Cloud Run services with proper ID tokens."""
 
 
-for module in (run, setup, jobs, ops, control, batch, dev):
+for module in (run, setup, jobs, ops, control, batch, console, dev):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -124,8 +124,19 @@ class DeadLetterEntry:
         source = self.attributes.get(f"{PUBSUB_SOURCE_PREFIX}Subscription", "")
         return BATCH if source and source.rsplit("/", 1)[-1] == self.batch_subscription else INTERACTIVE
 
-    def matches(self, kind: str | None, job_id: str | None) -> bool:
-        return (kind is None or self.kind == kind) and (job_id is None or self.job_id == job_id)
+    @property
+    def reason(self) -> str:
+        """What killed it, in one word: the error code, else why it has none."""
+        if self.error_code:
+            return self.error_code
+        return "delivery_attempts_exhausted" if self.by_pubsub else self.status
+
+    def matches(self, kind: str | None, job_id: str | None, reason: str | None = None) -> bool:
+        return (
+            (kind is None or self.kind == kind)
+            and (job_id is None or self.job_id == job_id)
+            and (reason is None or self.reason == reason)
+        )
 
     def replay_attributes(self, lane: str | None = None) -> dict[str, str]:
         """The attributes of the republished job, down `lane` (default: where it came from)."""
@@ -240,6 +251,7 @@ def replay_dead_letters(
     *,
     kind: str | None = None,
     job_id: str | None = None,
+    reason: str | None = None,
     limit: int | None = None,
     dry_run: bool = False,
     lane: str | None = None,
@@ -259,10 +271,10 @@ def replay_dead_letters(
     report = ReplayReport()
     with DeadLetterScan(subscriber, subscription, pull_timeout_s=pull_timeout_s) as scan:
         entries = scan.pull(
-            stop=(lambda got: sum(e.matches(kind, job_id) for e in got) >= limit) if limit else None
+            stop=(lambda got: sum(e.matches(kind, job_id, reason) for e in got) >= limit) if limit else None
         )
         report.truncated = scan.truncated
-        matching = [e for e in entries if e.matches(kind, job_id)]
+        matching = [e for e in entries if e.matches(kind, job_id, reason)]
         report.selected = matching[:limit] if limit else matching
         report.skipped = len(entries) - len(report.selected)
         chosen = {e.message_id for e in report.selected}
