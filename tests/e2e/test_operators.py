@@ -248,7 +248,7 @@ def test_setup_twice_reports_no_change(local_cloud: Any, pubsub_emulator: Any, n
     assert f"created  projects/local-project/topics/{names.control_topic}" in first.stdout
     second = worker_cli(env, "setup")
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("unchanged") == 7 and "created" not in second.stdout
+    assert second.stdout.count("unchanged") == 9 and "created" not in second.stdout
     assert "No change: everything already exists as configured." in second.stdout
 
 
