@@ -107,6 +107,10 @@ class StreamFailed(Exception):
 
 
 class Consumer:
+    """One lane's subscription: pulls it, runs each job through `handle` in a slot of
+    the lane's share, publishes the outcome, then acks or nacks (the module docstring
+    has the rules). `run(stop)` consumes until `stop`, then drains."""
+
     def __init__(
         self,
         subscriber: Any,
