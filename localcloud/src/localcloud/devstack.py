@@ -184,8 +184,10 @@ def _print_results(subscriber: Any, settings: Any, stop: asyncio.Event) -> None:
                 click.echo(f"    batch  {progress.batch_id}  " + json.dumps(progress.as_dict()))
             message.ack()
             return
-        colour = {"succeeded": "green", "expired": "yellow"}.get(result["status"], "red")
-        answer = result.get("response") if result["status"] == "succeeded" else result.get("error")
+        colour = {"succeeded": "green", "expired": "yellow", "running": "cyan"}.get(result["status"], "red")
+        answer = (
+            result.get("response") if result["status"] in ("succeeded", "running") else result.get("error")
+        )
         click.echo(
             click.style(f"{result['status']:>9}", fg=colour)
             + f"  {result['job_id']}  {result['kind']}  attempts={result['attempts']}  "
