@@ -10,7 +10,8 @@
 | `control.py` | `pause`, `resume`, `status` |
 | `dev.py` | `dev` (needs the local cloud) |
 
-Every failure goes through `common.CommandError`. Google's libraries are imported
+Every failure goes through `common.CommandError`; the group (`common.Verbs`) turns a
+Google library's failure in any verb into one. Google's libraries are imported
 inside the verbs, not at import time: `worker dev` must set GCE_METADATA_HOST before
 google.auth is first imported.
 """
@@ -20,9 +21,10 @@ from __future__ import annotations
 import click
 
 from worker.cli import batch, control, dev, jobs, ops, run, setup
+from worker.cli.common import Verbs
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Verbs, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Run Pub/Sub jobs against private Cloud Run services with proper ID tokens."""
 

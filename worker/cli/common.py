@@ -8,6 +8,8 @@ code, in a terminal and under `CliRunner` alike.
 from __future__ import annotations
 
 import functools
+import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -15,10 +17,11 @@ from typing import IO, Any, ParamSpec
 
 import click
 
-from worker.core.errors import ConfigError
+from worker.core.errors import ConfigError, shorten
 from worker.core.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+PROBE_TIMEOUT_S = 2.0  # a listening port answers a connect in milliseconds, even on a busy machine
 
 P = ParamSpec("P")
 
@@ -32,6 +35,15 @@ class CommandError(click.ClickException):
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"worker: error: {self.format_message()}", err=True, file=file)
+
+
+class Verbs(click.Group):
+    """The `worker` group: every verb runs inside `google_errors`, so a Google library's
+    failure anywhere (building a client, a call) ends as one `worker: error:` line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with google_errors():
+            return super().invoke(ctx)
 
 
 def exits_with_code(verb: Callable[P, int]) -> Callable[P, None]:
@@ -71,31 +83,105 @@ def load_catalog_or_fail(settings: Settings) -> Any:
         raise CommandError(str(exc), EXIT_USAGE) from None
 
 
-@contextmanager
-def google_errors(settings: Settings) -> Iterator[None]:
-    """Turn Pub/Sub's refusals into a sentence naming the resource and the fix."""
-    from google.api_core import exceptions
+SECOND_SHELL = "see README, Second shell"
 
+
+@contextmanager
+def google_errors(settings: Settings | None = None) -> Iterator[None]:
+    """Turn Google's failures (refusals, no answer, no credentials) into one sentence naming
+    the cause and the fix. The `worker` group wraps every verb in it, client construction
+    included; a verb may wrap a narrower block to name its settings' project."""
     try:
         yield
-    except exceptions.NotFound as exc:
-        raise CommandError(
+    except CommandError:
+        raise
+    except Exception as exc:
+        sentence = google_failure(exc, settings)
+        if sentence is None:
+            raise
+        raise sentence from None
+
+
+def google_failure(exc: BaseException, settings: Settings | None) -> CommandError | None:
+    """The `CommandError` a Google library failure reads as, or None for any other error."""
+    from google.api_core import exceptions
+    from google.auth import exceptions as auth
+
+    project = settings.project if settings else os.environ.get("GOOGLE_CLOUD_PROJECT", "?")
+    if isinstance(exc, auth.DefaultCredentialsError):
+        return CommandError(
+            "no Google credentials found: run `gcloud auth application-default login`, "
+            f"or for the local cloud run `make dev` and `source .worker-dev.env` ({SECOND_SHELL})",
+            EXIT_USAGE,
+        )
+    if isinstance(exc, auth.RefreshError | auth.TransportError):
+        return CommandError(
+            f"your credentials were refused or could not be refreshed ({_one_line(exc)}): "
+            "run `gcloud auth application-default login` again",
+            EXIT_USAGE,
+        )
+    if isinstance(exc, exceptions.NotFound):
+        return CommandError(
             f"{exc.message}: create the topics and subscriptions with `worker setup` "
-            f"(project {settings.project}), or check the WORKER_*_TOPIC/SUBSCRIPTION variables"
-        ) from None
-    except exceptions.PermissionDenied as exc:
-        raise CommandError(
+            f"(project {project}), or check GOOGLE_CLOUD_PROJECT and the WORKER_*_TOPIC/SUBSCRIPTION "
+            "variables"
+        )
+    if isinstance(exc, exceptions.PermissionDenied):
+        return CommandError(
             f"{exc.message}: your credentials lack a Pub/Sub role on it; see "
             "`worker setup --print-gcloud` for the bindings"
-        ) from None
-    except exceptions.GoogleAPICallError as exc:
-        raise CommandError(f"Pub/Sub refused the call: {exc.message}") from None
+        )
+    if isinstance(exc, exceptions.RetryError | exceptions.ServiceUnavailable | exceptions.DeadlineExceeded):
+        cause = exc.cause if isinstance(exc, exceptions.RetryError) and exc.cause else exc
+        return CommandError(f"Pub/Sub did not answer ({_one_line(cause)}): {_unreachable_fix()}", EXIT_USAGE)
+    if isinstance(exc, TimeoutError):
+        return CommandError(f"Pub/Sub did not answer in time: {_unreachable_fix()}", EXIT_USAGE)
+    if isinstance(exc, exceptions.GoogleAPICallError):
+        return CommandError(f"Pub/Sub refused the call: {exc.message}")
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return shorten(" ".join(str(exc).split()), 200) or type(exc).__name__
+
+
+def _unreachable_fix() -> str:
+    host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if host:
+        return f"is `make dev` running, its emulator at {host} (PUBSUB_EMULATOR_HOST)? ({SECOND_SHELL})"
+    return "check the network and GOOGLE_CLOUD_PROJECT, or for the local cloud `source .worker-dev.env`"
+
+
+def reachable_or_fail() -> None:
+    """Fail in seconds, not after a minute of retries, when the emulator or the local cloud
+    the environment names is not listening (typically: `make dev` was stopped)."""
+    targets = [("the Pub/Sub emulator", "PUBSUB_EMULATOR_HOST")]
+    if os.environ.get("WORKER_LOCAL_CLOUD"):
+        targets.append(("the local cloud's metadata server", "GCE_METADATA_HOST"))
+    for name, variable in targets:
+        address = os.environ.get(variable)
+        if address and not _listening(address):
+            raise CommandError(
+                f"cannot reach {name} at {address} ({variable}): is `make dev` running? Start it, "
+                f"then `source .worker-dev.env` in this shell ({SECOND_SHELL})",
+                EXIT_USAGE,
+            )
+
+
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=PROBE_TIMEOUT_S):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def operator_clients(settings: Settings) -> tuple[Any, Any]:
     """Publisher and subscriber with the operator's own application-default credentials (or the emulator)."""
     from worker.runtime.app import pubsub_clients
 
+    reachable_or_fail()
     return pubsub_clients(settings, None)
 
 

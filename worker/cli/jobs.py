@@ -18,6 +18,7 @@ from worker.cli.common import (
     load_catalog_or_fail,
     load_settings_or_fail,
     operator_clients,
+    reachable_or_fail,
 )
 from worker.core.errors import InvalidJobError
 from worker.core.messages import JobStatus
@@ -90,6 +91,7 @@ def cancel(job_id: str, kind: str | None, timeout: float) -> int:
 
     settings = load_settings_or_fail()
     catalog = load_catalog_or_fail(settings)
+    reachable_or_fail()
     executions = run_client(settings, access_credentials(settings), "ExecutionsClient")
     try:
         report = cancel_job(

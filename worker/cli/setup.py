@@ -148,9 +148,9 @@ def apply(settings: Settings, options: SetupOptions) -> int:
     from worker.ops.provision import apply_setup, for_target
 
     options = for_target(options)
+    publisher, subscriber = operator_clients(settings)
     if not options.retry_policy:
         click.echo("Pub/Sub emulator: the jobs subscription gets no retry policy (nacks redeliver at once).")
-    publisher, subscriber = operator_clients(settings)
     changes = apply_setup(publisher, subscriber, settings, options)
     for change in changes:
         click.echo(
