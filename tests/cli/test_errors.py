@@ -129,7 +129,7 @@ def test_missing_credentials_name_the_login_and_the_local_cloud(
         (TimeoutError(), "Pub/Sub did not answer in time"),
         (
             exceptions.NotFound("Resource not found (resource=jobs-x)."),
-            "Resource not found (resource=jobs-x).: create the topics",
+            "Resource not found (resource=jobs-x) in project test-project: if GOOGLE_CLOUD_PROJECT is",
         ),
         (exceptions.PermissionDenied("User not authorized"), "lack a Pub/Sub role"),
     ],
@@ -178,3 +178,12 @@ def test_an_error_that_is_not_googles_still_raises(
     monkeypatch.setattr("worker.ops.operations.list_dead_letters", fail)
     done = runner.invoke(cli, ["dead-letters"])
     assert isinstance(done.exception, ZeroDivisionError)
+
+
+def test_timeout_without_wait_is_refused_not_ignored(runner: CliRunner) -> None:
+    done = runner.invoke(cli, ["enqueue", "echo", "--payload", "{}", "--timeout", "5"])
+    assert done.exit_code == 2
+    assert (
+        one_error_line(done.output)
+        == "worker: error: --timeout goes with --wait: without it enqueue does not wait"
+    )

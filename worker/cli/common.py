@@ -122,9 +122,9 @@ def google_failure(exc: BaseException, settings: Settings | None) -> CommandErro
         )
     if isinstance(exc, exceptions.NotFound):
         return CommandError(
-            f"{exc.message}: create the topics and subscriptions with `worker setup` "
-            f"(project {project}), or check GOOGLE_CLOUD_PROJECT and the WORKER_*_TOPIC/SUBSCRIPTION "
-            "variables"
+            f"{exc.message.rstrip('.')} in project {project}: if GOOGLE_CLOUD_PROJECT is the project "
+            "your workers serve, create the topics and subscriptions with `worker setup`; if not, fix "
+            "it (or the WORKER_*_TOPIC/SUBSCRIPTION variables) rather than create a project no worker reads"
         )
     if isinstance(exc, exceptions.PermissionDenied):
         return CommandError(

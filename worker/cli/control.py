@@ -158,12 +158,25 @@ def order(settings: Settings, kind: str, *, paused: bool, until: float | None, w
         send_order(publisher, settings.project, settings.control_topic, entry)
     verb = "paused" if paused else "resumed"
     when = "" if until is None else f" until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}"
-    click.echo(f"{kind} {verb}{when} (order sent on {settings.control_topic}).")
-    if wait_s > 0:
-        time.sleep(min(0.5, wait_s))  # let the order land before the question
-        replies = collect(settings, wait_s)
-        agree = [r for r in replies if (kind in ((r.get("status") or {}).get("paused") or {})) == paused]
-        click.echo(f"{len(agree)} of {len(replies)} answering worker instance(s) confirm.")
+    if wait_s <= 0:
+        click.echo(f"{kind} {verb}{when}: order sent on {settings.control_topic}, confirmations not asked.")
+        return EXIT_OK
+    time.sleep(min(0.5, wait_s))  # let the order land before the question
+    replies = collect(settings, wait_s)
+    if not replies:
+        # Pause state lives in the running instances only (docs/protections.md): with none, nothing holds it.
+        if not paused:
+            click.echo(
+                f"No worker instance answered within {wait_s:g}s: none runs, so {kind} is paused nowhere."
+            )
+            return EXIT_OK
+        raise CommandError(
+            f"no worker instance answered on {settings.control_topic} within {wait_s:g}s, so the order is "
+            "forgotten (pause state lives in running instances): start a worker (`make dev` or "
+            f"`worker run`), then `worker pause {kind}` again"
+        )
+    agree = [r for r in replies if (kind in ((r.get("status") or {}).get("paused") or {})) == paused]
+    click.echo(f"{kind} {verb}{when}: {len(agree)} of {len(replies)} answering worker instance(s) confirm.")
     return EXIT_OK
 
 
