@@ -96,7 +96,8 @@ def test_the_installed_command_prints_no_traceback_for_a_stopped_emulator(tmp_pa
         cwd=tmp_path,
         timeout=60,
     )
-    assert time.monotonic() - started < 10
+    # Interpreter start-up and imports included, on a shared machine; the hang it replaced took 50-60 s.
+    assert time.monotonic() - started < 20
     assert done.returncode == 2
     assert done.stdout == ""
     assert "Traceback" not in done.stderr

@@ -110,14 +110,14 @@ def google_failure(exc: BaseException, settings: Settings | None) -> CommandErro
     project = settings.project if settings else os.environ.get("GOOGLE_CLOUD_PROJECT", "?")
     if isinstance(exc, auth.DefaultCredentialsError):
         return CommandError(
-            "no Google credentials found: run `gcloud auth application-default login`, "
-            f"or for the local cloud run `make dev` and `source .worker-dev.env` ({SECOND_SHELL})",
+            f"no Google credentials found: for the local cloud run `make dev` and `source .worker-dev.env` "
+            f"({SECOND_SHELL}); for a real project run gcloud auth application-default login",
             EXIT_USAGE,
         )
     if isinstance(exc, auth.RefreshError | auth.TransportError):
         return CommandError(
-            f"your credentials were refused or could not be refreshed ({_one_line(exc)}): "
-            "run `gcloud auth application-default login` again",
+            f"your credentials were refused or could not be refreshed ({_one_line(exc)}); "
+            "log in again: gcloud auth application-default login",
             EXIT_USAGE,
         )
     if isinstance(exc, exceptions.NotFound):
