@@ -13,12 +13,14 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import IO, Any, ParamSpec
+from typing import IO, TYPE_CHECKING, Any, ParamSpec
 
 import click
 
 from worker.core.errors import ConfigError, shorten
-from worker.core.settings import Settings
+
+if TYPE_CHECKING:  # imported by the verbs that run, so `worker --help` loads no pydantic
+    from worker.core.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 PROBE_TIMEOUT_S = 2.0  # a listening port answers a connect in milliseconds, even on a busy machine
@@ -93,8 +95,8 @@ def google_errors(settings: Settings | None = None) -> Iterator[None]:
     included; a verb may wrap a narrower block to name its settings' project."""
     try:
         yield
-    except CommandError:
-        raise
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise  # click's own (usage errors, --help): nothing of Google's to load for them
     except Exception as exc:
         sentence = google_failure(exc, settings)
         if sentence is None:
@@ -104,6 +106,8 @@ def google_errors(settings: Settings | None = None) -> Iterator[None]:
 
 def google_failure(exc: BaseException, settings: Settings | None) -> CommandError | None:
     """The `CommandError` a Google library failure reads as, or None for any other error."""
+    if not (type(exc).__module__.startswith("google.") or isinstance(exc, TimeoutError)):
+        return None
     from google.api_core import exceptions
     from google.auth import exceptions as auth
 

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,7 +27,9 @@ from worker.cli.common import (
     operator_clients,
     table,
 )
-from worker.core.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}

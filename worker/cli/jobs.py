@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
@@ -22,8 +23,9 @@ from worker.cli.common import (
     reachable_or_fail,
 )
 from worker.core.errors import InvalidJobError
-from worker.core.messages import JobStatus
-from worker.core.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
 
 STATUS_WAIT_S = 2.0  # how long a timed-out --wait asks the instances why
 
@@ -45,6 +47,7 @@ def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: fl
     """Publish one job (checked against the catalog first) and print its id."""
     from worker.client import ResultWaiter, build_job
     from worker.client import enqueue as publish_job
+    from worker.core.messages import JobStatus
 
     if (
         not wait

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -26,8 +26,9 @@ from worker.cli.common import (
     operator_clients,
     table,
 )
-from worker.core.messages import now
-from worker.core.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
 
 
 @click.command("dead-letters")
@@ -63,6 +64,7 @@ def doctor(service: str | None, audience: str | None, worker_sa: str | None) -> 
 
 
 def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -> int:
+    from worker.core.messages import now
     from worker.ops import operations
 
     _, subscriber = operator_clients(settings)

@@ -17,10 +17,10 @@ from worker.cli.common import (
     load_settings_or_fail,
     operator_clients,
 )
-from worker.core.settings import Settings
-from worker.ops.provision import SetupOptions
 
 if TYPE_CHECKING:
+    from worker.core.settings import Settings
+    from worker.ops.provision import SetupOptions
     from worker.ops.iam import PushTarget
 
 
@@ -94,6 +94,8 @@ def setup(
     webapp_service: str,
 ) -> int:
     """Create the topics and subscriptions, idempotently."""
+    from worker.ops.provision import SetupOptions
+
     settings = load_settings_or_fail()
     if operators and not print_gcloud:
         raise CommandError(
