@@ -20,8 +20,8 @@ from worker.cli.common import (
 
 if TYPE_CHECKING:
     from worker.core.settings import Settings
-    from worker.ops.provision import SetupOptions
     from worker.ops.iam import PushTarget
+    from worker.ops.provision import SetupOptions
 
 
 @click.command()
