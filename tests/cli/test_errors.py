@@ -188,3 +188,17 @@ def test_timeout_without_wait_is_refused_not_ignored(runner: CliRunner) -> None:
         one_error_line(done.output)
         == "worker: error: --timeout goes with --wait: without it enqueue does not wait"
     )
+
+
+def test_an_order_names_who_gave_it_without_user_set(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, listening: str
+) -> None:
+    for variable in ("USER", "LOGNAME", "LNAME", "USERNAME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", listening)
+    sent: list[object] = []
+    monkeypatch.setattr("worker.gcp.control.send_order", lambda *args: sent.append(args[-1]))
+    done = runner.invoke(cli, ["pause", "echo", "--wait", "0"])
+    assert done.exit_code == 0, done.output
+    (entry,) = sent
+    assert entry.by and "@" in entry.by  # type: ignore[attr-defined]

@@ -154,7 +154,7 @@ def order(settings: Settings, kind: str, *, paused: bool, until: float | None, w
     from worker.core.pauses import PauseEntry
     from worker.gcp.control import send_order
 
-    entry = PauseEntry(kind, paused, time.time(), until, by=os.environ.get("USER", "")[:100])
+    entry = PauseEntry(kind, paused, time.time(), until, by=operator_name()[:100])
     publisher, _ = operator_clients(settings)
     with google_errors(settings):
         send_order(publisher, settings.project, settings.control_topic, entry)
@@ -180,6 +180,19 @@ def order(settings: Settings, kind: str, *, paused: bool, until: float | None, w
     agree = [r for r in replies if (kind in ((r.get("status") or {}).get("paused") or {})) == paused]
     click.echo(f"{kind} {verb}{when}: {len(agree)} of {len(replies)} answering worker instance(s) confirm.")
     return EXIT_OK
+
+
+def operator_name() -> str:
+    """Who gave the order, for the instances' `kind_paused by=` log line: USER is often
+    unset (containers, cron), so the login name from the system, then the uid."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
 
 
 def collect(settings: Settings, wait_s: float) -> list[dict[str, Any]]:

@@ -166,33 +166,44 @@ def _sample_job(index: int) -> dict[str, Any]:
     }
 
 
-def _print_results(subscriber: Any, settings: Any, stop: asyncio.Event) -> None:
-    from worker.client import BatchProgress
-    from worker.core.messages import Result
+class ResultPrinter:
+    """One line per result, one per tenth of a batch. The subscriber calls `show` from
+    several threads at once: a batch's update and its line are one step under a lock, so
+    its progress never prints backwards (`done: true`, then an older `done: false`)."""
 
-    path = subscriber.subscription_path(settings.project, settings.results_subscription)
-    batches: dict[str, BatchProgress] = {}
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches: dict[str, Any] = {}
 
-    def show(message: Any) -> None:
+    def show(self, message: Any) -> None:
+        from worker.client import BatchProgress
+        from worker.core.messages import Result
+
         result = json.loads(message.data)
         if result.get("batch"):
-            # One line per tenth of a batch, not one per child.
-            progress = batches.setdefault(result["batch"]["id"], BatchProgress(result["batch"]["id"]))
-            step = max(1, result["batch"]["total"] // 10)
-            counted = progress.update(Result.model_validate(result))
-            if counted and (progress.finished % step == 0 or progress.done):
-                click.echo(f"    batch  {progress.batch_id}  " + json.dumps(progress.as_dict()))
+            batch = result["batch"]
+            step = max(1, batch["total"] // 10)
+            with self._lock:
+                progress = self._batches.setdefault(batch["id"], BatchProgress(batch["id"]))
+                counted = progress.update(Result.model_validate(result))
+                if counted and (progress.finished % step == 0 or progress.done):
+                    click.echo(f"    batch  {progress.batch_id}  " + json.dumps(progress.as_dict()))
             message.ack()
             return
         colour = {"succeeded": "green", "expired": "yellow"}.get(result["status"], "red")
         answer = result.get("response") if result["status"] == "succeeded" else result.get("error")
+        # A rejected job may have had no readable id or kind: say so, not "None None".
+        job_id, kind = result.get("job_id") or "(no job id)", result.get("kind") or "(no kind)"
         click.echo(
             click.style(f"{result['status']:>9}", fg=colour)
-            + f"  {result['job_id']}  {result['kind']}  attempts={result['attempts']}  "
+            + f"  {job_id}  {kind}  attempts={result['attempts']}  "
             + json.dumps(answer)[:120]
         )
         message.ack()
 
-    future = subscriber.subscribe(path, show)
+
+def _print_results(subscriber: Any, settings: Any, stop: asyncio.Event) -> None:
+    path = subscriber.subscription_path(settings.project, settings.results_subscription)
+    future = subscriber.subscribe(path, ResultPrinter().show)
     with contextlib.suppress(Exception):  # the stream ends when the emulator stops
         future.result()
