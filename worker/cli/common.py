@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -190,7 +191,16 @@ def operator_clients(settings: Settings) -> tuple[Any, Any]:
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    """A rich table whose cells are plain text: a '[' in an error or an id is never markup."""
+    """A rich table on a terminal, whose cells are plain text: a '[' in an error or an id is
+    never markup. Piped, one tab-separated line per row instead (rich would wrap its cells
+    to 80 columns): what grep, cut and a test read."""
+    if not sys.stdout.isatty():
+        click.echo(title)
+        for line in (columns, *rows):
+            click.echo(
+                "\t".join("; ".join(" ".join(part.split()) for part in cell.splitlines()) for cell in line)
+            )
+        return
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
