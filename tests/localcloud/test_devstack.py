@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from localcloud.devstack import ResultPrinter
+from localcloud.devstack import ResultPrinter, add_dev_services
 
 from tests.doubles import result
 
@@ -60,3 +60,22 @@ def test_a_result_without_id_or_kind_says_so(monkeypatch: pytest.MonkeyPatch) ->
     )
     ResultPrinter().show(Message(rejected.to_bytes()))
     assert "  (no job id)  (no kind)  " in lines[0] and "None" not in lines[0]
+
+
+class Cloud:
+    """The part of LocalCloud that add_dev_services uses."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, Any] = {}
+
+    def add_service(self, name: str, function: str) -> Any:
+        service = self.services[name] = type("Service", (), {"function": function, "total_accounts": 1000})()
+        return service
+
+
+@pytest.mark.parametrize(("fire_batch", "accounts"), [(0, 25), (7, 7)])
+def test_the_dev_accounts_source_has_accounts_without_fire_batch(fire_batch: int, accounts: int) -> None:
+    cloud = Cloud()
+    add_dev_services(cloud, fire_batch)
+    assert set(cloud.services) == {"account-scoring", "echo", "accounts-source"}
+    assert cloud.services["accounts-source"].total_accounts == accounts

@@ -25,6 +25,9 @@ from localcloud.ports import free_port
 # Where the reference web app (examples/webapp, `make webapp`) listens for pushes.
 DEFAULT_PUSH_ENDPOINT = "http://127.0.0.1:8090/pubsub/results"
 DEFAULT_ENV_FILE = ".worker-dev.env"
+# Accounts the dev accounts-source serves without --fire-batch, so a `{"source": true}`
+# batch from a second shell has children to fan out (with 0 it succeeded with none).
+DEFAULT_SOURCE_ACCOUNTS = 25
 
 
 def _pin_metadata_host() -> int:
@@ -36,6 +39,15 @@ def _pin_metadata_host() -> int:
 
 def push_service_account(project: str) -> str:
     return f"results-push@{project}.iam.gserviceaccount.com"
+
+
+def add_dev_services(cloud: Any, fire_batch: int) -> None:
+    """The shipped catalog's services; the accounts source serves `fire_batch` accounts
+    when a batch is fired, DEFAULT_SOURCE_ACCOUNTS otherwise."""
+    cloud.add_service("account-scoring", "account-scoring")
+    cloud.add_service("echo", "echo")
+    source = cloud.add_service("accounts-source", "accounts-source")
+    source.total_accounts = fire_batch or DEFAULT_SOURCE_ACCOUNTS
 
 
 def webapp_env(cloud: Any, emulator_host: str, push_endpoint: str) -> dict[str, str]:
@@ -79,10 +91,7 @@ def run_dev(
         os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
         os.environ.update(cloud.env)
         os.environ["WORKER_MAX_IN_FLIGHT"] = str(max_in_flight)
-        cloud.add_service("account-scoring", "account-scoring")
-        cloud.add_service("echo", "echo")
-        source = cloud.add_service("accounts-source", "accounts-source")
-        source.total_accounts = fire_batch
+        add_dev_services(cloud, fire_batch)
         env = webapp_env(cloud, emulator.host, push_endpoint)
         if env_file:
             write_env_file(env_file, env)
