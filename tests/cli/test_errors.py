@@ -202,3 +202,17 @@ def test_an_order_names_who_gave_it_without_user_set(
     assert done.exit_code == 0, done.output
     (entry,) = sent
     assert entry.by and "@" in entry.by  # type: ignore[attr-defined]
+
+
+def test_debug_shows_the_original_failure(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, listening: str
+) -> None:
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", listening)
+    failure = exceptions.RetryError("Timeout of 60.0s exceeded", exceptions.ServiceUnavailable("refused"))
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr("worker.ops.operations.list_dead_letters", fail)
+    assert runner.invoke(cli, ["dead-letters"]).exit_code == 2
+    assert runner.invoke(cli, ["--debug", "dead-letters"]).exception is failure

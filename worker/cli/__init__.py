@@ -25,7 +25,10 @@ from worker.cli.common import Verbs
 
 
 @click.group(cls=Verbs, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option(
+    "--debug", is_flag=True, help="On a Google library's failure, its traceback instead of one line."
+)
+def cli(debug: bool) -> None:
     """Run Pub/Sub jobs against private Cloud Run services with proper ID tokens."""
 
 

@@ -100,9 +100,15 @@ def google_errors(settings: Settings | None = None) -> Iterator[None]:
         raise  # click's own (usage errors, --help): nothing of Google's to load for them
     except Exception as exc:
         sentence = google_failure(exc, settings)
-        if sentence is None:
+        if sentence is None or _debugging():
             raise
         raise sentence from None
+
+
+def _debugging() -> bool:
+    """`worker --debug VERB`: let the original exception through, traceback and all."""
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug"))
 
 
 def google_failure(exc: BaseException, settings: Settings | None) -> CommandError | None:
