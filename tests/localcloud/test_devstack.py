@@ -6,12 +6,14 @@ import json
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from localcloud.devstack import ResultPrinter, add_dev_services
+from localcloud.devstack import DEV_RUN_JOB, ResultPrinter, add_dev_services, write_dev_catalog
 
 from tests.doubles import result
+from worker.core.catalog import Catalog, default_catalog_dir
 
 TOTAL = 200
 
@@ -79,3 +81,13 @@ def test_the_dev_accounts_source_has_accounts_without_fire_batch(fire_batch: int
     add_dev_services(cloud, fire_batch)
     assert set(cloud.services) == {"account-scoring", "echo", "accounts-source"}
     assert cloud.services["accounts-source"].total_accounts == accounts
+
+
+def test_the_dev_catalog_adds_a_run_job_kind_to_the_shipped_ones(tmp_path: Path) -> None:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "gone.toml").write_text("a kind of an earlier run, removed since")
+    write_dev_catalog(tmp_path / "jobs", default_catalog_dir())
+    catalog = Catalog.load(tmp_path / "jobs")
+    shipped = {path.stem for path in default_catalog_dir().glob("*.toml")}
+    assert set(catalog) == shipped | {DEV_RUN_JOB}
+    assert catalog.run_jobs("us-central1") == {(DEV_RUN_JOB, "us-central1")}

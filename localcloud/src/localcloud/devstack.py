@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import click
@@ -28,6 +30,21 @@ DEFAULT_ENV_FILE = ".worker-dev.env"
 # Accounts the dev accounts-source serves without --fire-batch, so a `{"source": true}`
 # batch from a second shell has children to fan out (with 0 it succeeded with none).
 DEFAULT_SOURCE_ACCOUNTS = 25
+# A run_job kind of `worker dev`'s own (not in jobs/, which the image ships), on a Cloud
+# Run job of the local cloud whose execution takes a while: `enqueue`, `cancel` and
+# `replay` of long work can be tried from a second shell.
+DEV_RUN_JOB = "rescore"
+DEV_RUN_JOB_SECONDS = 30.0
+DEV_RUN_JOB_KIND = f"""# Written by `worker dev`: a Cloud Run job of the local cloud ({DEV_RUN_JOB_SECONDS:g} s an execution).
+kind = "{DEV_RUN_JOB}"
+description = "Re-score every account on a Cloud Run job (worker dev only)"
+handler = "run_job"
+
+[run_job]
+job = "{DEV_RUN_JOB}"
+poll_initial_s = 2
+poll_max_s = 5
+"""
 
 
 def _pin_metadata_host() -> int:
@@ -48,6 +65,18 @@ def add_dev_services(cloud: Any, fire_batch: int) -> None:
     cloud.add_service("echo", "echo")
     source = cloud.add_service("accounts-source", "accounts-source")
     source.total_accounts = fire_batch or DEFAULT_SOURCE_ACCOUNTS
+
+
+def write_dev_catalog(directory: Path, source: Path) -> None:
+    """The catalog `worker dev` runs: the configured one's kinds, plus DEV_RUN_JOB's. It
+    stays after `worker dev` stops, so a second shell whose environment still names it
+    hears that the emulator is gone, not that its catalog is."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    for kind in sorted(source.glob("*.toml")):
+        shutil.copy(kind, directory / kind.name)
+    if not (directory / f"{DEV_RUN_JOB}.toml").exists():
+        (directory / f"{DEV_RUN_JOB}.toml").write_text(DEV_RUN_JOB_KIND)
 
 
 def webapp_env(cloud: Any, emulator_host: str, push_endpoint: str) -> dict[str, str]:
@@ -82,17 +111,23 @@ def run_dev(
     metadata_port = _pin_metadata_host()
     os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
     from localcloud import LocalCloud, PubSubEmulator
+    from worker.core.catalog import default_catalog_dir
 
     project = os.environ.get("GOOGLE_CLOUD_PROJECT") or "local-project"
+    # Beside the env file, whose stack alone writes it (worker/cli/dev.py's lock).
+    catalog = os.path.abspath(f"{env_file or DEFAULT_ENV_FILE}.jobs")
     with (
         PubSubEmulator(project=project) as emulator,
         LocalCloud(project=project, metadata_port=metadata_port) as cloud,
     ):
+        write_dev_catalog(Path(catalog), Path(os.environ.get("WORKER_CATALOG_DIR") or default_catalog_dir()))
+        cloud.add_run_job(DEV_RUN_JOB, task_seconds=DEV_RUN_JOB_SECONDS)
+        os.environ["WORKER_CATALOG_DIR"] = catalog
         os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
         os.environ.update(cloud.env)
         os.environ["WORKER_MAX_IN_FLIGHT"] = str(max_in_flight)
         add_dev_services(cloud, fire_batch)
-        env = webapp_env(cloud, emulator.host, push_endpoint)
+        env = dict(webapp_env(cloud, emulator.host, push_endpoint), WORKER_CATALOG_DIR=catalog)
         if env_file:
             write_env_file(env_file, env)
         try:
