@@ -35,7 +35,7 @@ DEFAULT_SOURCE_ACCOUNTS = 25
 # `replay` of long work can be tried from a second shell.
 DEV_RUN_JOB = "rescore"
 DEV_RUN_JOB_SECONDS = 30.0
-DEV_RUN_JOB_KIND = f"""# Written by `worker dev`: a Cloud Run job of the local cloud ({DEV_RUN_JOB_SECONDS:g} s an execution).
+DEV_RUN_JOB_KIND = f"""# Written by `worker dev`: a local Cloud Run job, {DEV_RUN_JOB_SECONDS:g} s a run.
 kind = "{DEV_RUN_JOB}"
 description = "Re-score every account on a Cloud Run job (worker dev only)"
 handler = "run_job"
