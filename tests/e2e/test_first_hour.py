@@ -3,6 +3,12 @@ command on the local cloud: each hint says what is really the case."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,3 +83,45 @@ def test_a_wrong_project_is_not_sent_to_worker_setup_alone(env: dict[str, str]) 
     assert line.startswith("worker: error: ") and "\n" not in line
     assert "in project someone-elses: if GOOGLE_CLOUD_PROJECT is the project your workers serve" in line
     assert "rather than create a project no worker reads" in line
+
+
+def read_exports(path: Path) -> dict[str, str]:
+    exports = [shlex.split(line)[1] for line in path.read_text().splitlines() if line.startswith("export ")]
+    return dict(export.split("=", 1) for export in exports)
+
+
+def test_make_dev_then_a_second_one_then_ctrl_c_as_the_readme_tells_it(tmp_path: Path) -> None:
+    """`make dev`'s own stack: the second shell gets a result, a second `worker dev` refuses
+    and leaves the first one's env file alone, and after Ctrl-C the old shell hears why."""
+    base = {k: v for k, v in os.environ.items() if k not in ("PUBSUB_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
+    argv = [sys.executable, "-m", "worker", "dev", "--jobs", "1", "--webapp-push-endpoint", ""]
+    log = (tmp_path / "dev.log").open("w")
+    first = subprocess.Popen(
+        argv, cwd=tmp_path, env=base, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "Sent 1 sample jobs." not in (tmp_path / "dev.log").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "dev.log").read_text()
+            time.sleep(0.5)
+        env_file = tmp_path / ".worker-dev.env"
+        written = env_file.read_text()
+        shell = {**base, **read_exports(env_file)}
+        ok = worker_cli(shell, "enqueue", "account-scoring", "--payload", '{"account_id": "acme"}', "--wait")
+        assert ok.returncode == 0, ok.stderr
+        assert '"status":"succeeded"' in ok.stdout
+
+        second = subprocess.run(argv, cwd=tmp_path, env=base, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert f"`worker dev` is already running in this checkout (pid {first.pid};" in second.stderr
+        assert env_file.read_text() == written
+    finally:
+        first.send_signal(signal.SIGINT)
+        assert first.wait(60) == 0
+        log.close()
+    assert not env_file.exists(), "the env file goes with the stack that wrote it"
+    started = time.monotonic()
+    stale = worker_cli(shell, "enqueue", "account-scoring", "--payload", '{"account_id": "acme"}', "--wait")
+    assert time.monotonic() - started < 20
+    assert stale.returncode == 2 and "Traceback" not in stale.stderr
+    assert "cannot reach the Pub/Sub emulator at" in stale.stderr and "is `make dev` running?" in stale.stderr
