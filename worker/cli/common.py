@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, ParamSpec
 import click
 
 from worker.core.errors import ConfigError, shorten
+from worker.core.gcloud_command import gcloud
 
 if TYPE_CHECKING:  # imported by the verbs that run, so `worker --help` loads no pydantic
     from worker.core.settings import Settings
@@ -87,6 +88,7 @@ def load_catalog_or_fail(settings: Settings) -> Any:
 
 
 SECOND_SHELL = "see README, Second shell"
+LOGIN = gcloud("auth", "application-default", "login")
 
 
 @contextmanager
@@ -122,13 +124,13 @@ def google_failure(exc: BaseException, settings: Settings | None) -> CommandErro
     if isinstance(exc, auth.DefaultCredentialsError):
         return CommandError(
             f"no Google credentials found: for the local cloud run `make dev` and `source .worker-dev.env` "
-            f"({SECOND_SHELL}); for a real project run gcloud auth application-default login",
+            f"({SECOND_SHELL}); for a real project run {LOGIN}",
             EXIT_USAGE,
         )
     if isinstance(exc, auth.RefreshError | auth.TransportError):
         return CommandError(
             f"your credentials were refused or could not be refreshed ({_one_line(exc)}); "
-            "log in again: gcloud auth application-default login",
+            f"log in again: {LOGIN}",
             EXIT_USAGE,
         )
     if isinstance(exc, exceptions.NotFound):
