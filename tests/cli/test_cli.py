@@ -31,6 +31,7 @@ def test_every_verb_is_registered_once() -> None:
         "pause",
         "resume",
         "status",
+        "console",
     }
 
 

@@ -9,6 +9,7 @@
 | `batch.py` | `batch-status` |
 | `control.py` | `pause`, `resume`, `status` |
 | `dev.py` | `dev` (needs the local cloud) |
+| `console.py` | `console` (the operators' web page, worker/console/) |
 
 Every failure goes through `common.CommandError`; the group (`common.Verbs`) turns a
 Google library's failure in any verb into one. Google's libraries are imported
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import batch, control, dev, jobs, ops, run, setup
+from worker.cli import batch, console, control, dev, jobs, ops, run, setup
 from worker.cli.common import Verbs
 
 
@@ -32,7 +33,7 @@ def cli(debug: bool) -> None:
     """Run Pub/Sub jobs against private Cloud Run services with proper ID tokens."""
 
 
-for module in (run, setup, jobs, ops, control, batch, dev):
+for module in (run, setup, jobs, ops, control, batch, console, dev):
     for command in module.COMMANDS:
         cli.add_command(command)
 

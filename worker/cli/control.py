@@ -131,11 +131,18 @@ def status(wait_s: float, as_json: bool) -> int:
                 )
                 or "- (no call made yet)",
                 f"{state.get('in_flight', 0)} / {state.get('held', 0)}",
+                _lanes(state.get("lanes")),
             ]
         )
     table(
         f"{len(replies)} worker instance(s) on {settings.control_topic}",
-        ["instance", "paused kinds", "targets: breaker, limit/ceiling", "jobs in flight / held"],
+        [
+            "instance",
+            "paused kinds",
+            "targets: breaker, limit/ceiling",
+            "jobs in flight / held",
+            "lanes: in flight, calling, waiting, held",
+        ],
         rows,
     )
     return EXIT_OK
@@ -201,6 +208,17 @@ def collect(settings: Settings, wait_s: float) -> list[dict[str, Any]]:
     publisher, subscriber = operator_clients(settings)
     with google_errors(settings):
         return ask_status(publisher, subscriber, settings.project, settings.control_topic, wait_s=wait_s)
+
+
+def _lanes(lanes: Any) -> str:
+    if not isinstance(lanes, dict) or not lanes:
+        return "-"
+    return "\n".join(
+        f"{name}: {lane.get('in_flight', 0)}, {lane.get('calling', 0)}, {lane.get('waiting', 0)}, "
+        f"{lane.get('held', 0)}"
+        for name, lane in sorted(lanes.items())
+        if isinstance(lane, dict)
+    )
 
 
 COMMANDS = [pause, resume, status]

@@ -23,6 +23,7 @@ from worker.cli.common import (
     reachable_or_fail,
 )
 from worker.core.errors import InvalidJobError
+from worker.core.lanes import INTERACTIVE, LANES
 
 if TYPE_CHECKING:
     from worker.core.settings import Settings
@@ -42,8 +43,15 @@ STATUS_WAIT_S = 2.0  # how long a timed-out --wait asks the instances why
     show_default=True,
     help="Seconds --wait waits.",
 )
+@click.option(
+    "--lane",
+    type=click.Choice(LANES),
+    default=INTERACTIVE,
+    show_default=True,
+    help="batch: behind interactive jobs, for bulk work (docs/contract.md, Lanes).",
+)
 @exits_with_code
-def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: float) -> int:
+def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: float, lane: str) -> int:
     """Publish one job (checked against the catalog first) and print its id."""
     from worker.client import ResultWaiter, build_job
     from worker.client import enqueue as publish_job
@@ -67,10 +75,14 @@ def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: fl
     publisher, subscriber = operator_clients(settings)
     with google_errors(settings):
         if not wait:
-            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
+            click.echo(
+                publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings, lane=lane)
+            )
             return EXIT_OK
         with ResultWaiter(subscriber, settings, job.job_id) as waiter:
-            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
+            click.echo(
+                publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings, lane=lane)
+            )
             result = waiter.wait(timeout)
     if result is None:
         click.echo(

@@ -26,6 +26,7 @@ from worker.cli.common import (
     operator_clients,
     table,
 )
+from worker.core.lanes import LANES
 
 if TYPE_CHECKING:
     from worker.core.settings import Settings
@@ -45,11 +46,16 @@ def dead_letters(as_json: bool, limit: int | None) -> int:
 @click.option("--job-id", help="Only this job.")
 @click.option("--limit", type=click.IntRange(min=1), help="Replay at most this many.")
 @click.option("--dry-run", is_flag=True, help="List what would be replayed; change nothing.")
+@click.option(
+    "--lane",
+    type=click.Choice(LANES),
+    help="Replay down this lane [the lane each came from]; batch for a large backlog.",
+)
 @exits_with_code
-def replay(kind: str | None, job_id: str | None, limit: int | None, dry_run: bool) -> int:
-    """Move dead-lettered jobs back to the jobs topic (each acked only once republished)."""
+def replay(kind: str | None, job_id: str | None, limit: int | None, dry_run: bool, lane: str | None) -> int:
+    """Move dead-lettered jobs back to their lane's topic (each acked only once republished)."""
     settings = load_settings_or_fail()
-    return replay_dead_letters(settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run)
+    return replay_dead_letters(settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run, lane=lane)
 
 
 @click.command()
@@ -81,11 +87,12 @@ def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -
         return EXIT_OK
     table(
         f"Dead letters on {path} (left in place)",
-        ["job id", "kind", "status", "error", "attempts", "age", "replays"],
+        ["job id", "kind", "lane", "status", "error", "attempts", "age", "replays"],
         [
             [
                 e.job_id or "-",
                 e.kind or "-",
+                e.lane,
                 e.status,
                 f"{e.error_code}: {e.error_message}" if e.error_code else e.error_message,
                 "-" if e.attempts is None else str(e.attempts),
@@ -101,13 +108,22 @@ def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -
 
 
 def replay_dead_letters(
-    settings: Settings, *, kind: str | None, job_id: str | None, limit: int | None, dry_run: bool
+    settings: Settings,
+    *,
+    kind: str | None,
+    job_id: str | None,
+    limit: int | None,
+    dry_run: bool,
+    lane: str | None = None,
 ) -> int:
     from worker.ops import operations
 
     publisher, subscriber = operator_clients(settings)
     path = subscriber.subscription_path(settings.project, settings.dead_letter_subscription)
-    topic = publisher.topic_path(settings.project, settings.jobs_topic)
+
+    def topic(lane: str) -> str:
+        return str(publisher.topic_path(settings.project, settings.lane_topic(lane)))
+
     progress = _Progress(enabled=sys.stdout.isatty() and not dry_run)
 
     def settled(entry: operations.DeadLetterEntry, error: str | None) -> None:
@@ -125,17 +141,24 @@ def replay_dead_letters(
             job_id=job_id,
             limit=limit,
             dry_run=dry_run,
+            lane=lane,
             on_selected=lambda chosen: progress.start(len(chosen)),
             on_settled=settled,
         )
     publisher.stop()
     if dry_run:
         rows = [
-            [e.job_id or "-", e.kind or "-", e.error_code or e.status, str(e.replay_count + 1)]
+            [
+                e.job_id or "-",
+                e.kind or "-",
+                e.error_code or e.status,
+                str(e.replay_count + 1),
+                lane or e.lane,
+            ]
             for e in report.selected
         ]
         if rows:
-            table("Would replay (dry run)", ["job id", "kind", "error", "replay #"], rows)
+            table("Would replay (dry run)", ["job id", "kind", "error", "replay #", "lane"], rows)
         click.echo(f"dry run: would replay {len(report.selected)}, skip {report.skipped}; nothing changed.")
         return EXIT_OK
     if not sys.stdout.isatty():
