@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from functools import partial
+from typing import TYPE_CHECKING
 
 import click
 
@@ -28,7 +29,9 @@ from worker.cli.common import (
     operator_clients,
 )
 from worker.cli.control import check_kind, parse_duration
-from worker.core.settings import Settings
+
+if TYPE_CHECKING:  # `worker --help` loads no pydantic (tests/cli/test_startup.py)
+    from worker.core.settings import Settings
 
 
 def is_loopback(host: str) -> bool:

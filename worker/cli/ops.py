@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    CommandError,
     age,
     exits_with_code,
     google_errors,
@@ -26,8 +27,9 @@ from worker.cli.common import (
     table,
 )
 from worker.core.lanes import LANES
-from worker.core.messages import now
-from worker.core.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
 
 
 @click.command("dead-letters")
@@ -68,6 +70,7 @@ def doctor(service: str | None, audience: str | None, worker_sa: str | None) -> 
 
 
 def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -> int:
+    from worker.core.messages import now
     from worker.ops import operations
 
     _, subscriber = operator_clients(settings)
@@ -161,6 +164,14 @@ def replay_dead_letters(
     if not sys.stdout.isatty():
         for entry, error in report.failed:
             click.echo(f"failed: {entry.job_id or entry.message_id}: {error}", err=True)
+    if (kind or job_id) and not report.selected:
+        wanted = " and ".join(
+            f"{name} {value}" for name, value in (("kind", kind), ("job id", job_id)) if value
+        )
+        raise CommandError(
+            f"no dead letter on {path} has {wanted} ({report.skipped} other(s) left in place); "
+            "nothing replayed: `worker dead-letters` lists them"
+        )
     truncated = " (stopped scanning at 10000; run again for more)" if report.truncated else ""
     click.echo(
         f"replayed {len(report.replayed)}, skipped {report.skipped}, failed {len(report.failed)}{truncated}"
@@ -211,7 +222,18 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
     jobs = sorted(catalog.run_jobs(settings.region))
     if service is not None:
         jobs = [j for j in jobs if j[0] == service]
-        known = [s for s in known if s[0] == service] or ([] if jobs else [(service, settings.region)])
+        in_catalog = [s for s in known if s[0] == service]
+        if not in_catalog and not jobs:
+            names = sorted(
+                {name for name, _ in catalog.services(settings.region)}
+                | {name for name, _ in catalog.run_jobs(settings.region)}
+            )
+            click.echo(
+                f"{service} is not a service or Cloud Run job of the catalog ({catalog.source}: "
+                f"{', '.join(names) or 'none'}); diagnosing it anyway, but no job of this catalog calls it.",
+                err=True,
+            )
+        known = in_catalog or ([] if jobs else [(service, settings.region)])
     worker_sa = worker_sa or settings.impersonate_service_account or default_worker_sa(settings.project)
     diagnosis = asyncio.run(
         chain.diagnose(
