@@ -128,6 +128,7 @@ class Consumer:
         lane: str = INTERACTIVE,
         slots: LaneSlot | None = None,
         batch_topic: str | None = None,
+        longest_run_s: float = 0.0,
     ) -> None:
         """`slots`: this lane's share of the slots (a lane alone gets `max_in_flight`).
         `batch_topic`: where the interactive lane moves a job marked `lane=batch`."""
@@ -145,6 +146,9 @@ class Consumer:
         self._lease_extension_s = lease_extension_s
         self._grace_s = grace_s
         self._max_hold_s = max_hold_s
+        # The client library stops extending a lease after this (its default: 1 h, no
+        # more than WORKER_MAX_HOLD_SECONDS' own default): see `lease_cap`.
+        self.max_lease_s = lease_cap(max_hold_s, longest_run_s, grace_s)
         self.leases = HeldLeases(lease_extension_s, max_held)
         self.max_delivery_attempts = max_delivery_attempts
         self._tasks: set[asyncio.Task[None]] = set()
@@ -187,6 +191,7 @@ class Consumer:
             max_messages=2 * self._max_in_flight,
             max_bytes=1024 * 1024 * 1024,
             max_duration_per_lease_extension=self._lease_extension_s,
+            max_lease_duration=self.max_lease_s,
         )
         self._streaming = True
         self._future = self._subscriber.subscribe(
@@ -289,10 +294,11 @@ class Consumer:
             async with self.slots:
                 self._waiting.discard(task)  # type: ignore[arg-type]
                 outcome = await self._handle(delivery)
+            held_s = 0.0  # spent held in this delivery, summed over its hold cycles
             while outcome.is_held:
                 assert outcome.hold is not None
                 outcome.span.end("held", None)  # the run after the hold gets a span of its own
-                outcome = await self._hold(message, delivery, outcome.hold)
+                outcome, held_s = await self._hold(message, delivery, outcome.hold, held_s)
             await self._conclude(message, outcome)
             lease = time.monotonic() - received
             self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
@@ -306,31 +312,48 @@ class Consumer:
         finally:
             self.leases.give_back(message)
 
-    async def _hold(self, message: Any, delivery: Delivery, wait: Callable[[], Awaitable[None]]) -> Outcome:
+    async def _hold(
+        self, message: Any, delivery: Delivery, wait: Callable[[], Awaitable[None]], held_s: float
+    ) -> tuple[Outcome, float]:
         """Hold a job out of the call slots, leased and not nacked, until `wait()` returns;
-        then run it again. After WORKER_MAX_HOLD_SECONDS it is nacked (which uses up a
-        delivery attempt); on its last attempt it runs once more and, if it would be
-        held again, fails (a nack there would dead-letter it without a result)."""
+        then run it again. Returns its outcome and the seconds it has now been held in
+        this delivery, `held_s` included: holds add up over the cycles of one delivery
+        (a breaker that goes half-open and opens again, a pause after a breaker), and
+        once they reach WORKER_MAX_HOLD_SECONDS it is nacked (which uses up a delivery
+        attempt); on its last attempt it runs once more and, if it would be held again,
+        fails (a nack there would dead-letter it without a result)."""
         task = asyncio.current_task()
         self.leases.take(message)
         self.stats.held += 1
         self._waiting.add(task)  # type: ignore[arg-type]  # drained like a job not started
+        started = time.monotonic()
         try:
-            await asyncio.wait_for(wait(), self._max_hold_s)
+            remaining = self._max_hold_s - held_s
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(wait(), remaining)
         except TimeoutError:
-            log.warning("job_held_too_long", held_s=self._max_hold_s, final_attempt=delivery.final_attempt)
+            held_s += time.monotonic() - started
+            log.warning(
+                "job_held_too_long",
+                held_s=round(held_s, 3),
+                max_hold_s=self._max_hold_s,
+                final_attempt=delivery.final_attempt,
+            )
             if not delivery.final_attempt:
-                return Outcome.retry("held_too_long")
+                return Outcome.retry("held_too_long"), held_s
             # A nack now would dead-letter it without a result: run it once more, and
             # if it would be held again, fail it (result and dead letter).
             delivery = dataclasses.replace(delivery, may_hold=False)
+        else:
+            held_s += time.monotonic() - started
         finally:
             self.stats.held -= 1
             self._waiting.discard(task)  # type: ignore[arg-type]
         self._waiting.add(task)  # type: ignore[arg-type]
         async with self.slots:
             self._waiting.discard(task)  # type: ignore[arg-type]
-            return await self._handle(delivery)
+            return await self._handle(delivery), held_s
 
     async def _move_to_batch(self, message: Any, delivery: Delivery) -> None:
         """A job its publisher marked `lane=batch` but sent to the interactive topic:
@@ -430,91 +453,13 @@ class Consumer:
             log.warning("settle_failed", ack=ack, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-class Lanes:
-    """The lanes' consumers, run side by side on one `LaneSlots`: what the run loop,
-    /healthz and `worker status` see of the worker's pulling."""
-
-    def __init__(self, consumers: list[Consumer]) -> None:
-        self.consumers = {consumer.lane: consumer for consumer in consumers}
-        self.max_delivery_attempts = consumers[0].max_delivery_attempts
-        self._publishers = {id(c.publisher): c.publisher for c in consumers}
-        for consumer in consumers:
-            consumer.flush_at_drain = False
-
-    @property
-    def in_flight(self) -> int:
-        return sum(c.in_flight for c in self.consumers.values())
-
-    @property
-    def stream_alive(self) -> bool:
-        return all(c.stream_alive for c in self.consumers.values())
-
-    @property
-    def stats(self) -> ConsumerStats:
-        """The lanes' figures added up (last_message_at and longest_lease_s: the latest, longest)."""
-        total = ConsumerStats()
-        for consumer in self.consumers.values():
-            part = consumer.stats
-            for name in ("received", "acked", "nacked", "publish_failures", "released", "held", "moved"):
-                setattr(total, name, getattr(total, name) + getattr(part, name))
-            total.last_message_at = max(total.last_message_at, part.last_message_at)
-            total.longest_lease_s = max(total.longest_lease_s, part.longest_lease_s)
-            total.finished.update(part.finished)
-        return total
-
-    def status(self) -> dict[str, Any]:
-        """Per lane: jobs calling (in slots), held, and waiting for a slot."""
-        lanes = {}
-        for lane, consumer in self.consumers.items():
-            lanes[lane] = {
-                "in_flight": consumer.in_flight,
-                "calling": consumer.slots.in_use,
-                "waiting": consumer.slots.slots.waiting(lane),
-                "held": consumer.stats.held,
-                "subscription": consumer.subscription_id,
-            }
-        return lanes
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume every lane until `stop` is set, then drain them all; if one lane's
-        stream dies the others drain too and StreamFailed is raised."""
-        halt = asyncio.Event()
-
-        async def relay() -> None:
-            await stop.wait()
-            halt.set()
-
-        async def one(consumer: Consumer) -> None:
-            try:
-                await consumer.run(halt)
-            finally:
-                halt.set()
-
-        relay_task = asyncio.ensure_future(relay())
-        try:
-            outcomes = await asyncio.gather(
-                *(one(c) for c in self.consumers.values()), return_exceptions=True
-            )
-        finally:
-            relay_task.cancel()
-        for publisher in self._publishers.values():
-            await asyncio.to_thread(publisher.flush)
-        log.info("consumer_stopped", **stopped_fields(self.stats))
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-
-
-def stopped_fields(stats: ConsumerStats) -> dict[str, Any]:
-    """What consumer_stopped and lane_stopped say of a drained consumer."""
-    return {
-        "acked": stats.acked,
-        "nacked": stats.nacked,
-        "released": stats.released,
-        "moved": stats.moved,
-        "longest_lease_s": round(stats.longest_lease_s, 2),
-        **stats.finished,
-    }
+def lease_cap(max_hold_s: float, longest_run_s: float, grace_s: float) -> float:
+    """The longest the worker means to keep one delivery, for the client library's
+    `max_lease_duration` (past it the library stops extending a lease, and Pub/Sub
+    redelivers a job this worker still has): a run of the catalog's longest kind
+    before its first hold, WORKER_MAX_HOLD_SECONDS of holds, a last run after them,
+    the hold before a nack, and the shutdown grace period."""
+    return max_hold_s + 2 * longest_run_s + NACK_DELAY_MAX_S + grace_s
 
 
 def nack_delay(delivery_attempt: int | None) -> float:

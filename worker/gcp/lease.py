@@ -25,9 +25,11 @@ log = structlog.get_logger("worker.gcp.lease")
 
 
 class HeldLeases:
-    def __init__(self, extension_s: int, max_held: int) -> None:
+    def __init__(self, extension_s: int, max_held: int, *, interval_s: float | None = None) -> None:
         self._extension_s = extension_s
         self._max_held = max_held
+        # Every third of the step, so two extensions may fail before the lease lapses.
+        self.interval_s = interval_s if interval_s is not None else max(1.0, extension_s / 3)
         self._held: dict[str, Any] = {}  # ack_id -> message
 
     def __len__(self) -> int:
@@ -50,9 +52,8 @@ class HeldLeases:
 
     async def run(self) -> None:
         """Extend every held lease until cancelled."""
-        interval = max(1.0, self._extension_s / 3)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.interval_s)
             for message in list(self._held.values()):
                 try:
                     message.modify_ack_deadline(self._extension_s)

@@ -29,7 +29,7 @@ from worker.gcp.batch import BatchFanOut
 from worker.gcp.consumer import Consumer, Lanes, read_max_delivery_attempts
 from worker.gcp.control import ControlChannel
 from worker.gcp.identity import IdentityTokenSource, build_token_source
-from worker.gcp.invoker import Invoker
+from worker.gcp.invoker import MAX_IN_PROCESS_RETRY_AFTER_S, Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
 from worker.gcp.runjobs import RunJobs
@@ -219,6 +219,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
                 telemetry=telemetry,
                 max_hold_s=settings.max_hold_s,
                 max_held=settings.max_held,
+                longest_run_s=catalog.longest_run_s(MAX_IN_PROCESS_RETRY_AFTER_S),
                 lane=lane,
                 slots=slots.lane(lane),
                 batch_topic=(
