@@ -123,7 +123,8 @@ def instance_status(guard: Guard, lanes: Lanes, control: ControlChannel) -> dict
         "in_flight": lanes.in_flight,
         "held": lanes.stats.held,
         "lanes": lanes.status(),
-        "control": "listening" if control.listening else "off",
+        "control": control.state,
+        **({"control_error": control.down_reason} if control.down_reason else {}),
     }
 
 
