@@ -275,3 +275,31 @@ def test_a_kinds_longest_run_counts_every_attempt_and_the_waits_between() -> Non
     expected = kind.attempts * kind.timeout_s + (kind.attempts - 1) * max(kind.backoff_max_s, 30.0)
     assert kind.longest_run_s(30.0) == expected
     assert catalog.longest_run_s(30.0) >= expected
+
+
+def test_a_job_running_at_shutdown_keeps_its_lease_by_unary_rpc_until_it_is_acked() -> None:
+    pubsub = StubPubSub()
+    release = asyncio.Event()
+
+    async def slow(delivery: Delivery) -> Outcome:
+        await release.wait()
+        return succeeded(delivery)
+
+    async def scenario() -> None:
+        running = Running(pubsub, slow, lease_extension_s=10, grace_s=2.0)
+        running.consumer.leases.interval_s = 0.01
+        async with running:
+            message = await running.deliver(job())
+            await until(lambda: running.consumer.in_flight == 1)
+            running.stop.set()
+            await until(lambda: not pubsub.subscriber.stream.open)  # type: ignore[union-attr]
+            # The stream and its leaser are gone; the job still runs, and its lease is kept.
+            await until(lambda: len([e for e in pubsub.settles(message) if e.via == "unary"]) >= 3)
+            release.set()
+        settles = [(e.what, e.via, e.seconds) for e in pubsub.settles(message)]
+        assert message.dropped and settles[0] == ("modack", "stream", 10), "taken over before the close"
+        assert settles[-1] == ("ack", "unary", None)
+        assert set(settles[1:-1]) == {("modack", "unary", 10)}
+        assert message.lost == [], "nothing was sent on the closed stream"
+
+    asyncio.run(scenario())

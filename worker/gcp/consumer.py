@@ -9,8 +9,10 @@ them to the asyncio loop in batches, where each job becomes a task. The client's
 control lets through twice the slots, so a small buffer waits here.
 
 At shutdown, jobs not yet started are nacked while the pull stream is still open,
-then the stream closes and running jobs finish within the grace period (acked by
-unary RPCs, since the client's ack path closes with the stream). Jobs still running
+the running jobs' leases pass from the client to `HeldLeases` (extended by unary
+RPCs from then on: the client's leaser stops with the stream), then the stream
+closes and running jobs finish within the grace period (acked by unary RPCs, since
+the client's ack path closes with the stream). Jobs still running
 after the grace period are released: their leases lapse (within
 WORKER_LEASE_EXTENSION_SECONDS) and Pub/Sub redelivers them.
 Nacks are not sent after the stream closed: on the emulator the message would go
@@ -149,10 +151,11 @@ class Consumer:
         # The client library stops extending a lease after this (its default: 1 h, no
         # more than WORKER_MAX_HOLD_SECONDS' own default): see `lease_cap`.
         self.max_lease_s = lease_cap(max_hold_s, longest_run_s, grace_s)
-        self.leases = HeldLeases(lease_extension_s, max_held)
+        self.leases = HeldLeases(lease_extension_s, max_held, unary=self._modack_unary)
         self.max_delivery_attempts = max_delivery_attempts
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: set[asyncio.Task[Any]] = set()
+        self._message_of: dict[asyncio.Task[None], Any] = {}  # each job's task -> its message
         self._streaming = False
         self._draining = False
         self._future: Any = None
@@ -232,7 +235,13 @@ class Consumer:
         for task in list(self._waiting):
             task.cancel()
         await asyncio.sleep(_NACK_FLUSH_S)
+        # The stream's leaser stops with it: the jobs still running keep their leases
+        # through the grace period by the worker's own unary modacks (worker/gcp/lease.py).
+        for task, message in list(self._message_of.items()):
+            if not task.done():
+                self.leases.keep(message)
         self._streaming = False
+        self.leases.streaming = False
         self._future.cancel()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self._future.result, 30)
@@ -272,7 +281,12 @@ class Consumer:
             return
         task = asyncio.ensure_future(self._process(message))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._message_of[task] = message
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._message_of.pop(task, None)
 
     async def _process(self, message: Any) -> None:
         task = asyncio.current_task()
@@ -427,6 +441,11 @@ class Consumer:
         await asyncio.sleep(nack_delay(message.delivery_attempt))
         await self._settle(message, ack=False)
         return False
+
+    def _modack_unary(self, ack_ids: list[str], seconds: int) -> None:
+        self._subscriber.modify_ack_deadline(
+            subscription=self._subscription, ack_ids=ack_ids, ack_deadline_seconds=seconds
+        )
 
     async def _settle(self, message: Any, *, ack: bool) -> None:
         if ack:
