@@ -6,12 +6,11 @@ services of its own, so knobs set in one test never leak into another.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import re
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 

@@ -472,6 +472,93 @@ class Consumer:
             log.warning("settle_failed", ack=ack, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
+class Lanes:
+    """The lanes' consumers, run side by side on one `LaneSlots`: what the run loop,
+    /healthz and `worker status` see of the worker's pulling."""
+
+    def __init__(self, consumers: list[Consumer]) -> None:
+        self.consumers = {consumer.lane: consumer for consumer in consumers}
+        self.max_delivery_attempts = consumers[0].max_delivery_attempts
+        self._publishers = {id(c.publisher): c.publisher for c in consumers}
+        for consumer in consumers:
+            consumer.flush_at_drain = False
+
+    @property
+    def in_flight(self) -> int:
+        return sum(c.in_flight for c in self.consumers.values())
+
+    @property
+    def stream_alive(self) -> bool:
+        return all(c.stream_alive for c in self.consumers.values())
+
+    @property
+    def stats(self) -> ConsumerStats:
+        """The lanes' figures added up (last_message_at and longest_lease_s: the latest, longest)."""
+        total = ConsumerStats()
+        for consumer in self.consumers.values():
+            part = consumer.stats
+            for name in ("received", "acked", "nacked", "publish_failures", "released", "held", "moved"):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.last_message_at = max(total.last_message_at, part.last_message_at)
+            total.longest_lease_s = max(total.longest_lease_s, part.longest_lease_s)
+            total.finished.update(part.finished)
+        return total
+
+    def status(self) -> dict[str, Any]:
+        """Per lane: jobs calling (in slots), held, and waiting for a slot."""
+        lanes = {}
+        for lane, consumer in self.consumers.items():
+            lanes[lane] = {
+                "in_flight": consumer.in_flight,
+                "calling": consumer.slots.in_use,
+                "waiting": consumer.slots.slots.waiting(lane),
+                "held": consumer.stats.held,
+                "subscription": consumer.subscription_id,
+            }
+        return lanes
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume every lane until `stop` is set, then drain them all; if one lane's
+        stream dies the others drain too and StreamFailed is raised."""
+        halt = asyncio.Event()
+
+        async def relay() -> None:
+            await stop.wait()
+            halt.set()
+
+        async def one(consumer: Consumer) -> None:
+            try:
+                await consumer.run(halt)
+            finally:
+                halt.set()
+
+        relay_task = asyncio.ensure_future(relay())
+        try:
+            outcomes = await asyncio.gather(
+                *(one(c) for c in self.consumers.values()), return_exceptions=True
+            )
+        finally:
+            relay_task.cancel()
+        for publisher in self._publishers.values():
+            await asyncio.to_thread(publisher.flush)
+        log.info("consumer_stopped", **stopped_fields(self.stats))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+
+def stopped_fields(stats: ConsumerStats) -> dict[str, Any]:
+    """What consumer_stopped and lane_stopped say of a drained consumer."""
+    return {
+        "acked": stats.acked,
+        "nacked": stats.nacked,
+        "released": stats.released,
+        "moved": stats.moved,
+        "longest_lease_s": round(stats.longest_lease_s, 2),
+        **stats.finished,
+    }
+
+
 def lease_cap(max_hold_s: float, longest_run_s: float, grace_s: float) -> float:
     """The longest the worker means to keep one delivery, for the client library's
     `max_lease_duration` (past it the library stops extending a lease, and Pub/Sub
