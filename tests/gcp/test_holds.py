@@ -229,6 +229,7 @@ def test_held_leases_stop_extending_a_job_given_back_and_refuse_past_the_bound()
     class Message:
         def __init__(self, ack_id: str) -> None:
             self.ack_id = ack_id
+            self.data = b"{}"
             self.calls: list[str] = []
 
         def drop(self) -> None:
@@ -303,3 +304,64 @@ def test_a_job_running_at_shutdown_keeps_its_lease_by_unary_rpc_until_it_is_acke
         assert message.lost == [], "nothing was sent on the closed stream"
 
     asyncio.run(scenario())
+
+
+def test_held_jobs_are_bounded_in_bytes_too_and_a_given_back_job_frees_its_bytes() -> None:
+    class Message:
+        def __init__(self, ack_id: str, size: int) -> None:
+            self.ack_id = ack_id
+            self.data = b"x" * size
+            self.dropped = False
+
+        def drop(self) -> None:
+            self.dropped = True
+
+        def modify_ack_deadline(self, seconds: int) -> None:
+            return None
+
+    leases = HeldLeases(10, max_held=100, max_bytes=1000)
+    big, small, other = Message("a", 700), Message("b", 400), Message("c", 300)
+    assert leases.take(big) and leases.bytes == 700
+    assert not leases.take(small) and not small.dropped, "over the bytes bound: left with the client"
+    assert leases.take(other) and leases.bytes == 1000
+    leases.give_back(big)
+    assert leases.bytes == 300 and leases.take(small) and leases.bytes == 700
+    leases.give_back(big)  # twice: nothing more to free
+    assert leases.bytes == 700
+
+
+def test_past_worker_max_held_bytes_a_held_job_stays_in_the_clients_care() -> None:
+    pubsub = StubPubSub()
+
+    async def never_resumed(delivery: Delivery) -> Outcome:
+        return Outcome.held(asyncio.Event().wait)
+
+    async def scenario() -> None:
+        size = len(job("a"))
+        async with Running(pubsub, never_resumed, max_held_bytes=size + 1, max_hold_s=0.15) as running:
+            first = await running.deliver(job("a"))
+            await until(lambda: running.consumer.stats.held == 1)
+            second = await running.deliver(job("b"))
+            await until(lambda: running.consumer.stats.held == 2)
+            assert first.dropped and not second.dropped
+            assert running.consumer.leases.bytes == size
+            assert await running.settled(second) == ["nack"]
+            assert await running.settled(first) == ["nack"]
+            assert running.consumer.leases.bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_worker_max_held_bytes_is_read_and_a_bad_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.core.errors import ConfigError
+    from worker.core.settings import load_settings
+
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "p")
+    assert load_settings().max_held_bytes == 256 * 1024 * 1024
+    monkeypatch.setenv("WORKER_MAX_HELD_BYTES", "1048576")
+    assert load_settings().max_held_bytes == 1024 * 1024
+    monkeypatch.setenv("WORKER_MAX_HELD_BYTES", "0")
+    with pytest.raises(ConfigError, match="WORKER_MAX_HELD_BYTES='0' is invalid"):
+        load_settings()

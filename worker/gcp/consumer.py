@@ -131,6 +131,7 @@ class Consumer:
         slots: LaneSlot | None = None,
         batch_topic: str | None = None,
         longest_run_s: float = 0.0,
+        max_held_bytes: int | None = None,
     ) -> None:
         """`slots`: this lane's share of the slots (a lane alone gets `max_in_flight`).
         `batch_topic`: where the interactive lane moves a job marked `lane=batch`."""
@@ -151,7 +152,9 @@ class Consumer:
         # The client library stops extending a lease after this (its default: 1 h, no
         # more than WORKER_MAX_HOLD_SECONDS' own default): see `lease_cap`.
         self.max_lease_s = lease_cap(max_hold_s, longest_run_s, grace_s)
-        self.leases = HeldLeases(lease_extension_s, max_held, unary=self._modack_unary)
+        self.leases = HeldLeases(
+            lease_extension_s, max_held, unary=self._modack_unary, max_bytes=max_held_bytes
+        )
         self.max_delivery_attempts = max_delivery_attempts
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: set[asyncio.Task[Any]] = set()

@@ -9,9 +9,11 @@ hundred held jobs of one kind would stop the worker pulling every other kind.
 So a held message is `drop()`ped from the client's lease management (it then no
 longer counts against flow control) and this keeper extends its ack deadline itself,
 every third of WORKER_LEASE_EXTENSION_SECONDS, until the consumer acks or nacks it.
-At most `max_held` messages are kept this way (WORKER_MAX_HELD); beyond that a held
-job stays in the client's care and counts against flow control, which slows pulling
-down rather than letting memory grow without bound.
+At most `max_held` messages (WORKER_MAX_HELD) and `max_bytes` of their data
+(WORKER_MAX_HELD_BYTES) are kept this way; beyond either a held job stays in the
+client's care and counts against flow control, which slows pulling down rather than
+letting memory grow without bound (5,000 held 1 MB jobs would be 5 GB, twice over
+with the copy each `Delivery` keeps).
 
 At shutdown the pull stream closes, and with it the client's lease management and
 the stream's own modacks. So, before it closes, the consumer hands every job still
@@ -40,9 +42,12 @@ class HeldLeases:
         *,
         interval_s: float | None = None,
         unary: Callable[[list[str], int], None] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._extension_s = extension_s
         self._max_held = max_held
+        self._max_bytes = max_bytes
+        self.bytes = 0  # data of the messages held
         # (ack ids, seconds): ModifyAckDeadline by unary RPC, once the stream is closed.
         self.unary = unary
         self.streaming = True
@@ -59,21 +64,26 @@ class HeldLeases:
             return True
         if len(self._held) >= self._max_held:
             return False
+        if self._max_bytes is not None and self.bytes + len(message.data) > self._max_bytes:
+            return False
+        self._hold(message)
+        return True
+
+    def _hold(self, message: Any) -> None:
         message.drop()
         message.modify_ack_deadline(self._extension_s)
         self._held[message.ack_id] = message
-        return True
+        self.bytes += len(message.data)
 
     def keep(self, message: Any) -> None:
         """Keep a running job's lease through shutdown (past `max_held` too)."""
         if message.ack_id not in self._held:
-            message.drop()
-            message.modify_ack_deadline(self._extension_s)
-            self._held[message.ack_id] = message
+            self._hold(message)
 
     def give_back(self, message: Any) -> None:
         """The message was acked, nacked or released: stop extending it."""
-        self._held.pop(message.ack_id, None)
+        if self._held.pop(message.ack_id, None) is not None:
+            self.bytes -= len(message.data)
 
     async def run(self) -> None:
         """Extend every held lease until cancelled."""

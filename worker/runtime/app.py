@@ -221,6 +221,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
                 max_hold_s=settings.max_hold_s,
                 max_held=settings.max_held,
                 longest_run_s=catalog.longest_run_s(MAX_IN_PROCESS_RETRY_AFTER_S),
+                max_held_bytes=settings.max_held_bytes,
                 lane=lane,
                 slots=slots.lane(lane),
                 batch_topic=(
