@@ -111,3 +111,44 @@ def test_no_credentials_at_all_says_what_to_run(gcloud_config: Path, monkeypatch
     no_metadata_server(monkeypatch)
     with pytest.raises(ConfigError, match="no credentials that can mint ID tokens"):
         build_token_source()
+
+
+def test_a_waiter_cancelled_mid_refresh_starts_no_second_concurrent_refresh() -> None:
+    import threading
+
+    from google.auth import credentials as auth_credentials
+
+    from worker.gcp.identity import IdentityTokenSource, Principal
+
+    class Slow(auth_credentials.Credentials):  # type: ignore[misc]
+        """A credential whose refresh takes 0.1 s and counts overlapping refreshes."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.refreshes = 0
+            self.running = 0
+            self.overlapped = False
+            self._lock = threading.Lock()
+
+        def refresh(self, request: Any) -> None:
+            with self._lock:
+                self.running += 1
+                self.overlapped |= self.running > 1
+                self.refreshes += 1
+            threading.Event().wait(0.1)
+            self.token = f"tok-{self.refreshes}"
+            with self._lock:
+                self.running -= 1
+
+    slow = Slow()
+    source = IdentityTokenSource(lambda audience: slow, Principal("w@p.iam.gserviceaccount.com", "test"))
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(source.token(AUDIENCE))
+        await asyncio.sleep(0.02)
+        first.cancel()  # its job was cancelled (shutdown) while the token was being minted
+        second = await source.token(AUDIENCE)
+        assert second == "tok-1"
+
+    asyncio.run(scenario())
+    assert slow.refreshes == 1 and not slow.overlapped

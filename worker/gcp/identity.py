@@ -113,11 +113,14 @@ def _utc_naive(exp: int) -> datetime:
 
 
 class _Slot:
-    __slots__ = ("credentials", "lock")
+    __slots__ = ("credentials", "refreshing")
 
     def __init__(self, credentials: auth_credentials.Credentials) -> None:
         self.credentials = credentials
-        self.lock = asyncio.Lock()
+        # The refresh in flight, in a task of its own: a waiter cancelled mid-refresh
+        # neither cancels it nor lets a second, concurrent refresh start (google-auth's
+        # refresh is not thread-safe, and its thread would run on regardless).
+        self.refreshing: asyncio.Task[None] | None = None
 
 
 class IdentityTokenSource:
@@ -138,12 +141,16 @@ class IdentityTokenSource:
         creds = slot.credentials
         if creds.valid:
             return str(creds.token)
-        async with slot.lock:
-            if not creds.valid:
-                with self.telemetry.step("token", **{"worker.token.audience": audience}):
-                    self.telemetry.metrics.token_refreshed(audience)
-                    await self._refresh(audience, creds)
-            return str(creds.token)
+        if slot.refreshing is None or slot.refreshing.done():
+            slot.refreshing = asyncio.ensure_future(self._traced_refresh(audience, creds))
+            slot.refreshing.add_done_callback(_retrieve)
+        await asyncio.shield(slot.refreshing)
+        return str(creds.token)
+
+    async def _traced_refresh(self, audience: str, creds: auth_credentials.Credentials) -> None:
+        with self.telemetry.step("token", **{"worker.token.audience": audience}):
+            self.telemetry.metrics.token_refreshed(audience)
+            await self._refresh(audience, creds)
 
     def invalidate(self, audience: str, token: str) -> None:
         """Forget a token the service refused, so the next `token()` mints a fresh one."""
@@ -171,6 +178,12 @@ class IdentityTokenSource:
                 f"cannot mint an ID token for {audience} as {self.principal.describe()}: "
                 f"{type(exc).__name__}: {str(exc)[:400]}",
             ) from None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # Waiters re-raise a failed refresh; retrieved so one nobody awaited is not logged.
+    if not task.cancelled():
+        task.exception()
 
 
 def credentials_refused(exc: BaseException) -> bool:
