@@ -267,3 +267,19 @@ async def test_a_jobs_retries_count_once_for_the_limit() -> None:
     assert limit.current == 6, "retries of refused jobs cut it again"
     await answered(g, quiet, 200, retry=True)  # a retry's success still counts
     assert limit.in_flight == 0
+
+
+@run_async
+async def test_a_job_waiting_for_a_rate_token_holds_no_place_under_the_adaptive_limit() -> None:
+    rated = JobKind(kind="score", service="scoring", rate_per_s=20, rate_burst=1)
+    g = guard(rated, default=40)
+    limit = g.limit(("scoring", "r"))
+    first = g.call(rated, "r")
+    await first.__aenter__()  # took the one token of the burst
+    second = asyncio.ensure_future(attempt(g, rated))  # waits ~50 ms for the next token
+    await asyncio.sleep(0.01)
+    assert limit.in_flight == 1, "the job waiting for a token counts as a call in flight"
+    first.answered(200)
+    await first.__aexit__(None, None, None)
+    await asyncio.wait_for(second, 1)
+    assert limit.in_flight == 0

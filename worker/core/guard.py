@@ -4,7 +4,8 @@ Before a call: is the kind paused (`PauseBook`)? is the target's circuit breaker
 open? Either way the job is held (`HoldJob`: the consumer keeps it under lease
 without using up a delivery attempt, and sends it round again when `wait()`
 returns). Then the call waits for room under the kind's `max_concurrency`, under the
-target's adaptive limit, and for a token of the kind's `rate_per_s`. After it: the
+target's adaptive limit, and for a token of the kind's `rate_per_s` (taken before
+the place under the limit, so a job waiting for a token holds none). After it: the
 answer feeds the adaptive limit and the breaker. The limit is cut by what says
 overload (429; 503 with Retry-After) and by a failure rate over its window (other
 5xx, timeouts, refused connections), never by one random failure, and a job's
@@ -203,12 +204,14 @@ class GuardedCall:
             if semaphore is not None:
                 await semaphore.acquire()
                 self._semaphore = semaphore
-            limit = guard.limit(self._target)
-            self._epoch = await limit.acquire()
-            self._limit = limit
+            # The rate token first: a job waiting for one holds no place under the
+            # adaptive limit, whose in-flight count (and the cut taken from it) is calls.
             bucket = guard._buckets.get(kind.kind)
             if bucket is not None:
                 await bucket.take()
+            limit = guard.limit(self._target)
+            self._epoch = await limit.acquire()
+            self._limit = limit
         except BaseException:
             self._let_go("none")
             raise
