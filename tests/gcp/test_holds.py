@@ -365,3 +365,33 @@ def test_worker_max_held_bytes_is_read_and_a_bad_value_names_the_variable(
     monkeypatch.setenv("WORKER_MAX_HELD_BYTES", "0")
     with pytest.raises(ConfigError, match="WORKER_MAX_HELD_BYTES='0' is invalid"):
         load_settings()
+
+
+def test_after_the_stream_dies_by_itself_settles_take_unary_rpcs_and_nothing_is_counted_as_sent() -> None:
+    from worker.gcp.consumer import StreamFailed
+
+    pubsub = StubPubSub()
+    release = asyncio.Event()
+
+    async def slow(delivery: Delivery) -> Outcome:
+        await release.wait()
+        return succeeded(delivery)
+
+    async def scenario() -> None:
+        running = Running(pubsub, slow, max_in_flight=1, grace_s=2.0)
+        task = asyncio.ensure_future(running.consumer.run(running.stop))
+        await until(lambda: pubsub.subscriber.stream is not None)
+        calling = await running.deliver(job("calling"))
+        waiting = await running.deliver(job("waiting"))  # behind the only slot
+        await until(lambda: running.consumer.in_flight == 2)
+        pubsub.subscriber.stream.fail(PermissionError("403 subscription access revoked"))  # type: ignore[union-attr]
+        await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(StreamFailed):
+            await asyncio.wait_for(task, 5)
+        assert calling.lost == [] and waiting.lost == [], "settles sent on the dead stream"
+        assert [(e.what, e.via) for e in pubsub.settles(calling) if e.what == "ack"] == [("ack", "unary")]
+        stats = running.consumer.stats
+        assert (stats.acked, stats.nacked, stats.released) == (1, 0, 1)
+
+    asyncio.run(scenario())

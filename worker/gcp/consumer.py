@@ -183,6 +183,12 @@ class Consumer:
         return self._subscription.rsplit("/", 1)[-1]
 
     @property
+    def _stream_open(self) -> bool:
+        """Settles may go on the stream: it is ours and has not ended (by itself, too:
+        on a dead stream an ack or nack goes nowhere, so they take unary RPCs)."""
+        return self._streaming and (self._future is None or not self._future.done())
+
+    @property
     def stream_alive(self) -> bool:
         return self._streaming and self._future is not None and not self._future.done()
 
@@ -217,6 +223,8 @@ class Consumer:
         for waiter in [*waiters, summary]:
             waiter.cancel()
         error = None if stop.is_set() else self._stream_error()
+        if error is not None:  # the keeper's modacks would go nowhere on the dead stream
+            self.leases.streaming = False
         await self._drain()
         keeper.cancel()
         if error is not None:
@@ -320,7 +328,7 @@ class Consumer:
             lease = time.monotonic() - received
             self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
         except asyncio.CancelledError:
-            if self._streaming:
+            if self._stream_open:
                 self.stats.nacked += 1
                 message.nack()
             else:
@@ -455,7 +463,7 @@ class Consumer:
             self.stats.acked += 1
         else:
             self.stats.nacked += 1
-        if self._streaming:
+        if self._stream_open:
             message.ack() if ack else message.nack()
             return
         # The stream is closed, and with it the client's ack path: use unary RPCs.

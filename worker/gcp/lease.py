@@ -71,7 +71,8 @@ class HeldLeases:
 
     def _hold(self, message: Any) -> None:
         message.drop()
-        message.modify_ack_deadline(self._extension_s)
+        if self.streaming:  # else the next unary extension, within `interval_s`
+            message.modify_ack_deadline(self._extension_s)
         self._held[message.ack_id] = message
         self.bytes += len(message.data)
 
