@@ -395,3 +395,31 @@ def test_after_the_stream_dies_by_itself_settles_take_unary_rpcs_and_nothing_is_
         assert (stats.acked, stats.nacked, stats.released) == (1, 0, 1)
 
     asyncio.run(scenario())
+
+
+def test_a_job_spawned_but_not_started_when_the_drain_begins_is_given_back_not_run() -> None:
+    pubsub = StubPubSub()
+    ran: list[Delivery] = []
+
+    async def record(delivery: Delivery) -> Outcome:
+        ran.append(delivery)
+        return succeeded(delivery)
+
+    async def scenario() -> None:
+        running = Running(pubsub, record)
+        consumer = running.consumer
+        async with running:
+            stream = pubsub.subscriber.stream
+            assert stream is not None
+            message = StubMessage(stream, job(), {}, delivery_attempt=1, publish_time=datetime.now(UTC))
+            # The library hands the job over and the drain begins in the same turn of the
+            # loop: the job's task exists but has not run when the drain gives back the
+            # jobs waiting.
+            consumer._spawn(message)
+            running.stop.set()
+            consumer._draining = True  # what the drain's first step does, before the task runs
+            await until(lambda: bool(pubsub.settles(message)))
+        assert ran == [], "run during the shutdown"
+        assert [(e.what, e.via) for e in pubsub.settles(message)] == [("nack", "stream")]
+
+    asyncio.run(scenario())

@@ -300,6 +300,15 @@ class Consumer:
         self._message_of.pop(task, None)
 
     async def _process(self, message: Any) -> None:
+        if self._draining:
+            # Spawned before the drain began but first run after it gave back the jobs
+            # waiting: given back the same way, not run during the shutdown.
+            if self._stream_open:
+                self.stats.nacked += 1
+                message.nack()
+            else:
+                self.stats.released += 1
+            return
         task = asyncio.current_task()
         enter_lane(self.lane)
         received = time.monotonic()
