@@ -23,7 +23,10 @@ from worker.core.shapes import DeadLetter, Delivery
 
 # Attributes of the original message that travel with its dead letter (Pub/Sub allows
 # 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
-CARRIED = ("job_id", "kind", "replay_count", "traceparent")
+CARRIED = ("job_id", "kind", "replay_count", "traceparent", "replay_of")
+# On the dead letter of a failed Cloud Run job execution: that execution's uid, which
+# `worker replay` passes back so the worker starts another one (worker/gcp/runjobs.py).
+REPLAY_OF = "replay_of"
 # Pub/Sub adds attributes with this prefix when *it* dead-letters a message.
 PUBSUB_SOURCE_PREFIX = "CloudPubSubDeadLetterSource"
 
@@ -42,6 +45,7 @@ class DeadLetterAttributes:
     kind: str | None = None
     replay_count: int | None = None  # times operators replayed it (`worker replay`)
     traceparent: str | None = None
+    replay_of: str | None = None  # the failed execution's uid (run_job kinds)
     # Set when Pub/Sub dead-lettered it (delivery attempts exhausted, no worker result).
     by_pubsub: bool = False
     pubsub_subscription: str | None = None
@@ -65,6 +69,7 @@ class DeadLetterAttributes:
             kind=carried.get("kind") or result.kind,
             replay_count=_int(carried.get("replay_count")),
             traceparent=carried.get("traceparent"),
+            replay_of=carried.get(REPLAY_OF),
         )
 
     def to_attributes(self) -> dict[str, str]:
@@ -74,6 +79,7 @@ class DeadLetterAttributes:
             "kind": self.kind,
             "replay_count": None if self.replay_count is None else str(self.replay_count),
             "traceparent": self.traceparent,
+            REPLAY_OF: self.replay_of,
             "status": self.status,
             "error_code": self.error_code,
             "error_message": self.error_message,
@@ -98,6 +104,7 @@ class DeadLetterAttributes:
             kind=get("kind") or None,
             replay_count=_int(get("replay_count")),
             traceparent=get("traceparent"),
+            replay_of=get(REPLAY_OF) or None,
             by_pubsub="error_code" not in attributes
             and any(key.startswith(PUBSUB_SOURCE_PREFIX) for key in attributes),
             pubsub_subscription=get(f"{PUBSUB_SOURCE_PREFIX}Subscription"),

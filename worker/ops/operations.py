@@ -17,7 +17,7 @@ from typing import Any
 
 from google.api_core import exceptions
 
-from worker.core.dead_letters import DeadLetterAttributes
+from worker.core.dead_letters import REPLAY_OF, DeadLetterAttributes
 from worker.core.followup import FOLLOW_UP_ATTRIBUTE
 from worker.core.messages import salvage_identity
 
@@ -120,6 +120,8 @@ class DeadLetterEntry:
             attrs["job_id"] = self.job_id
         if self.kind:
             attrs["kind"] = self.kind
+        if self.attributes.get(REPLAY_OF):
+            attrs[REPLAY_OF] = self.attributes[REPLAY_OF]
         if self.attributes.get(FOLLOW_UP_ATTRIBUTE):
             # A follow-up Pub/Sub gave up on goes back to following its execution.
             attrs[FOLLOW_UP_ATTRIBUTE] = self.attributes[FOLLOW_UP_ATTRIBUTE]
