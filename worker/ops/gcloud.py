@@ -116,6 +116,7 @@ def gcloud_commands(
     project_number: str | None = None,
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
+    operators_can_impersonate: bool = False,
     push: PushTarget | None = None,
     telemetry: Collection[str] = (),
 ) -> list[str]:
@@ -136,6 +137,7 @@ def gcloud_commands(
         webapp_sa,
         project_number=project_number or PROJECT_NUMBER_VAR,
         operators=operators,
+        operators_can_impersonate=operators_can_impersonate,
         push=push,
         telemetry=telemetry,
     )
@@ -153,6 +155,7 @@ def gcloud_script(
     *,
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
+    operators_can_impersonate: bool = False,
     push: PushTarget | None = None,
     telemetry: Collection[str] = (),
 ) -> str:
@@ -160,7 +163,14 @@ def gcloud_script(
     reasons = {
         binding_command(b): f"# {b.member.split(':', 1)[1]} {b.role}: {b.why}"
         for b in iam_bindings(
-            settings, catalog, worker_sa, webapp_sa, operators=operators, push=push, telemetry=telemetry
+            settings,
+            catalog,
+            worker_sa,
+            webapp_sa,
+            operators=operators,
+            operators_can_impersonate=operators_can_impersonate,
+            push=push,
+            telemetry=telemetry,
         )
     }
     lines = [
@@ -181,6 +191,7 @@ def gcloud_script(
         options,
         extra_commands=extra_commands,
         operators=operators,
+        operators_can_impersonate=operators_can_impersonate,
         push=push,
         telemetry=telemetry,
     ):
