@@ -96,3 +96,32 @@ def test_the_shipped_catalog_loads() -> None:
     assert {"account-scoring", "echo"} <= set(catalog)
     for kind in catalog.values():
         assert kind.path.startswith("/") and not kind.path.startswith("//")
+
+
+# -- no secret leaves (issue 24): a schema error names the path and the rule, not the value.
+
+
+@pytest.mark.parametrize(
+    ("schema", "payload", "names"),
+    [
+        (
+            {"type": "object", "properties": {"n": {"type": "integer"}}},
+            {"n": "password=hunter2"},
+            "n: breaks the rule type",
+        ),
+        ({"type": "object", "properties": {"n": {"maxLength": 3}}}, {"n": "hunter2-secret"}, "maxLength 3"),
+        ({"type": "object", "properties": {"n": {"pattern": "^[a-z]+$"}}}, {"n": "HUNTER2"}, "pattern"),
+        ({"type": "object", "properties": {"n": {"enum": ["a", "b"]}}}, {"n": "hunter2"}, 'enum ["a", "b"]'),
+        ({"type": "object", "additionalProperties": False}, {"hunter2": 1}, "not in the schema"),
+        ({"type": "object", "required": ["account_id"]}, {"x": "hunter2"}, "'account_id' is a required"),
+        ({"type": "integer"}, "api_key=hunter2", "payload: breaks the rule type"),
+    ],
+)
+def test_a_schema_error_never_quotes_the_payload(schema: dict, payload: object, names: str) -> None:
+    from worker.core.catalog import JobKind
+    from worker.core.errors import InvalidJobError
+
+    kind = JobKind(kind="k", service="svc", payload_schema=schema)
+    with pytest.raises(InvalidJobError) as caught:
+        kind.check_payload(payload)
+    assert "hunter2" not in caught.value.message.lower() and names in caught.value.message

@@ -7,6 +7,7 @@ point the worker's identity anywhere else.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from worker.core.errors import ConfigError, InvalidJobError
+from worker.core.logs import scrub
 from worker.core.runjob import RunJobSpec
 
 DEFAULT_RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
@@ -169,11 +171,34 @@ class JobKind(BaseModel):
         except RecursionError:
             raise InvalidJobError("invalid_payload", "payload is nested too deeply") from None
         if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "payload"
             raise InvalidJobError(
-                "invalid_payload",
-                f"payload does not match kind {self.kind!r}: {where}: {error.message[:300]}",
+                "invalid_payload", f"payload does not match kind {self.kind!r}: {schema_rule(error)}"
             )
+
+
+def schema_rule(error: jsonschema.ValidationError) -> str:
+    """Where a payload breaks its schema and which rule, never the offending value: jsonschema's
+    own message quotes it (`'password=...' is not of type 'integer'`), and this one reaches
+    results, dead letters and logs. The rule's value is the catalog's, not the publisher's."""
+    where = "/".join(_path_part(p) for p in error.absolute_path) or "payload"
+    if error.validator == "required" and isinstance(error.instance, dict):
+        # The names are the schema's: saying which is missing quotes nothing of the payload.
+        missing = [n for n in error.validator_value if n not in error.instance]
+        return f"{where}: " + ", ".join(f"{_rule_value(n)[1:-1]!r} is a required property" for n in missing)
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        return f"{where}: a property not in the schema is present ({error.validator}: false)"
+    return f"{where}: breaks the rule {error.validator} {_rule_value(error.validator_value)}"
+
+
+def _path_part(part: Any) -> str:
+    # Keys are the publisher's: a schema's own names are short identifiers, others are cut.
+    text = str(part)
+    return scrub(text) if len(text) <= 64 and text.isprintable() else "<key>"
+
+
+def _rule_value(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 class Catalog(Mapping[str, JobKind]):
