@@ -110,9 +110,12 @@ class Guard:
         self._limits: dict[tuple[str, str], AdaptiveLimit] = {}
         self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
 
-    def call(self, kind: JobKind, region: str | None = None) -> GuardedCall:
-        """`async with guard.call(kind) as call: ...; call.answered(status)`."""
-        return GuardedCall(self, kind, (kind.service or kind.kind, region or kind.region or self._region))
+    def call(self, kind: JobKind, region: str | None = None, job: str | None = None) -> GuardedCall:
+        """`async with guard.call(kind) as call: ...; call.answered(status)`; `job`: the job's
+        id, so its retries count once toward the breaker."""
+        return GuardedCall(
+            self, kind, (kind.service or kind.kind, region or kind.region or self._region), job
+        )
 
     def limit(self, target: tuple[str, str]) -> AdaptiveLimit:
         ceiling, source = target_ceiling(
@@ -161,10 +164,11 @@ class Guard:
 class GuardedCall:
     """One HTTP attempt under the guard (see the module docstring)."""
 
-    def __init__(self, guard: Guard, kind: JobKind, target: tuple[str, str]) -> None:
+    def __init__(self, guard: Guard, kind: JobKind, target: tuple[str, str], job: str | None = None) -> None:
         self._guard = guard
         self._kind = kind
         self._target = target
+        self._job = job
         self._status: int | None = None
         self._breaker: CircuitBreaker | None = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -235,7 +239,7 @@ class GuardedCall:
             if breaker_outcome == "none":
                 self._breaker.release_probe()
             else:
-                self._breaker.record(breaker_outcome == "ok")
+                self._breaker.record(breaker_outcome == "ok", self._job)
 
 
 def _name(target: tuple[str, str]) -> str:

@@ -49,13 +49,13 @@ def _host(url: str) -> str:
 class Gate(Protocol):
     """Around each HTTP attempt (worker/core/guard.py): may hold the job, wait, and learn the status."""
 
-    def call(self, kind: JobKind, region: str | None = None) -> Any: ...
+    def call(self, kind: JobKind, region: str | None = None, job: str | None = None) -> Any: ...
 
 
 class _Open:
     """The gate of an invoker without protections: every attempt goes at once."""
 
-    def call(self, kind: JobKind, region: str | None = None) -> _Open:
+    def call(self, kind: JobKind, region: str | None = None, job: str | None = None) -> _Open:
         return self
 
     async def __aenter__(self) -> _Open:
@@ -143,7 +143,7 @@ class Invoker:
             while True:
                 attempts += 1
                 token = await self._tokens.token(url)
-                async with self._gate.call(kind, region) as call:
+                async with self._gate.call(kind, region, job.job_id) as call:
                     status, body, retry_after = await self._attempt(kind, url, job, token, attempts)
                     call.answered(status)
                 verdict = classify(status, kind)
