@@ -41,7 +41,13 @@ def clients(cloud: Any) -> tuple[Any, Any]:
 
 
 def kind(name: str, job: str, **spec: Any) -> JobKind:
-    return JobKind(kind=name, handler="run_job", run_job=RunJobSpec(job=job, poll_initial_s=1, **spec))
+    run_job = RunJobSpec(job=job, poll_initial_s=1, **spec)
+    # what the catalog demands: every field the template reads bounded by the schema
+    schema = {
+        "type": "object",
+        "properties": {f: {"type": ["string", "integer"], "maxLength": 200} for f in run_job.fields()},
+    }
+    return JobKind(kind=name, handler="run_job", run_job=run_job, payload_schema=schema)
 
 
 def build(cloud: Any, *kinds: JobKind) -> tuple[RunJobs, Any]:

@@ -146,6 +146,8 @@ class JobKind(BaseModel):
             raise ValueError("'rate_burst' needs a 'rate_per_s'")
         if (self.handler == "run_job") != (self.run_job is not None):
             raise ValueError("a 'run_job' kind needs a [run_job] table, and only it may have one")
+        if self.run_job is not None:
+            _check_placeholders_described(self.run_job.fields(), self.payload_schema)
         return self
 
     @property
@@ -173,6 +175,29 @@ class JobKind(BaseModel):
         if error is not None:
             raise InvalidJobError(
                 "invalid_payload", f"payload does not match kind {self.kind!r}: {schema_rule(error)}"
+            )
+
+
+def _check_placeholders_described(fields: set[str], schema: dict[str, Any] | None) -> None:
+    """Every payload field a [run_job] template reads must be bounded by the payload_schema:
+    a type, and for a string a pattern, maxLength, enum or const (what reaches the job's
+    args and env is then what the catalog allows, not whatever a publisher sends)."""
+    if not fields:
+        return
+    properties = (schema or {}).get("properties") or {}
+    for name in sorted(fields):
+        rule = properties.get(name)
+        if not isinstance(rule, dict) or not ({"type", "enum", "const"} & rule.keys()):
+            raise ValueError(
+                f"[run_job] reads payload field {name!r}: describe it in [payload_schema.properties.{name}] "
+                "with a type (and for a string a pattern or maxLength)"
+            )
+        types = rule.get("type")
+        stringy = types == "string" or (isinstance(types, list) and "string" in types)
+        if stringy and not ({"pattern", "maxLength", "enum", "const"} & rule.keys()):
+            raise ValueError(
+                f"[run_job] reads string field {name!r}: bound it in [payload_schema.properties.{name}] "
+                'with a pattern (e.g. "^[a-z0-9-]{1,64}$") or a maxLength'
             )
 
 
