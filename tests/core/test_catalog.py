@@ -36,13 +36,27 @@ def write(directory: Path, name: str, text: str) -> Path:
         "/back\\slash",
         "/frag#x",
         "",
+        # encodings and queries the service would decode into another path (issue 24)
+        "/%2e%2e/admin",
+        "/%2E%2E/admin",
+        "/a%2fb",
+        "/a%5c..",
+        "/score?admin=1",
+        "/a/./b",
+        "/nul\x00",
     ],
 )
 def test_a_path_that_could_leave_the_service_is_refused_naming_file_and_field(
     tmp_path: Path, path: str
 ) -> None:
     # TOML basic strings need escapes for control characters and backslashes.
-    escaped = path.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    escaped = (
+        path.replace("\\", "\\\\")
+        .replace("\r", "\\r")
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace("\x00", "\\u0000")
+    )
     file = write(tmp_path, "bad", f'kind = "bad"\nservice = "svc"\npath = "{escaped}"\n')
     with pytest.raises(ConfigError) as err:
         Catalog.load(tmp_path)

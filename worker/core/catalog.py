@@ -112,10 +112,13 @@ class JobKind(BaseModel):
         # The path is appended to the resolved service URL: it must stay on that host.
         if not value.startswith("/") or value.startswith("//"):
             raise ValueError("must start with a single '/'")
-        if any(c in value for c in "\r\n\t @\\#") or "://" in value:
-            raise ValueError("must be a plain path (no spaces, '@', '#', '\\' or scheme)")
-        if ".." in value.split("/"):
-            raise ValueError("must not contain '..'")
+        if any(c in value for c in " @\\#?%") or "://" in value or not value.isprintable():
+            raise ValueError(
+                "must be a plain path (no spaces, control characters, '@', '#', '?', '%', '\\' or scheme): "
+                "a percent-encoding or a query is decoded by the service into what the catalog did not say"
+            )
+        if {"..", "."} & set(value.split("/")):
+            raise ValueError("must not contain '..' or '.' segments")
         return value
 
     @field_validator("retry_on")
