@@ -41,7 +41,11 @@ class BatchSpec(BaseModel):
 
     child_kind: str
     page_size: int = Field(500, ge=1, le=1000)
-    max_ids: int = Field(1_000_000, ge=1)
+    max_ids: int = Field(1_000_000, ge=1)  # the most children one batch job may make
+    # May a job of this kind page through the source (`{"source": true}` or no payload)?
+    # A 73-byte message then fans out to up to max_ids children: say so only for a kind
+    # whose publishers are trusted with that (the nightly scheduler job), not the web app.
+    page_source: bool = False
 
 
 class BreakerSpec(BaseModel):

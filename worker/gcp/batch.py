@@ -81,6 +81,12 @@ class BatchFanOut:
         # Without a publish time (never the case for a message from Pub/Sub), the clock.
         batch_id = batch_id_for(job, publish_time or self._clock())
         ids = _explicit_ids(job.payload, spec.max_ids)
+        if ids is None and not spec.page_source:
+            raise InvalidJobError(
+                "invalid_payload",
+                f"kind {kind.kind!r} does not page its source (its [batch] has no page_source = true): "
+                "give account_ids",
+            )
         source = _SourcePager(kind, job, self._invoker, self._resolver, self._region)
         if ids is None:
             total, pages = await source.open(spec.max_ids)
