@@ -203,3 +203,44 @@ def test_too_many_entries_or_too_deep_a_message_is_ignored() -> None:
     ch.handle(b"[" * 100_000 + b"]" * 100_000)
     ch.handle(order("resume", kind="score", at=1.0, paused=True))  # op and entry disagree
     assert ch.pauses.paused() == {} and ch.pauses.entries() == []
+
+
+def test_without_delete_permission_status_and_shutdown_leave_the_subscription_to_expire() -> None:
+    # The least-privilege role holds no subscriptions.delete (docs/deploy.md, "Trust model").
+    import asyncio
+
+    from google.api_core import exceptions
+
+    from worker.gcp.control import ask_status
+
+    class Done:
+        def result(self, timeout: float | None = None) -> None:
+            return None
+
+    class NoDelete:
+        def __init__(self) -> None:
+            self.deletes = 0
+
+        def subscription_path(self, project: str, name: str) -> str:
+            return f"projects/{project}/subscriptions/{name}"
+
+        def create_subscription(self, request: Any) -> None:
+            return None
+
+        def pull(self, **kw: Any) -> Any:
+            raise exceptions.DeadlineExceeded("nothing")
+
+        def delete_subscription(self, **kw: Any) -> None:
+            self.deletes += 1
+            raise exceptions.PermissionDenied("pubsub.subscriptions.delete")
+
+    class Pub:
+        def publish(self, *a: Any, **kw: Any) -> Done:
+            return Done()
+
+    subscriber = NoDelete()
+    assert ask_status(Pub(), subscriber, "p", "worker-control", wait_s=0.2) == []
+    ch, _ = channel()
+    ch._subscriber, ch._subscription = subscriber, "projects/p/subscriptions/worker-control-x"
+    asyncio.run(ch.close())
+    assert subscriber.deletes == 2

@@ -53,6 +53,7 @@ def test_each_principal_gets_only_what_it_uses() -> None:
         ("roles/run.viewer", "projects/acme/locations/europe-west1/services/echo"),
         ("roles/run.invoker", "projects/acme/locations/europe-west1/services/echo"),
         ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+        ("roles/pubsub.subscriber", "projects/acme/topics/worker-control"),
         ("projects/acme/roles/workerControlChannel", "projects/acme"),
     }
     # Nothing on the whole project but the control channel's custom role: Cloud Run roles
@@ -155,9 +156,10 @@ def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() 
             ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-dead-letter-ops"),
             ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
             ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+            ("roles/pubsub.subscriber", "projects/acme/topics/worker-control"),
             ("projects/acme/roles/workerControlChannel", "projects/acme"),
         }
-    assert len(with_ops) == len(base) + 8
+    assert len(with_ops) == len(base) + 10
     # acting as the worker reaches all it may do: only when asked for, by name
     trusted = iam_bindings(
         settings(),
@@ -235,6 +237,15 @@ def test_no_project_wide_grant_but_the_ones_the_guide_justifies() -> None:
             )
             printed = [c for c in commands if c.startswith("gcloud projects add-iam-policy-binding")]
             assert printed and all("workerControlChannel" in c for c in printed), printed
+    # and that role attaches to no topic and deletes nothing: on a project, those would reach
+    # every topic (job-results, another team's) and every subscription (jobs-worker's backlog)
+    from worker.ops.iam import CONTROL_PERMISSIONS
+
+    assert set(CONTROL_PERMISSIONS) == {
+        "pubsub.subscriptions.create",
+        "pubsub.subscriptions.consume",
+        "pubsub.subscriptions.get",
+    }
 
 
 def test_setup_print_gcloud_grants_operators() -> None:

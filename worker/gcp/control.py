@@ -30,6 +30,7 @@ hostile: its size, its entries, its times, its kinds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -147,7 +148,7 @@ class ControlChannel:
             log.warning(
                 "control_channel_off",
                 error=f"cannot subscribe to {self._topic_path}: {exc}"[:400]
-                + "; grant the worker roles/pubsub.editor (see `worker setup --print-gcloud`)",
+                + "; grant the worker the control channel's roles (see `worker setup --print-gcloud`)",
             )
             return
         self._future = self._subscriber.subscribe(self._subscription, self._on_message)
@@ -169,6 +170,8 @@ class ControlChannel:
                     retry=None,
                     timeout=5,
                 )
+            except exceptions.PermissionDenied:
+                pass  # the least-privilege grants hold no delete: its expiration policy removes it
             except Exception as exc:  # its expiration policy removes it in a day
                 log.warning("control_subscription_not_deleted", error=f"{type(exc).__name__}: {exc}"[:300])
 
@@ -279,5 +282,7 @@ def ask_status(
                 ):
                     replies[str(raw.get("replica"))[:100]] = raw
     finally:
-        subscriber.delete_subscription(subscription=path, timeout=10)
+        # Without delete (the least-privilege grants), it expires after a day idle.
+        with contextlib.suppress(exceptions.PermissionDenied):
+            subscriber.delete_subscription(subscription=path, timeout=10)
     return [replies[k] for k in sorted(replies)]

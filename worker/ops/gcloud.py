@@ -69,6 +69,18 @@ def resource_commands(settings: Settings, options: SetupOptions, push: PushTarge
             stage="GA",
         )
     )
+    # Where the role already exists (made by an older script with attach and delete), its
+    # permissions become exactly these.
+    commands.append(
+        gcloud(
+            "iam",
+            "roles",
+            "update",
+            CONTROL_ROLE_ID,
+            project=settings.project,
+            permissions=",".join(CONTROL_PERMISSIONS),
+        )
+    )
     commands += [
         gcloud(
             "pubsub",

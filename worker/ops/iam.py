@@ -175,11 +175,18 @@ def iam_bindings(
         ),
         Binding(
             worker,
+            PUBSUB_SUBSCRIBER,
+            topic(settings.control_topic),
+            f"attach each instance's own subscription to {settings.control_topic} "
+            "(pubsub.topics.attachSubscription, on this topic only: no other topic can be subscribed to)",
+        ),
+        Binding(
+            worker,
             control_role(settings),
             project,
-            f"create, read and delete each instance's own subscription to {settings.control_topic} "
-            "(no predefined role narrower than roles/pubsub.editor creates subscriptions); without "
-            "it an instance runs but ignores worker pause (it logs control_channel_off)",
+            f"create and pull each instance's own subscription to {settings.control_topic}; no "
+            "attach (granted on the topic above) and no delete (the subscription expires after a "
+            "day idle); without it an instance runs but ignores worker pause (it logs control_channel_off)",
         ),
     ]
     # On the project: neither service has a finer resource to grant on. Both only write.
@@ -268,12 +275,14 @@ def iam_bindings(
 
 
 CONTROL_ROLE_ID = "workerControlChannel"
+# On the project, as Pub/Sub checks `create` there and `consume` on a subscription that
+# only the project's policy covers when it is new. Not `topics.attachSubscription` (the
+# control topic grants it, so no other topic can be subscribed to) nor
+# `subscriptions.delete` (nobody's subscription can be deleted; these expire).
 CONTROL_PERMISSIONS = (
     "pubsub.subscriptions.create",
-    "pubsub.subscriptions.delete",
     "pubsub.subscriptions.consume",
     "pubsub.subscriptions.get",
-    "pubsub.topics.attachSubscription",
 )
 
 
@@ -376,10 +385,17 @@ def operator_bindings(
         ),
         Binding(
             member,
+            PUBSUB_SUBSCRIBER,
+            f"{project}/topics/{settings.control_topic}",
+            f"attach the question's subscription to {settings.control_topic}, "
+            "this topic only (worker status)",
+        ),
+        Binding(
+            member,
             control_role(settings),
             project,
-            f"read the instances' answers on a subscription to {settings.control_topic} made for "
-            "the question and deleted after it (worker status)",
+            f"create and pull a subscription to {settings.control_topic} made for the question, which "
+            "expires after a day idle (worker status)",
         ),
     ] + (
         [
