@@ -316,6 +316,8 @@ def test_a_follow_up_naming_another_jobs_execution_does_not_mark_the_victim(clou
     attack = forged(victim, execution=job.executions[0].name, check_at=now())
     outcome = asyncio.run(runner.follow(attack))
     assert outcome.result.status == JobStatus.REJECTED and outcome.result.error.code == "forged_follow_up"
+    assert outcome.result.job_id is None, "its result names no job, so it marks victim-9 nothing"
+    assert outcome.dead_letter.attributes["job_id"] == "victim-9"  # operators see the claim
     assert "was not started for job 'victim-9'" in outcome.result.error.message
     # the wrong replay count of the right execution is no better
     again = forged(victim, replay_count=3, check_at=now())

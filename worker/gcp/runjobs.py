@@ -38,6 +38,7 @@ from worker.core.messages import (
     Job,
     JobStatus,
     Result,
+    clip,
     describe_validation_error,
     now,
 )
@@ -478,16 +479,22 @@ class RunJobs:
         return Outcome.settled(result, dead_letter=dead_letter, kind=follow.kind)
 
     def _reject(self, delivery: Delivery, at: datetime, error: InvalidJobError) -> Outcome:
+        # A follow-up the worker did not write names a job only in the sender's words: its
+        # result names none, so it cannot mark that job (the dead letter keeps the claim).
         result = Result(
-            job_id=delivery.attributes.get("job_id"),
-            kind=delivery.attributes.get("kind"),
+            job_id=None,
+            kind=None,
             status=JobStatus.REJECTED,
             error=ErrorInfo(code=error.code, message=error.message),
             started_at=at,
             finished_at=at,
             duration_ms=0,
         )
-        log.warning("follow_up_rejected", error=error.message)
+        log.warning(
+            "follow_up_rejected",
+            claimed_job_id=clip(delivery.attributes.get("job_id") or "", 128),
+            error=error.message,
+        )
         return Outcome.settled(result, dead_letter=dead_letter_for(delivery, result, error))
 
 
