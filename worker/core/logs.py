@@ -18,23 +18,33 @@ from typing import Any
 
 import structlog
 
-# One pass over the text: each alternative is a credential shape; `kv` keeps the name of
-# a `name=value` / `"name": "value"` pair (Authorization, password, api_key...) and
-# redacts the value, so the message still says which field held it.
-_SECRET_RE = re.compile(
-    r"(?P<kv>(?i:\b(?:proxy-)?authorization|\bx-api-key|\bapi[_-]?key|\bapikey|\baccess[_-]?token"
-    r"|\brefresh[_-]?token|\bid[_-]?token|\bclient[_-]?secret|\bsecret|\bpassword|\bpasswd|\bpwd"
-    r"|\btoken|\bcredentials?)[\"']?\s*[:=]\s*[\"']?)(?!\[REDACTED\])(?i:(?:bearer|basic)\s+)?[^\s\"'&,;}\]]+"
-    r"|(?i:bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"
-    r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"  # JWT
+# Credential shapes. Those with a literal prefix are one fast pass; the others run only
+# when a cheap substring test finds their hint (every log line passes through here:
+# an always-on case-insensitive alternation cost 7x the old scrub per string). `kv`
+# keeps the name of a `name=value` / `"name": "value"` pair (Authorization, password,
+# api_key...) and redacts the value, so the message still says which field held it.
+_PREFIXED_RE = re.compile(
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"  # JWT
     r"|ya29\.[A-Za-z0-9._-]+"  # OAuth access token
     r"|AIza[0-9A-Za-z_-]{35}"  # Google API key
     r"|AKIA[0-9A-Z]{16}"  # AWS access key id
     r"|gh[pousr]_[A-Za-z0-9]{20,}"  # GitHub token
     r"|xox[abprs]-[A-Za-z0-9-]{10,}"  # Slack token
-    r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"  # user:password@ in a URL
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
     re.S,
+)
+_HINTED = (
+    (
+        ("auth", "key", "token", "secret", "passw", "pwd", "credential"),
+        re.compile(
+            r"(?P<kv>(?i:\b(?:proxy-)?authorization|\bx-api-key|\bapi[_-]?key|\bapikey|\baccess[_-]?token"
+            r"|\brefresh[_-]?token|\bid[_-]?token|\bclient[_-]?secret|\bsecret|\bpassword|\bpasswd|\bpwd"
+            r"|\btoken|\bcredentials?)[\"']?\s*[:=]\s*[\"']?)(?!\[REDACTED\])(?i:(?:bearer|basic)\s+)?"
+            r"[^\s\"'&,;}\]]+"
+        ),
+    ),
+    (("bearer", "basic"), re.compile(r"(?i:bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")),
+    (("://",), re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")),  # user:password@ in a URL
 )
 REDACTED = "[REDACTED]"
 
@@ -83,12 +93,16 @@ def merge_job_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutabl
 
 
 def _redact(match: re.Match[str]) -> str:
-    return (match.group("kv") or "") + REDACTED
+    return (match.groupdict().get("kv") or "") + REDACTED
 
 
 def scrub(text: str) -> str:
     """Replace anything that looks like a credential with [REDACTED]."""
-    return _SECRET_RE.sub(_redact, text)
+    low = text.lower()
+    for hints, pattern in _HINTED:
+        if any(hint in low for hint in hints):
+            text = pattern.sub(_redact, text)
+    return _PREFIXED_RE.sub(REDACTED, text)
 
 
 def scrub_value(value: Any) -> Any:
