@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
 from worker.cli.common import (
     EXIT_FAILED,
@@ -18,9 +20,15 @@ from worker.cli.common import (
     load_catalog_or_fail,
     load_settings_or_fail,
     operator_clients,
+    reachable_or_fail,
 )
 from worker.core.errors import InvalidJobError
-from worker.core.messages import JobStatus
+from worker.core.lanes import INTERACTIVE, LANES
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
+
+STATUS_WAIT_S = 2.0  # how long a timed-out --wait asks the instances why
 
 
 @click.command()
@@ -35,12 +43,25 @@ from worker.core.messages import JobStatus
     show_default=True,
     help="Seconds --wait waits.",
 )
+@click.option(
+    "--lane",
+    type=click.Choice(LANES),
+    default=INTERACTIVE,
+    show_default=True,
+    help="batch: behind interactive jobs, for bulk work (docs/contract.md, Lanes).",
+)
 @exits_with_code
-def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: float) -> int:
+def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: float, lane: str) -> int:
     """Publish one job (checked against the catalog first) and print its id."""
     from worker.client import ResultWaiter, build_job
     from worker.client import enqueue as publish_job
+    from worker.core.messages import JobStatus
 
+    if (
+        not wait
+        and click.get_current_context().get_parameter_source("timeout") is not ParameterSource.DEFAULT
+    ):
+        raise CommandError("--timeout goes with --wait: without it enqueue does not wait", EXIT_USAGE)
     settings = load_settings_or_fail()
     try:
         body = json.loads(payload)
@@ -54,20 +75,46 @@ def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: fl
     publisher, subscriber = operator_clients(settings)
     with google_errors(settings):
         if not wait:
-            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
+            click.echo(
+                publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings, lane=lane)
+            )
             return EXIT_OK
         with ResultWaiter(subscriber, settings, job.job_id) as waiter:
-            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
+            click.echo(
+                publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings, lane=lane)
+            )
             result = waiter.wait(timeout)
     if result is None:
         click.echo(
-            f"worker: no result for job {job.job_id} within {timeout:g}s; it stays queued. Is a "
-            "worker running (`worker run`)? Look for it later with `worker dead-letters`.",
+            f"worker: no result for job {job.job_id} within {timeout:g}s; it stays queued. "
+            + why_no_result(settings, kind),
             err=True,
         )
         return EXIT_TIMEOUT
     click.echo(result.model_dump_json())
     return EXIT_OK if result.status == JobStatus.SUCCEEDED else EXIT_FAILED
+
+
+def why_no_result(settings: Settings, kind: str) -> str:
+    """Ask the running instances (a second or two) rather than guess why a job has no result."""
+    from worker.cli.control import collect
+
+    replies = collect(settings, STATUS_WAIT_S)
+    if not replies:
+        return (
+            f"No worker instance answered on {settings.control_topic}: start one (`make dev`, or "
+            "`worker run`); the job runs when one does."
+        )
+    paused = [r for r in replies if kind in ((r.get("status") or {}).get("paused") or {})]
+    if paused:
+        return (
+            f"{kind} is paused on {len(paused)} of {len(replies)} worker instance(s) (`worker status`): "
+            f"it runs after `worker resume {kind}`."
+        )
+    return (
+        f"{len(replies)} worker instance(s) answer and none has {kind} paused: the job may be behind "
+        "a backlog or retrying; look for it later with `worker dead-letters`."
+    )
 
 
 @click.command()
@@ -90,6 +137,7 @@ def cancel(job_id: str, kind: str | None, timeout: float) -> int:
 
     settings = load_settings_or_fail()
     catalog = load_catalog_or_fail(settings)
+    reachable_or_fail()
     executions = run_client(settings, access_credentials(settings), "ExecutionsClient")
     try:
         report = cancel_job(

@@ -17,11 +17,11 @@ from worker.cli.common import (
     load_settings_or_fail,
     operator_clients,
 )
-from worker.core.settings import Settings
-from worker.ops.provision import SetupOptions
 
 if TYPE_CHECKING:
+    from worker.core.settings import Settings
     from worker.ops.iam import PushTarget
+    from worker.ops.provision import SetupOptions
 
 
 @click.command()
@@ -101,6 +101,8 @@ def setup(
     webapp_service: str,
 ) -> int:
     """Create the topics and subscriptions, idempotently."""
+    from worker.ops.provision import SetupOptions
+
     settings = load_settings_or_fail()
     if operator_can_impersonate and not operators:
         raise CommandError("--operator-can-impersonate needs at least one --operator MEMBER", EXIT_USAGE)
@@ -158,9 +160,9 @@ def apply(settings: Settings, options: SetupOptions) -> int:
     from worker.ops.provision import apply_setup, for_target
 
     options = for_target(options)
+    publisher, subscriber = operator_clients(settings)
     if not options.retry_policy:
         click.echo("Pub/Sub emulator: the jobs subscription gets no retry policy (nacks redeliver at once).")
-    publisher, subscriber = operator_clients(settings)
     changes = apply_setup(publisher, subscriber, settings, options)
     for change in changes:
         click.echo(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from worker.core.errors import JobError
+from worker.core.lanes import BATCH, LANE_ATTRIBUTE, current_lane
 from worker.core.messages import Result, clip
 from worker.core.shapes import DeadLetter, Delivery
 
@@ -46,6 +47,7 @@ class DeadLetterAttributes:
     replay_count: int | None = None  # times operators replayed it (`worker replay`)
     traceparent: str | None = None
     replay_of: str | None = None  # the failed execution's uid (run_job kinds)
+    lane: str | None = None  # "batch" when the job came down the batch lane
     # Set when Pub/Sub dead-lettered it (delivery attempts exhausted, no worker result).
     by_pubsub: bool = False
     pubsub_subscription: str | None = None
@@ -70,6 +72,8 @@ class DeadLetterAttributes:
             replay_count=_int(carried.get("replay_count")),
             traceparent=carried.get("traceparent"),
             replay_of=carried.get(REPLAY_OF),
+            # The lane of the consumer that ran it: a replay goes back down the same one.
+            lane=BATCH if current_lane() == BATCH else None,
         )
 
     def to_attributes(self) -> dict[str, str]:
@@ -80,6 +84,7 @@ class DeadLetterAttributes:
             "replay_count": None if self.replay_count is None else str(self.replay_count),
             "traceparent": self.traceparent,
             REPLAY_OF: self.replay_of,
+            LANE_ATTRIBUTE: self.lane,
             "status": self.status,
             "error_code": self.error_code,
             "error_message": self.error_message,
@@ -105,6 +110,7 @@ class DeadLetterAttributes:
             replay_count=_int(get("replay_count")),
             traceparent=get("traceparent"),
             replay_of=get(REPLAY_OF) or None,
+            lane=get(LANE_ATTRIBUTE) or None,
             by_pubsub="error_code" not in attributes
             and any(key.startswith(PUBSUB_SOURCE_PREFIX) for key in attributes),
             pubsub_subscription=get(f"{PUBSUB_SOURCE_PREFIX}Subscription"),
