@@ -112,6 +112,27 @@ def test_unreachable_certificates_answer_503_so_pubsub_retries() -> None:
     assert refused.value.status == 503 and CERTS_URL in refused.value.message
 
 
+def test_an_unparseable_certificate_answer_is_503_and_not_kept() -> None:
+    class Garbled(CertsTransport):
+        def __call__(self, url: str, method: str = "GET", **kw: Any) -> Any:
+            answer = super().__call__(url, method, **kw)
+            if self.calls == 1:
+                answer.data = b"<html>captive portal</html>"
+            return answer
+
+    transport = Garbled()
+    garbled = verifier(transport)
+    with pytest.raises(PushRefused) as refused:
+        garbled.verify(GOOD)
+    assert refused.value.status == 503, "Pub/Sub retries; a 401 would drop the push as unauthentic"
+    garbled.verify(GOOD)  # the next push fetches again and passes
+    assert transport.calls == 2
+
+
+def test_a_token_with_nbf_in_the_past_passes() -> None:
+    VERIFIER.verify(bearer(GOOGLE.sign(claims(nbf=int(time.time()) - 10))))
+
+
 def test_the_store_failing_answers_503() -> None:
     class Broken:
         def record(self, result: Result) -> bool:
@@ -165,6 +186,11 @@ HOSTILE: dict[str, Callable[[], tuple[str | None, int]]] = {
     "expired beyond the skew": lambda: (bearer(GOOGLE.sign(claims(exp=int(time.time()) - 30))), 401),
     "issued in the future": lambda: (bearer(GOOGLE.sign(claims(iat=int(time.time()) + 600))), 401),
     "no exp": lambda: (bearer(GOOGLE.sign(claims(exp=...))), 401),
+    # google-auth checks neither (issue 24)
+    "not valid yet (nbf)": lambda: (bearer(GOOGLE.sign(claims(nbf=int(time.time()) + 600))), 401),
+    "nbf not a number": lambda: (bearer(GOOGLE.sign(claims(nbf="soon"))), 401),
+    "lives a year": lambda: (bearer(GOOGLE.sign(claims(exp=int(time.time()) + 365 * 86400))), 401),
+    "lives an hour and a minute": lambda: (bearer(GOOGLE.sign(claims(exp=int(time.time()) + 3660))), 401),
     "another issuer": lambda: (bearer(GOOGLE.sign(claims(iss="https://evil.example.com"))), 401),
     "signed by another key": lambda: (bearer(IMPOSTOR.sign(claims())), 401),
     "unsigned (alg none)": lambda: (bearer(_unsigned(claims())), 401),

@@ -96,3 +96,31 @@ async def test_waiters_wake_when_the_open_period_ends() -> None:
     assert b.state == OPEN
     await asyncio.wait_for(b.wait(), 1)
     assert b.state == HALF_OPEN and b.admit()
+
+
+def test_one_poison_jobs_retries_count_once_in_a_row_and_in_the_window() -> None:
+    b, clock = breaker(failures=5, error_rate=0.7, min_calls=4, window_s=60)
+    for _ in range(50):  # one job answered 500 on every attempt and every redelivery
+        b.record(False, "poison")
+        clock.now += 0.1
+    assert b.state == CLOSED
+    for i in range(3):
+        b.record(True, f"ok-{i}")  # 1 failed job of 4 in the window
+    assert b.state == CLOSED
+    for i in range(4):
+        b.record(False, f"bad-{i}")
+    assert b.state == CLOSED  # 4 distinct jobs in a row, under 5; 5 of 8 in the window
+    b.record(False, "bad-4")
+    assert b.state == OPEN, "five jobs failing is the service failing"
+
+
+def test_a_job_leaving_the_window_counts_again_later() -> None:
+    b, clock = breaker(failures=100, error_rate=0.5, min_calls=2, window_s=10)
+    b.record(False, "j")
+    b.record(True, "k")
+    clock.now += 11
+    b.record(True, "k")
+    b.record(False, "j")  # the old entry left the window: this one counts
+    assert b.state == CLOSED
+    b.record(False, "j2")
+    assert b.state == OPEN

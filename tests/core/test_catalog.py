@@ -36,13 +36,27 @@ def write(directory: Path, name: str, text: str) -> Path:
         "/back\\slash",
         "/frag#x",
         "",
+        # encodings and queries the service would decode into another path (issue 24)
+        "/%2e%2e/admin",
+        "/%2E%2E/admin",
+        "/a%2fb",
+        "/a%5c..",
+        "/score?admin=1",
+        "/a/./b",
+        "/nul\x00",
     ],
 )
 def test_a_path_that_could_leave_the_service_is_refused_naming_file_and_field(
     tmp_path: Path, path: str
 ) -> None:
     # TOML basic strings need escapes for control characters and backslashes.
-    escaped = path.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    escaped = (
+        path.replace("\\", "\\\\")
+        .replace("\r", "\\r")
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace("\x00", "\\u0000")
+    )
     file = write(tmp_path, "bad", f'kind = "bad"\nservice = "svc"\npath = "{escaped}"\n')
     with pytest.raises(ConfigError) as err:
         Catalog.load(tmp_path)
@@ -96,3 +110,32 @@ def test_the_shipped_catalog_loads() -> None:
     assert {"account-scoring", "echo"} <= set(catalog)
     for kind in catalog.values():
         assert kind.path.startswith("/") and not kind.path.startswith("//")
+
+
+# -- no secret leaves (issue 24): a schema error names the path and the rule, not the value.
+
+
+@pytest.mark.parametrize(
+    ("schema", "payload", "names"),
+    [
+        (
+            {"type": "object", "properties": {"n": {"type": "integer"}}},
+            {"n": "password=hunter2"},
+            "n: breaks the rule type",
+        ),
+        ({"type": "object", "properties": {"n": {"maxLength": 3}}}, {"n": "hunter2-secret"}, "maxLength 3"),
+        ({"type": "object", "properties": {"n": {"pattern": "^[a-z]+$"}}}, {"n": "HUNTER2"}, "pattern"),
+        ({"type": "object", "properties": {"n": {"enum": ["a", "b"]}}}, {"n": "hunter2"}, 'enum ["a", "b"]'),
+        ({"type": "object", "additionalProperties": False}, {"hunter2": 1}, "not in the schema"),
+        ({"type": "object", "required": ["account_id"]}, {"x": "hunter2"}, "'account_id' is a required"),
+        ({"type": "integer"}, "api_key=hunter2", "payload: breaks the rule type"),
+    ],
+)
+def test_a_schema_error_never_quotes_the_payload(schema: dict, payload: object, names: str) -> None:
+    from worker.core.catalog import JobKind
+    from worker.core.errors import InvalidJobError
+
+    kind = JobKind(kind="k", service="svc", payload_schema=schema)
+    with pytest.raises(InvalidJobError) as caught:
+        kind.check_payload(payload)
+    assert "hunter2" not in caught.value.message.lower() and names in caught.value.message

@@ -23,8 +23,10 @@ def guard(*kinds: JobKind, capacity: Capacity | None = None, default: int = 100)
     return Guard(catalog, region="r", default_ceiling=default, capacity=lambda s, r: capacity)
 
 
-async def attempt(g: Guard, kind: JobKind, status: int | None = 200, exc: Exception | None = None) -> None:
-    async with g.call(kind, "r") as call:
+async def attempt(
+    g: Guard, kind: JobKind, status: int | None = 200, exc: Exception | None = None, job: str | None = None
+) -> None:
+    async with g.call(kind, "r", job) as call:
         if exc is not None:
             raise exc
         assert status is not None
@@ -283,3 +285,13 @@ async def test_a_job_waiting_for_a_rate_token_holds_no_place_under_the_adaptive_
     await first.__aexit__(None, None, None)
     await asyncio.wait_for(second, 1)
     assert limit.in_flight == 0
+
+
+@run_async
+async def test_one_poison_job_opens_no_breaker_for_the_other_jobs_of_its_service() -> None:
+    g = guard(SCORE)
+    for _ in range(20):  # its retries and redeliveries, 500 every time
+        await attempt(g, SCORE, 500, job="poison")
+    assert g.breaker(("scoring", "r")).state == "closed"
+    for n in range(20):
+        await attempt(g, SCORE, 200, job=f"other-{n}")

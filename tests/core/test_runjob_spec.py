@@ -18,11 +18,19 @@ def load(tmp_path: Path, table: str, head: str = 'kind = "rescore"\nhandler = "r
     return Catalog.load(tmp_path)
 
 
+SCHEMA = (
+    '[payload_schema]\ntype = "object"\n'
+    '[payload_schema.properties.account_id]\ntype = "string"\npattern = "^[a-z0-9-]{1,64}$"\n'
+    '[payload_schema.properties.shards]\ntype = "integer"\n'
+    '[payload_schema.properties.mode]\nenum = ["fast", "full"]\n'
+)
+
+
 def test_a_run_job_kind_loads_and_names_its_job(tmp_path: Path) -> None:
     catalog = load(
         tmp_path,
         '[run_job]\njob = "rescore-all"\nargs = ["--account={account_id}"]\ntask_count = "{shards}"\n'
-        '[run_job.env]\nMODE = "{mode}"\n',
+        '[run_job.env]\nMODE = "{mode}"\n' + SCHEMA,
         'kind = "rescore"\nhandler = "run_job"\nregion = "europe-west1"\n',
     )
     assert catalog.run_jobs("us-central1") == {("rescore-all", "europe-west1")}
@@ -44,6 +52,30 @@ def test_a_run_job_kind_loads_and_names_its_job(tmp_path: Path) -> None:
         ('[run_job]\njob = "j"\ntask_count = "{a} {b}"\n', "one {field}"),
         ('[run_job]\njob = "j"\ntask_timeout_s = 604801\n', "between 1 and 604800"),
         ('[run_job]\njob = "j"\nimage = "evil"\n', "Extra inputs"),
+        # every field a template reads is bounded by the schema (issue 24)
+        (
+            '[run_job]\njob = "j"\nargs = ["--t={tenant}"]\n',
+            "describe it in [payload_schema.properties.tenant]",
+        ),
+        (
+            '[run_job]\njob = "j"\nargs = ["--t={tenant}"]\n'
+            '[payload_schema.properties.tenant]\ntype = "string"\n',
+            "bound it in [payload_schema.properties.tenant]",
+        ),
+        *(
+            (f'[run_job]\njob = "j"\n[run_job.env]\n{name} = "x"\n', "changes how the job's process")
+            for name in (
+                "LD_PRELOAD",
+                "PATH",
+                "PYTHONPATH",
+                "GOOGLE_APPLICATION_CREDENTIALS",
+                "HTTPS_PROXY",
+                "https_proxy",
+                "K_SERVICE",
+                "PORT",
+            )
+        ),
+        ('[run_job]\njob = "j"\nmax_task_count = 10001\n', "less than or equal to 10000"),
     ],
 )
 def test_a_broken_table_stops_the_load_naming_the_field(tmp_path: Path, table: str, complaint: str) -> None:
@@ -87,8 +119,16 @@ def test_a_template_without_fields_takes_any_payload_and_keeps_the_jobs_args() -
         ({"account_id": "a", "depth": 1, "mode": "m"}, "missing field(s) ['shards']"),
         ({"account_id": {"id": 1}, "depth": 1, "mode": "m", "shards": 1}, "'account_id' must be a string"),
         ({"account_id": None, "depth": 1, "mode": "m", "shards": 1}, "got null"),
-        ({"account_id": "a", "depth": 1, "mode": "m", "shards": 10_001}, "integer from 1 to 10000"),
-        ({"account_id": "a", "depth": 1, "mode": "m", "shards": True}, "integer from 1 to 10000"),
+        ({"account_id": "a", "depth": 1, "mode": "m", "shards": 101}, "integer from 1 to 100"),
+        ({"account_id": "a", "depth": 1, "mode": "m", "shards": True}, "integer from 1 to 100"),
+        # values that would change what the job runs, not fill it (issue 24)
+        (
+            {"account_id": "acme\n--delete-everything", "depth": 1, "mode": "m", "shards": 1},
+            "control character",
+        ),
+        ({"account_id": "a\x00b", "depth": 1, "mode": "m", "shards": 1}, "control character"),
+        ({"account_id": "a", "depth": 1, "mode": "\x1b[31m", "shards": 1}, "control character"),
+        ({"account_id": "a", "depth": 1, "mode": "\u009b", "shards": 1}, "control character"),
         ({"account_id": "a" * 40_000, "depth": 1, "mode": "m", "shards": 1}, "pass a reference"),
     ],
 )
@@ -96,6 +136,14 @@ def test_a_payload_that_does_not_fit_is_rejected(payload: object, complaint: str
     with pytest.raises(InvalidJobError) as caught:
         render(SPEC, "rescore", payload, "job-1", 0)
     assert caught.value.code == "invalid_payload" and complaint in caught.value.message
+
+
+def test_a_whole_argument_placeholder_may_not_start_with_a_dash() -> None:
+    spec = RunJobSpec(job="j", args=("{tenant}", "--name={tenant}"))
+    with pytest.raises(InvalidJobError, match="the argument '\\{tenant\\}' may not start with '-'"):
+        render(spec, "k", {"tenant": "--delete-everything"}, "id", 0)
+    # inside an option's value, a dash is just a character
+    assert render(RunJobSpec(job="j", args=("--name={t}",)), "k", {"t": "-x"}, "id", 0).args == ["--name=-x"]
 
 
 def follow_up(check_in_s: float, interval_s: float = 10.0) -> tuple[FollowUp, datetime]:

@@ -37,6 +37,7 @@ def write_batch_kind(catalog: Path, source: str, *, page_size: int = 500) -> Non
                 "[batch]",
                 'child_kind = "account-scoring"',
                 f"page_size = {page_size}",
+                "page_source = true",
             ]
         )
         + "\n"

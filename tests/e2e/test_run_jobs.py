@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections import defaultdict
@@ -39,6 +40,15 @@ def write_run_job_kind(directory: Path, kind: str, job: str, **spec: Any) -> Non
     for key, value in spec.items():
         if isinstance(value, dict):
             lines += ["", f"[run_job.{key}]"] + [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+    # The catalog refuses a placeholder the schema does not bound (issue 24).
+    texts = [*spec.get("args", []), *spec.get("env", {}).values(), str(spec.get("task_count", ""))]
+    for field in sorted({f for text in texts for f in re.findall(r"\{(\w+)\}", text)}):
+        lines += [
+            "",
+            f"[payload_schema.properties.{field}]",
+            'type = ["string", "integer"]',
+            "maxLength = 64",
+        ]
     (directory / f"{kind}.toml").write_text("\n".join(lines) + "\n")
 
 

@@ -246,13 +246,18 @@ class FakeSource:
         return CallResult(200, page, 1)
 
 
-def batch_kind(page_size: int = 3) -> JobKind:
+def batch_kind(page_size: int = 3, page_source: bool = True) -> JobKind:
     return JobKind.model_validate(
         {
             "kind": "batch-scoring",
             "handler": "batch",
             "service": "accounts-source",
-            "batch": {"child_kind": "account-scoring", "page_size": page_size, "max_ids": 100},
+            "batch": {
+                "child_kind": "account-scoring",
+                "page_size": page_size,
+                "max_ids": 100,
+                "page_source": page_source,
+            },
         }
     )
 
@@ -341,6 +346,18 @@ def test_a_running_child_is_outstanding_and_never_replaces_a_final_status() -> N
     assert not progress.update(child(0, "running"))  # late, or a replay not yet ended
     assert progress.update(child(1, "failed")) and progress.done
     assert progress.as_dict()["cancelled"] == 1 and progress.as_dict()["running"] == 0
+
+
+@pytest.mark.parametrize("payload", [{"source": True}, None, {}])
+def test_a_kind_that_does_not_page_its_source_refuses_a_source_batch(payload: Any) -> None:
+    # a 73-byte {"source": true} fanning out to max_ids children: only where the kind says so
+    source, publisher = FakeSource([f"a{i}" for i in range(7)]), FakePublisher()
+    job = make_job(job_id="b1", kind="batch-scoring", payload=payload)
+    with pytest.raises(InvalidJobError, match="does not page its source"):
+        asyncio.run(fan_out(source, publisher)(job, batch_kind(page_source=False)))
+    assert not source.bodies and not publisher.jobs
+    ids = make_job(job_id="b2", kind="batch-scoring", payload={"account_ids": ["x"]})
+    assert asyncio.run(fan_out(source, publisher)(ids, batch_kind(page_source=False))).response["total"] == 1
 
 
 def run_turns(fan: BatchFanOut, job: Job, kind: JobKind, publisher: FakePublisher) -> list[CallResult]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ class Publisher:
         return Future()
 
 
-def channel(replica: str = "me") -> tuple[ControlChannel, Publisher]:
+def channel(replica: str = "me", kinds: Any = None) -> tuple[ControlChannel, Publisher]:
     publisher = Publisher()
     ch = ControlChannel(
         publisher,
@@ -41,6 +42,7 @@ def channel(replica: str = "me") -> tuple[ControlChannel, Publisher]:
         pauses=PauseBook(),
         status=lambda: {"paused": {}, "targets": {}},
         replica=replica,
+        kinds=kinds,
     )
     return ch, publisher
 
@@ -129,6 +131,8 @@ def test_a_bad_duration_exits_2(runner: CliRunner) -> None:
     done = runner.invoke(cli, ["pause", "score", "--for", "a while"])
     assert done.exit_code == 2
     assert "--for: 'a while' is not a duration such as 90s" in done.output
+    done = runner.invoke(cli, ["pause", "score", "--for", "31d"])
+    assert done.exit_code == 2 and "'31d' is over 30 days" in done.output
 
 
 class Stream(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -200,3 +204,116 @@ async def until(condition: Any, timeout: float = 3.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.005)
+
+
+# -- hostile orders (issue 24): anyone who may publish on the control topic can send these.
+
+
+def order(op: str, **entry: Any) -> bytes:
+    return json.dumps({"op": op, "entry": {"paused": op == "pause", **entry}}).encode()
+
+
+@pytest.mark.parametrize("at", [1e300, 2**63, "Infinity", 10**400])
+def test_an_order_dated_in_the_far_future_does_not_lock_resume_out(at: Any) -> None:
+    ch, _ = channel(kinds={"score"})
+    finite = at != "Infinity" and at < 10**309
+    ch.handle(order("pause", kind="score", at=float(at) if at == "Infinity" else at), published=1000.0)
+    # dated by Pub/Sub's publish_time, not the sender's clock; a non-finite date is refused
+    assert ch.pauses.is_paused("score") is finite
+    ch.handle(order("resume", kind="score", at=1.0), published=1001.0)
+    assert not ch.pauses.is_paused("score")
+    assert all(e.at <= 1001.0 for e in ch.pauses.entries())
+
+
+def test_an_operator_with_a_fast_clock_cannot_outrank_a_later_resume() -> None:
+    ch, _ = channel()
+    ch.handle(order("pause", kind="score", at=time.time() + 86400, until=time.time() + 86400 + 60))
+    entry = ch.pauses.entries()[0]
+    assert entry.at <= time.time() and entry.until is not None and entry.until - entry.at == pytest.approx(60)
+    ch.handle(order("resume", kind="score", at=time.time() - 3600))
+    assert not ch.pauses.is_paused("score")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"until": 1e300},  # far future
+        {"until": float("nan")},
+        {"until": 1000.0 + 31 * 86400},  # over 30 days
+        {"until": 999.0},  # before the order
+        {"kind": "k" * 64},  # over the catalog's kind names
+    ],
+)
+def test_a_pause_with_an_unbounded_until_is_refused(entry: dict[str, Any]) -> None:
+    ch, _ = channel()
+    ch.handle(order("pause", **{"kind": "score", "at": 1000.0, **entry}), published=1000.0)
+    assert ch.pauses.paused() == {}
+
+
+def test_forged_state_messages_grow_nothing_and_the_answer_stays_small() -> None:
+    ch, out = channel("victim", kinds={"score", "echo"})
+    now = time.time()
+    for n in range(40):
+        entries = [
+            {"kind": f"kind-{n}-{i}", "paused": True, "at": now, "by": "x" * 5000} for i in range(2000)
+        ]
+        entries += [{"kind": "score", "paused": True, "at": 1e300}]  # dated after its message
+        data = json.dumps({"op": "state", "replica": "forger", "entries": entries}).encode()
+        ch.handle(data[: 256 * 1024] if len(data) > 256 * 1024 else data, published=now)
+    few = [{"kind": f"kind-{i}", "paused": True, "at": now, "by": "x" * 5000} for i in range(200)]
+    ch.handle(json.dumps({"op": "state", "replica": "forger", "entries": few}).encode(), published=now)
+    assert ch.pauses.paused() == {}, "only catalog kinds, none dated past its message"
+    ch.handle(order("pause", kind="echo", at=now, by="b" * 5000), published=now)
+    ch.handle(encode("hello", replica="new"))
+    _, state, _ = out.sent[-1]
+    assert len(json.dumps(state)) < 1000 and [e["kind"] for e in state["entries"]] == ["echo"]
+
+
+def test_too_many_entries_or_too_deep_a_message_is_ignored() -> None:
+    ch, _ = channel()
+    entries = [{"kind": f"k{i}", "paused": True, "at": 1.0} for i in range(257)]
+    ch.handle(json.dumps({"op": "state", "replica": "x", "entries": entries}).encode(), published=2.0)
+    ch.handle(b"[" * 100_000 + b"]" * 100_000)
+    ch.handle(order("resume", kind="score", at=1.0, paused=True))  # op and entry disagree
+    assert ch.pauses.paused() == {} and ch.pauses.entries() == []
+
+
+def test_without_delete_permission_status_and_shutdown_leave_the_subscription_to_expire() -> None:
+    # The least-privilege role holds no subscriptions.delete (docs/deploy.md, "Trust model").
+    import asyncio
+
+    from google.api_core import exceptions
+
+    from worker.gcp.control import ask_status
+
+    class Done:
+        def result(self, timeout: float | None = None) -> None:
+            return None
+
+    class NoDelete:
+        def __init__(self) -> None:
+            self.deletes = 0
+
+        def subscription_path(self, project: str, name: str) -> str:
+            return f"projects/{project}/subscriptions/{name}"
+
+        def create_subscription(self, request: Any) -> None:
+            return None
+
+        def pull(self, **kw: Any) -> Any:
+            raise exceptions.DeadlineExceeded("nothing")
+
+        def delete_subscription(self, **kw: Any) -> None:
+            self.deletes += 1
+            raise exceptions.PermissionDenied("pubsub.subscriptions.delete")
+
+    class Pub:
+        def publish(self, *a: Any, **kw: Any) -> Done:
+            return Done()
+
+    subscriber = NoDelete()
+    assert ask_status(Pub(), subscriber, "p", "worker-control", wait_s=0.2) == []
+    ch, _ = channel()
+    ch._subscriber, ch._subscription = subscriber, "projects/p/subscriptions/worker-control-x"
+    asyncio.run(ch.close())
+    assert subscriber.deletes == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -126,7 +127,9 @@ class RecordingGate:
         self.seen: list[tuple[bool, int, float | None]] = []
         self._retry = False
 
-    def call(self, kind: JobKind, region: str | None = None, *, retry: bool = False) -> RecordingGate:
+    def call(
+        self, kind: JobKind, region: str | None = None, job: str | None = None, *, retry: bool = False
+    ) -> RecordingGate:
         self._retry = retry
         return self
 
@@ -255,3 +258,36 @@ def test_an_attempt_that_never_got_an_answer_records_why() -> None:
     (attempt,) = [s for s in exporter.get_finished_spans() if s.name == "POST"]
     assert attempt.attributes["error.type"] == "timeout"
     assert "http.response.status_code" not in attempt.attributes
+
+
+# -- no secret leaves (issue 24): what a service answers is scrubbed before it is quoted.
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Authorization: Bearer {token}",  # an error page quoting the request's headers
+        '{{"headers": {{"authorization": "Bearer {token}"}}}}',
+        "db error: postgres://app:hunter2@10.0.0.3/prod",
+        '{{"password": "hunter2", "api_key": "AIza' + "x" * 35 + '"}}',
+        "x" * 290 + " token=hunter2hunter2",  # a secret across the 300-character cut
+    ],
+)
+def test_a_failed_call_quotes_no_credential_of_the_answer(answer: str) -> None:
+    async def leaky(request: web.Request, n: int) -> web.Response:
+        token = request.headers["Authorization"].split()[1]
+        return web.Response(status=400, text=answer.format(token=token))
+
+    error, _, _, _ = call(leaky)
+    assert isinstance(error, PermanentJobError) and error.code == "http_400"
+    assert "tok0" not in error.message and "hunter2" not in error.message and "AIza" not in error.message
+    assert "[REDACTED]" in error.message or error.message.endswith("...")
+
+
+def test_a_service_that_echoes_the_token_does_not_put_it_in_the_result() -> None:
+    async def echo(request: web.Request, n: int) -> web.Response:
+        return web.json_response({"seen": dict(request.headers)})
+
+    result, _, _, _ = call(echo)
+    assert result.http_status == 200 and "tok0" not in json.dumps(result.response)
+    assert result.response["seen"]["Authorization"] == "Bearer [REDACTED]"

@@ -7,6 +7,7 @@ No Pub/Sub here: deliveries are built by hand, outcomes read directly. The e2e t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from datetime import timedelta
@@ -40,7 +41,13 @@ def clients(cloud: Any) -> tuple[Any, Any]:
 
 
 def kind(name: str, job: str, **spec: Any) -> JobKind:
-    return JobKind(kind=name, handler="run_job", run_job=RunJobSpec(job=job, poll_initial_s=1, **spec))
+    run_job = RunJobSpec(job=job, poll_initial_s=1, **spec)
+    # what the catalog demands: every field the template reads bounded by the schema
+    schema = {
+        "type": "object",
+        "properties": {f: {"type": ["string", "integer"], "maxLength": 200} for f in run_job.fields()},
+    }
+    return JobKind(kind=name, handler="run_job", run_job=run_job, payload_schema=schema)
 
 
 def build(cloud: Any, *kinds: JobKind) -> tuple[RunJobs, Any]:
@@ -51,15 +58,17 @@ def build(cloud: Any, *kinds: JobKind) -> tuple[RunJobs, Any]:
     ), executions_client
 
 
-def delivery(job: Job, replay: int = 0) -> Delivery:
+def delivery(job: Job, replay: int = 0, proof: str | None = None) -> Delivery:
     attributes = {"job_id": job.job_id, "kind": job.kind}
     if replay:
         attributes["replay_count"] = str(replay)
+    if proof is not None:
+        attributes["replay_of"] = proof
     return Delivery(job.to_bytes(), attributes, publish_time=now())
 
 
-def start(runner: RunJobs, spec: JobKind, job: Job, replay: int = 0) -> Any:
-    return asyncio.run(runner.start(job, spec, delivery(job, replay)))
+def start(runner: RunJobs, spec: JobKind, job: Job, replay: int = 0, proof: str | None = None) -> Any:
+    return asyncio.run(runner.start(job, spec, delivery(job, replay, proof)))
 
 
 def follow(runner: RunJobs, call_or_outcome: Any) -> Outcome:
@@ -109,9 +118,11 @@ def test_a_failed_execution_is_dead_lettered_and_only_a_replay_starts_another(cl
     assert failed.result.status == JobStatus.FAILED and failed.result.error.code == "execution_failed"
     assert failed.dead_letter.data == message.to_bytes()
     assert failed.dead_letter.attributes["replay_count"] == "0"
+    proof = failed.dead_letter.attributes["replay_of"]
+    assert proof == job.executions[0].uid and proof not in failed.result.model_dump_json()
     assert start(runner, spec, message).response["started"] is False  # a redelivery: no second one
     job.failing_tasks = 0
-    replayed = start(runner, spec, message, replay=1)
+    replayed = start(runner, spec, message, replay=1, proof=proof)
     assert replayed.response["started"] is True
     assert start(runner, spec, message, replay=1).execution.name == replayed.execution.name
     assert until_due(runner, replayed).result.status == JobStatus.SUCCEEDED
@@ -262,6 +273,10 @@ def test_a_follow_up_pubsub_dead_lettered_is_replayed_as_a_follow_up() -> None:
         by_pubsub=True,
     )
     assert is_follow_up(entry.replay_attributes())
+    # a failed execution's dead letter names it; the replay passes that on, as its proof
+    proved = dataclasses.replace(entry, attributes={**attributes, "replay_of": "u-1"}, by_pubsub=False)
+    assert proved.replay_attributes()["replay_of"] == "u-1"
+    assert "replay_of" not in entry.replay_attributes()
 
 
 def test_a_worker_that_may_not_list_executions_is_told_to_get_run_viewer(cloud: Any) -> None:
@@ -279,3 +294,111 @@ def test_a_worker_that_may_not_list_executions_is_told_to_get_run_viewer(cloud: 
         "it needs roles/run.viewer" in caught.value.message and "run.executions.list" in caught.value.message
     )
     assert job.executions == []
+
+
+# -- forged follow-ups and replays (issue 24): anyone who may publish a job may publish these.
+
+
+def forged(body: FollowUp, **change: Any) -> Delivery:
+    copy = body.model_copy(update=change)
+    return Delivery(copy.to_bytes(), copy.attributes(), publish_time=now())
+
+
+def test_a_follow_up_naming_another_jobs_execution_does_not_mark_the_victim(cloud: Any) -> None:
+    job = cloud.add_run_job(f"victim-{time.monotonic_ns()}", task_seconds=0.2)
+    spec = kind("shared", job.name)
+    runner, _ = build(cloud, spec)
+    mine = until_due(runner, start(runner, spec, Job(job_id="attacker-1", kind="shared")))
+    assert mine.result.status == JobStatus.SUCCEEDED
+    call = start(runner, spec, Job(job_id="victim-9", kind="shared"))
+    victim = FollowUp.model_validate_json(call.follow_up.data)
+    # victim-9's follow-up, pointed at attacker-1's succeeded execution
+    attack = forged(victim, execution=job.executions[0].name, check_at=now())
+    outcome = asyncio.run(runner.follow(attack))
+    assert outcome.result.status == JobStatus.REJECTED and outcome.result.error.code == "forged_follow_up"
+    assert outcome.result.job_id is None, "its result names no job, so it marks victim-9 nothing"
+    assert outcome.dead_letter.attributes["job_id"] == "victim-9"  # operators see the claim
+    assert "was not started for job 'victim-9'" in outcome.result.error.message
+    # the wrong replay count of the right execution is no better
+    again = forged(victim, replay_count=3, check_at=now())
+    outcome = asyncio.run(runner.follow(again))
+    assert outcome.result.error.code == "forged_follow_up" and "not replay 3" in outcome.result.error.message
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"check_at": "9999-12-31T00:00:00Z"},
+        {"started_at": "9999-12-31T00:00:00Z"},
+        {"interval_s": 1e300},
+        {"checks": 10**12},
+    ],
+)
+def test_a_follow_up_that_would_never_come_due_is_refused_at_once(cloud: Any, change: dict[str, Any]) -> None:
+    job = cloud.add_run_job(f"never-{time.monotonic_ns()}", task_seconds=60)
+    spec = kind("never", job.name)
+    runner, _ = build(cloud, spec)
+    body = json.loads(start(runner, spec, Job(job_id="n-1", kind="never")).follow_up.data)
+    body.update(change)
+    attack = Delivery(json.dumps(body).encode(), {"follow_up": "execution"}, publish_time=now())
+    outcome = asyncio.run(runner.follow(attack))
+    assert outcome.result.status == JobStatus.REJECTED and outcome.follow_up is None
+    assert "follow-up refused" in outcome.result.error.message
+
+
+def test_a_follow_up_too_old_is_reported_failed_not_followed_forever(cloud: Any) -> None:
+    from worker.core.followup import MAX_AGE_S
+
+    job = cloud.add_run_job(f"old-{time.monotonic_ns()}", task_seconds=60)
+    spec = kind("old", job.name)
+    runner, _ = build(cloud, spec)
+    body = FollowUp.model_validate_json(start(runner, spec, Job(job_id="o-1", kind="old")).follow_up.data)
+    started = now() - timedelta(seconds=MAX_AGE_S + 60)
+    outcome = asyncio.run(runner.follow(forged(body, started_at=started, check_at=now())))
+    assert outcome.result.status == JobStatus.FAILED and outcome.result.error.code == "follow_up_expired"
+    assert outcome.follow_up is None
+
+
+def test_a_forged_failed_follow_up_plants_no_dead_letter_with_the_attackers_data(cloud: Any) -> None:
+    job = cloud.add_run_job(f"plant-{time.monotonic_ns()}", task_seconds=0.2)
+    job.failing_tasks = 1
+    spec = kind("plant", job.name, args=("--account={account}",))
+    runner, _ = build(cloud, spec)
+    real = Job(job_id="p-1", kind="plant", payload={"account": "acme"})
+    call = start(runner, spec, real)
+    assert until_due(runner, call).result.status == JobStatus.FAILED
+    body = FollowUp.model_validate_json(call.follow_up.data)
+    evil = Job(job_id="p-1", kind="plant", payload={"account": "acme --delete-everything"})
+    for change in (
+        {"job_data": evil.to_bytes().decode()},  # the right execution, other data
+        {"job_data": Job(job_id="other", kind="plant", payload={"account": "x"}).to_bytes().decode()},
+        {"job_data": "not json"},
+        {"execution": body.execution.rsplit("/", 1)[0] + "/made-up"},  # no such execution
+    ):
+        outcome = asyncio.run(runner.follow(forged(body, check_at=now(), **change)))
+        assert outcome.result.status == JobStatus.REJECTED, change
+        letter = outcome.dead_letter
+        assert letter.attributes["status"] == "rejected" and "replay_of" not in letter.attributes
+        # what is dead-lettered is the forged follow-up itself, not a job: replayed, it is
+        # rejected again and never starts an execution
+        assert json.loads(letter.data)["execution"]
+        with pytest.raises(ValueError):
+            Job.model_validate_json(letter.data)
+
+
+def test_a_publisher_set_replay_count_starts_no_second_execution(cloud: Any) -> None:
+    job = cloud.add_run_job(f"rerun-{time.monotonic_ns()}", task_seconds=0.2)
+    job.failing_tasks = 1
+    spec = kind("rerun", job.name)
+    runner, _ = build(cloud, spec)
+    message = Job(job_id="r-1", kind="rerun")
+    failed = until_due(runner, start(runner, spec, message))
+    job.failing_tasks = 0
+    for proof in (None, "", "00000000-0000-0000-0000-000000000000", failed.result.execution.name):
+        with pytest.raises(InvalidJobError, match="only `worker replay") as caught:
+            start(runner, spec, message, replay=1, proof=proof)
+        assert caught.value.code == "replay_not_proven"
+    assert len(job.executions) == 1
+    # a replay count on a job that never ran starts it as any new job would: nothing is re-run
+    fresh = start(runner, spec, Job(job_id="r-2", kind="rerun"), replay=7)
+    assert fresh.response["started"] is True

@@ -58,6 +58,7 @@ def test_each_principal_gets_only_what_it_uses() -> None:
         ("roles/run.viewer", "projects/acme/locations/europe-west1/services/echo"),
         ("roles/run.invoker", "projects/acme/locations/europe-west1/services/echo"),
         ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+        ("roles/pubsub.subscriber", "projects/acme/topics/worker-control"),
         ("projects/acme/roles/workerControlChannel", "projects/acme"),
     }
     # Nothing on the whole project but the control channel's custom role: Cloud Run roles
@@ -163,15 +164,96 @@ def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() 
             ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
             ("roles/pubsub.publisher", "projects/acme/topics/jobs-batch"),
             ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
+            ("roles/pubsub.subscriber", "projects/acme/topics/worker-control"),
             ("projects/acme/roles/workerControlChannel", "projects/acme"),
-            ("roles/iam.serviceAccountTokenCreator", f"projects/acme/serviceAccounts/{WORKER}"),
         }
     assert len(with_ops) == len(base) + 12
+    # acting as the worker reaches all it may do: only when asked for, by name
+    trusted = iam_bindings(
+        settings(),
+        catalog(),
+        WORKER,
+        WEBAPP,
+        operators=["user:alice@acme.com"],
+        operators_can_impersonate=True,
+    )
+    assert roles_of(trusted, "user:alice@acme.com") - roles_of(with_ops, "user:alice@acme.com") == {
+        ("roles/iam.serviceAccountTokenCreator", f"projects/acme/serviceAccounts/{WORKER}")
+    }
 
 
 def test_an_operator_must_be_written_as_an_iam_member() -> None:
     with pytest.raises(ValueError, match=r"user:alice@example\.com"):
         iam_bindings(settings(), catalog(), WORKER, WEBAPP, operators=["alice@acme.com"])
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        "user:a@example.com\ngcloud projects add-iam-policy-binding acme --role=roles/owner",
+        "user:a@example.com; rm -rf ~",
+        "user:a@example.com #",
+        "user:'a'@example.com",
+        "user:",
+        "user:a@b@c.com",
+        "user:a@example.com\r",
+        "user:-a@example.com",
+    ],
+)
+def test_an_operator_that_would_add_a_line_or_a_word_to_the_script_is_refused(member: str) -> None:
+    with pytest.raises(ValueError, match="is not an email address or domain"):
+        iam_bindings(settings(), catalog(), WORKER, WEBAPP, operators=[member])
+    env = {**os.environ, "GOOGLE_CLOUD_PROJECT": "acme", "PUBSUB_EMULATOR_HOST": "127.0.0.1:9"}
+    done = worker_cli(env, "setup", "--print-gcloud", "--operator", member)
+    assert done.returncode == 2 and not done.stdout
+
+
+def test_no_project_wide_grant_but_the_ones_the_guide_justifies() -> None:
+    """Every printed `gcloud projects add-iam-policy-binding`, with and without a run_job kind,
+    operators and telemetry: the control channel's subscriptions (docs/deploy.md, "Trust model")
+    and the two write-only telemetry roles. No project-level run.viewer, no Pub/Sub predefined role."""
+    from worker.core.runjob import RunJobSpec
+
+    with_job = Catalog(
+        {
+            **catalog(),
+            "rescore": JobKind(kind="rescore", handler="run_job", run_job=RunJobSpec(job="rescore-all")),
+        }
+    )
+    justified = {
+        (f"serviceAccount:{WORKER}", "projects/acme/roles/workerControlChannel"),
+        ("user:a@example.com", "projects/acme/roles/workerControlChannel"),
+        (f"serviceAccount:{WORKER}", "roles/cloudtrace.agent"),
+        (f"serviceAccount:{WORKER}", "roles/monitoring.metricWriter"),
+    }
+    for kinds in (catalog(), with_job):
+        for impersonate in (False, True):
+            bindings = iam_bindings(
+                settings(),
+                kinds,
+                WORKER,
+                WEBAPP,
+                operators=["user:a@example.com"],
+                operators_can_impersonate=impersonate,
+                telemetry={"gcp_trace", "gcp_monitoring"},
+                push=push(),
+            )
+            project_wide = {(b.member, b.role) for b in bindings if b.resource == "projects/acme"}
+            assert project_wide <= justified
+            commands = gcloud_commands(
+                settings(), kinds, WORKER, WEBAPP, operators=["user:a@example.com"], project_number="1"
+            )
+            printed = [c for c in commands if c.startswith("gcloud projects add-iam-policy-binding")]
+            assert printed and all("workerControlChannel" in c for c in printed), printed
+    # and that role attaches to no topic and deletes nothing: on a project, those would reach
+    # every topic (job-results, another team's) and every subscription (jobs-worker's backlog)
+    from worker.ops.iam import CONTROL_PERMISSIONS
+
+    assert set(CONTROL_PERMISSIONS) == {
+        "pubsub.subscriptions.create",
+        "pubsub.subscriptions.consume",
+        "pubsub.subscriptions.get",
+    }
 
 
 def test_setup_print_gcloud_grants_operators() -> None:
@@ -180,10 +262,24 @@ def test_setup_print_gcloud_grants_operators() -> None:
         env, "setup", "--print-gcloud", "--worker-sa", WORKER, "--operator", "user:alice@acme.com"
     )
     assert done.returncode == 0, done.stderr
-    assert (
+    impersonation = (
         f"gcloud iam service-accounts add-iam-policy-binding {WORKER} --project=acme "
         "--member=user:alice@acme.com --role=roles/iam.serviceAccountTokenCreator"
-    ) in done.stdout
+    )
+    assert impersonation not in done.stdout
+    trusted = worker_cli(
+        env,
+        "setup",
+        "--print-gcloud",
+        "--worker-sa",
+        WORKER,
+        "--operator",
+        "user:alice@acme.com",
+        "--operator-can-impersonate",
+    )
+    assert trusted.returncode == 0 and impersonation in trusted.stdout
+    alone = worker_cli(env, "setup", "--print-gcloud", "--operator-can-impersonate")
+    assert alone.returncode == 2 and "needs at least one --operator" in alone.stderr
     assert (
         "gcloud pubsub subscriptions add-iam-policy-binding jobs-dead-letter-ops --project=acme "
         "--member=user:alice@acme.com --role=roles/pubsub.subscriber"

@@ -66,10 +66,18 @@ def pause(kind: str, duration: str | None, wait_s: float) -> int:
     check_kind(settings, kind)
     until = None
     if duration is not None:
+        from worker.core.pauses import MAX_PAUSE_S
+
         try:
-            until = time.time() + parse_duration(duration)
+            seconds = parse_duration(duration)
+            if seconds > MAX_PAUSE_S:
+                raise ValueError(
+                    f"{duration!r} is over 30 days, which instances refuse; pause without --for "
+                    "(until `worker resume`) instead"
+                )
         except ValueError as exc:
             raise CommandError(f"--for: {exc}", EXIT_USAGE) from None
+        until = time.time() + seconds
     return order(settings, kind, paused=True, until=until, wait_s=wait_s)
 
 

@@ -51,7 +51,13 @@ if TYPE_CHECKING:
     multiple=True,
     metavar="MEMBER",
     help="IAM member (user:alice@example.com, group:ops@example.com) to grant what "
-    "dead-letters, replay and doctor need, for --print-gcloud. Repeatable.",
+    "dead-letters, replay, pause/resume/status and cancel need, for --print-gcloud. Repeatable.",
+)
+@click.option(
+    "--operator-can-impersonate",
+    is_flag=True,
+    help="Also let each --operator act as the worker's service account (TokenCreator on it), "
+    "for `worker doctor` with WORKER_IMPERSONATE_SERVICE_ACCOUNT; it can then do all the worker can.",
 )
 @click.option(
     "--webapp-push-endpoint",
@@ -88,6 +94,7 @@ def setup(
     schedule: str,
     time_zone: str,
     operators: tuple[str, ...],
+    operator_can_impersonate: bool,
     webapp_push_endpoint: str | None,
     webapp_push_sa: str | None,
     webapp_push_audience: str | None,
@@ -97,6 +104,8 @@ def setup(
     from worker.ops.provision import SetupOptions
 
     settings = load_settings_or_fail()
+    if operator_can_impersonate and not operators:
+        raise CommandError("--operator-can-impersonate needs at least one --operator MEMBER", EXIT_USAGE)
     if operators and not print_gcloud:
         raise CommandError(
             "--operator goes with --print-gcloud: `worker setup` creates topics and "
@@ -124,6 +133,7 @@ def setup(
             schedule=schedule,
             time_zone=time_zone,
             operators=operators,
+            operators_can_impersonate=operator_can_impersonate,
             push=_push_target(
                 settings, webapp_push_endpoint, webapp_push_sa, webapp_push_audience, webapp_service
             ),
@@ -187,6 +197,7 @@ def print_script(
     schedule: str,
     time_zone: str,
     operators: Sequence[str] = (),
+    operators_can_impersonate: bool = False,
     push: PushTarget | None = None,
 ) -> int:
     from worker.ops.gcloud import gcloud_script, scheduler_commands
@@ -206,6 +217,7 @@ def print_script(
             webapp_sa or default_webapp_sa(settings.project),
             options,
             operators=operators,
+            operators_can_impersonate=operators_can_impersonate,
             push=push,
             telemetry=telemetry_exporters(),
             # The nightly batch only where the catalog has the kind it publishes.

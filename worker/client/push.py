@@ -57,6 +57,9 @@ ACK_STATUSES = frozenset({102, 200, 201, 202, 204})
 _MAX_TOKEN_CHARS = 8192
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 _CERTS_TTL_DEFAULT_S = 300.0
+# Google's ID tokens (Pub/Sub push's included) live one hour: a longer-lived one was not
+# minted by Google for a push, whatever else it says.
+MAX_TOKEN_LIFETIME_S = 3600
 _CERTS_TTL_MAX_S = 86400.0
 
 
@@ -108,9 +111,25 @@ class CachingRequest(transport.Request):
         response = self._request(url, method="GET", headers=headers, timeout=timeout or 10, **kwargs)
         self.fetches += 1
         if response.status == 200:
+            if not _json_object(response.data):
+                # Not kept: a garbled answer (a captive portal, a proxy's error page) would
+                # otherwise refuse every push as unauthentic until it expired. Raised as the
+                # transport's failure, it answers 503 and Pub/Sub retries.
+                from google.auth import exceptions as auth_exceptions
+
+                raise auth_exceptions.TransportError(
+                    f"{url} answered 200 with no JSON object of certificates"
+                )
             with self._lock:
                 self._cache[url] = (time.monotonic() + _max_age(response.headers), response)
         return response
+
+
+def _json_object(data: Any) -> bool:
+    try:
+        return isinstance(json.loads(data), dict)
+    except (TypeError, ValueError):
+        return False
 
 
 def _max_age(headers: Mapping[str, str] | None) -> float:
@@ -223,7 +242,26 @@ class PushVerifier:
             )
         if claims.get("email_verified") is not True:
             raise PushRefused(403, f"push token for {email} does not say email_verified: true")
+        _check_times(claims, self.clock_skew_s)
         return PushIdentity(email=email, subject=str(claims.get("sub", "")), expires_at=int(claims["exp"]))
+
+
+def _check_times(claims: Mapping[str, Any], skew_s: float) -> None:
+    """What google-auth leaves unchecked: `nbf`, and a lifetime no Google token has."""
+    iat, exp, nbf = claims.get("iat"), claims.get("exp"), claims.get("nbf")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (iat, exp)):
+        raise PushRefused(401, "push token refused: iat and exp must be numbers")
+    if exp - iat > MAX_TOKEN_LIFETIME_S:  # type: ignore[operator]  # numbers, checked above
+        raise PushRefused(
+            401,
+            f"push token refused: it lives {exp - iat:.0f} s, over the {MAX_TOKEN_LIFETIME_S} s "  # type: ignore[operator]
+            "of Google's ID tokens",
+        )
+    if nbf is not None:
+        if not isinstance(nbf, int | float) or isinstance(nbf, bool):
+            raise PushRefused(401, "push token refused: nbf must be a number")
+        if nbf > time.time() + skew_s:
+            raise PushRefused(401, "push token refused: not valid yet (nbf in the future)")
 
 
 def _check_certs_url(url: str) -> None:

@@ -6,6 +6,10 @@ least `min_calls` of them). Open: no call goes for `open_s` seconds. Half-open:
 `probes` calls go; when they all succeed it closes, when one fails it opens again.
 Callers that may not go wait with `wait()`, which returns when the state changes or
 the open period ends; then they ask `admit()` again.
+
+Failures count per job: a job's retries (in process, or on redelivery) count once in
+the run of failures and once in the window, so one poison job (a payload its service
+answers 500 to) opens no breaker for every other job of that service.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ class CircuitBreaker:
         self._clock = clock
         self._state = CLOSED
         self._consecutive = 0
-        self._window: deque[tuple[float, bool]] = deque()
+        self._window: deque[tuple[float, bool, str | None]] = deque()
         self._window_failures = 0
+        self._streak_jobs: set[str] = set()  # jobs counted in the current run of failures
+        self._window_jobs: dict[str, int] = {}  # failed jobs in the window -> their entries
         self._opened_at = 0.0
         self._probes_out = 0
         self._probes_ok = 0
@@ -56,8 +62,9 @@ class CircuitBreaker:
             return True
         return False
 
-    def record(self, ok: bool) -> None:
-        """The outcome of an admitted call: ok, or a failure of the service."""
+    def record(self, ok: bool, job: str | None = None) -> None:
+        """The outcome of an admitted call: ok, or a failure of the service; `job` (its
+        id) counts a job's failures once (None: every failure counts)."""
         now = self._clock()
         if self._state == HALF_OPEN:
             self._probes_out = max(0, self._probes_out - 1)
@@ -70,12 +77,23 @@ class CircuitBreaker:
             return
         if self._state == OPEN:
             return  # a call admitted before it opened
-        self._consecutive = 0 if ok else self._consecutive + 1
-        self._window.append((now, ok))
-        self._window_failures += 0 if ok else 1
+        if ok:
+            self._consecutive = 0
+            self._streak_jobs.clear()
+        elif job is None or job not in self._streak_jobs:
+            self._consecutive += 1
+            if job is not None:
+                self._streak_jobs.add(job)
+        if ok or job is None or job not in self._window_jobs:
+            self._window.append((now, ok, None if ok else job))
+            self._window_failures += 0 if ok else 1
+            if not ok and job is not None:
+                self._window_jobs[job] = 1
         while self._window and now - self._window[0][0] > self.spec.window_s:
-            _, was_ok = self._window.popleft()
+            _, was_ok, failed_job = self._window.popleft()
             self._window_failures -= 0 if was_ok else 1
+            if failed_job is not None:
+                self._window_jobs.pop(failed_job, None)
         if self._consecutive >= self.spec.failures:
             self._open(now, f"{self._consecutive} failures in a row")
         elif (
@@ -117,6 +135,8 @@ class CircuitBreaker:
         self._consecutive = 0
         self._window.clear()
         self._window_failures = 0
+        self._streak_jobs.clear()
+        self._window_jobs.clear()
         self._probes_out = self._probes_ok = 0
         if state == OPEN:
             log.warning("breaker_open", target=self.name, was=was, reason=reason, open_s=self.spec.open_s)

@@ -7,6 +7,7 @@ point the worker's identity anywhere else.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from worker.core.errors import ConfigError, InvalidJobError
+from worker.core.logs import scrub
 from worker.core.runjob import RunJobSpec
 
 DEFAULT_RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
@@ -39,7 +41,11 @@ class BatchSpec(BaseModel):
 
     child_kind: str
     page_size: int = Field(500, ge=1, le=1000)
-    max_ids: int = Field(1_000_000, ge=1)
+    max_ids: int = Field(1_000_000, ge=1)  # the most children one batch job may make
+    # May a job of this kind page through the source (`{"source": true}` or no payload)?
+    # A 73-byte message then fans out to up to max_ids children: say so only for a kind
+    # whose publishers are trusted with that (the nightly scheduler job), not the web app.
+    page_source: bool = False
 
 
 class BreakerSpec(BaseModel):
@@ -110,10 +116,13 @@ class JobKind(BaseModel):
         # The path is appended to the resolved service URL: it must stay on that host.
         if not value.startswith("/") or value.startswith("//"):
             raise ValueError("must start with a single '/'")
-        if any(c in value for c in "\r\n\t @\\#") or "://" in value:
-            raise ValueError("must be a plain path (no spaces, '@', '#', '\\' or scheme)")
-        if ".." in value.split("/"):
-            raise ValueError("must not contain '..'")
+        if any(c in value for c in " @\\#?%") or "://" in value or not value.isprintable():
+            raise ValueError(
+                "must be a plain path (no spaces, control characters, '@', '#', '?', '%', '\\' or scheme): "
+                "a percent-encoding or a query is decoded by the service into what the catalog did not say"
+            )
+        if {"..", "."} & set(value.split("/")):
+            raise ValueError("must not contain '..' or '.' segments")
         return value
 
     @field_validator("retry_on")
@@ -144,6 +153,8 @@ class JobKind(BaseModel):
             raise ValueError("'rate_burst' needs a 'rate_per_s'")
         if (self.handler == "run_job") != (self.run_job is not None):
             raise ValueError("a 'run_job' kind needs a [run_job] table, and only it may have one")
+        if self.run_job is not None:
+            _check_placeholders_described(self.run_job.fields(), self.payload_schema)
         return self
 
     @property
@@ -175,11 +186,57 @@ class JobKind(BaseModel):
         except RecursionError:
             raise InvalidJobError("invalid_payload", "payload is nested too deeply") from None
         if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "payload"
             raise InvalidJobError(
-                "invalid_payload",
-                f"payload does not match kind {self.kind!r}: {where}: {error.message[:300]}",
+                "invalid_payload", f"payload does not match kind {self.kind!r}: {schema_rule(error)}"
             )
+
+
+def _check_placeholders_described(fields: set[str], schema: dict[str, Any] | None) -> None:
+    """Every payload field a [run_job] template reads must be bounded by the payload_schema:
+    a type, and for a string a pattern, maxLength, enum or const (what reaches the job's
+    args and env is then what the catalog allows, not whatever a publisher sends)."""
+    if not fields:
+        return
+    properties = (schema or {}).get("properties") or {}
+    for name in sorted(fields):
+        rule = properties.get(name)
+        if not isinstance(rule, dict) or not ({"type", "enum", "const"} & rule.keys()):
+            raise ValueError(
+                f"[run_job] reads payload field {name!r}: describe it in [payload_schema.properties.{name}] "
+                "with a type (and for a string a pattern or maxLength)"
+            )
+        types = rule.get("type")
+        stringy = types == "string" or (isinstance(types, list) and "string" in types)
+        if stringy and not ({"pattern", "maxLength", "enum", "const"} & rule.keys()):
+            raise ValueError(
+                f"[run_job] reads string field {name!r}: bound it in [payload_schema.properties.{name}] "
+                'with a pattern (e.g. "^[a-z0-9-]{1,64}$") or a maxLength'
+            )
+
+
+def schema_rule(error: jsonschema.ValidationError) -> str:
+    """Where a payload breaks its schema and which rule, never the offending value: jsonschema's
+    own message quotes it (`'password=...' is not of type 'integer'`), and this one reaches
+    results, dead letters and logs. The rule's value is the catalog's, not the publisher's."""
+    where = "/".join(_path_part(p) for p in error.absolute_path) or "payload"
+    if error.validator == "required" and isinstance(error.instance, dict):
+        # The names are the schema's: saying which is missing quotes nothing of the payload.
+        missing = [n for n in error.validator_value if n not in error.instance]
+        return f"{where}: " + ", ".join(f"{_rule_value(n)[1:-1]!r} is a required property" for n in missing)
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        return f"{where}: a property not in the schema is present ({error.validator}: false)"
+    return f"{where}: breaks the rule {error.validator} {_rule_value(error.validator_value)}"
+
+
+def _path_part(part: Any) -> str:
+    # Keys are the publisher's: a schema's own names are short identifiers, others are cut.
+    text = str(part)
+    return scrub(text) if len(text) <= 64 and text.isprintable() else "<key>"
+
+
+def _rule_value(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 class Catalog(Mapping[str, JobKind]):

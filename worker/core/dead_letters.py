@@ -24,7 +24,10 @@ from worker.core.shapes import DeadLetter, Delivery
 
 # Attributes of the original message that travel with its dead letter (Pub/Sub allows
 # 100 attributes of 1 KiB; a hostile message must not make the dead letter unpublishable).
-CARRIED = ("job_id", "kind", "replay_count", "traceparent")
+CARRIED = ("job_id", "kind", "replay_count", "traceparent", "replay_of")
+# On the dead letter of a failed Cloud Run job execution: that execution's uid, which
+# `worker replay` passes back so the worker starts another one (worker/gcp/runjobs.py).
+REPLAY_OF = "replay_of"
 # Pub/Sub adds attributes with this prefix when *it* dead-letters a message.
 PUBSUB_SOURCE_PREFIX = "CloudPubSubDeadLetterSource"
 
@@ -43,6 +46,7 @@ class DeadLetterAttributes:
     kind: str | None = None
     replay_count: int | None = None  # times operators replayed it (`worker replay`)
     traceparent: str | None = None
+    replay_of: str | None = None  # the failed execution's uid (run_job kinds)
     lane: str | None = None  # "batch" when the job came down the batch lane
     # Set when Pub/Sub dead-lettered it (delivery attempts exhausted, no worker result).
     by_pubsub: bool = False
@@ -67,6 +71,7 @@ class DeadLetterAttributes:
             kind=carried.get("kind") or result.kind,
             replay_count=_int(carried.get("replay_count")),
             traceparent=carried.get("traceparent"),
+            replay_of=carried.get(REPLAY_OF),
             # The lane of the consumer that ran it: a replay goes back down the same one.
             lane=BATCH if current_lane() == BATCH else None,
         )
@@ -78,6 +83,7 @@ class DeadLetterAttributes:
             "kind": self.kind,
             "replay_count": None if self.replay_count is None else str(self.replay_count),
             "traceparent": self.traceparent,
+            REPLAY_OF: self.replay_of,
             LANE_ATTRIBUTE: self.lane,
             "status": self.status,
             "error_code": self.error_code,
@@ -103,6 +109,7 @@ class DeadLetterAttributes:
             kind=get("kind") or None,
             replay_count=_int(get("replay_count")),
             traceparent=get("traceparent"),
+            replay_of=get(REPLAY_OF) or None,
             lane=get(LANE_ATTRIBUTE) or None,
             by_pubsub="error_code" not in attributes
             and any(key.startswith(PUBSUB_SOURCE_PREFIX) for key in attributes),

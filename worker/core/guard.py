@@ -121,12 +121,15 @@ class Guard:
         self._limits: dict[tuple[str, str], AdaptiveLimit] = {}
         self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
 
-    def call(self, kind: JobKind, region: str | None = None, *, retry: bool = False) -> GuardedCall:
+    def call(
+        self, kind: JobKind, region: str | None = None, job: str | None = None, *, retry: bool = False
+    ) -> GuardedCall:
         """`async with guard.call(kind) as call: ...; call.answered(status, retry_after)`.
-        `retry`: a job's second or later attempt in process, whose refusal or failure
-        its first attempt already told the adaptive limit."""
+        `job`: the job's id, so its retries count once toward the breaker; `retry`: a
+        job's second or later attempt in process, whose refusal or failure its first
+        attempt already told the adaptive limit."""
         target = (kind.service or kind.kind, region or kind.region or self._region)
-        return GuardedCall(self, kind, target, retry=retry)
+        return GuardedCall(self, kind, target, job, retry=retry)
 
     def limit(self, target: tuple[str, str]) -> AdaptiveLimit:
         ceiling, source = target_ceiling(
@@ -175,10 +178,19 @@ class Guard:
 class GuardedCall:
     """One HTTP attempt under the guard (see the module docstring)."""
 
-    def __init__(self, guard: Guard, kind: JobKind, target: tuple[str, str], *, retry: bool = False) -> None:
+    def __init__(
+        self,
+        guard: Guard,
+        kind: JobKind,
+        target: tuple[str, str],
+        job: str | None = None,
+        *,
+        retry: bool = False,
+    ) -> None:
         self._guard = guard
         self._kind = kind
         self._target = target
+        self._job = job
         self._retry = retry
         self._status: int | None = None
         self._retry_after: float | None = None
@@ -258,7 +270,7 @@ class GuardedCall:
             if breaker_outcome == "none":
                 self._breaker.release_probe()
             else:
-                self._breaker.record(breaker_outcome == "ok")
+                self._breaker.record(breaker_outcome == "ok", self._job)
 
 
 def _name(target: tuple[str, str]) -> str:

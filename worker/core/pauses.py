@@ -4,13 +4,18 @@ Entries arrive over the control channel (worker/gcp/control.py) from `worker pau
 and `worker resume`, and from other replicas passing on what they know. Each entry
 carries the time the operator gave the order (`at`, epoch seconds); an older order
 never overrides a newer one, so entries may arrive in any order and more than once.
-Times are wall-clock epoch seconds: they are compared across machines.
+Times are wall-clock epoch seconds: they are compared across machines, so an order's
+`at` is the time Pub/Sub received it (its publish_time), never the sender's clock
+(worker/gcp/control.py rebases it): an operator with a fast clock cannot date an order
+past every later one. Nothing in an entry is trusted further: times must be finite and
+`until` at most MAX_PAUSE_S after `at`; `kind` and `by` are capped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,6 +29,10 @@ log = structlog.get_logger("worker.core.pauses")
 # kind's entry only matters for ordering); an order no newer than the newest entry
 # forgotten is not taken for a kind the book no longer knows.
 FORGET_AFTER_S = 7 * 24 * 3600.0
+# The longest `worker pause --for` may be; longer, pause without --for (until `worker resume`).
+MAX_PAUSE_S = 30 * 24 * 3600.0
+MAX_KIND_CHARS = 63  # the catalog's kind names
+MAX_BY_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -39,16 +48,42 @@ class PauseEntry:
 
     @classmethod
     def from_json(cls, raw: Any) -> PauseEntry:
+        """An entry from a control message; ValueError naming what is wrong with it."""
         if not isinstance(raw, dict):
             raise ValueError("a pause entry is a JSON object")
         kind, paused, at, until = raw.get("kind"), raw.get("paused"), raw.get("at"), raw.get("until")
-        if not isinstance(kind, str) or not isinstance(paused, bool) or not isinstance(at, int | float):
+        if not isinstance(kind, str) or not isinstance(paused, bool) or not _number(at):
             raise ValueError("a pause entry needs kind (string), paused (bool) and at (number)")
-        if until is not None and not isinstance(until, int | float):
+        if len(kind) > MAX_KIND_CHARS:
+            raise ValueError(f"kind is longer than {MAX_KIND_CHARS} characters")
+        if until is not None and not _number(until):
             raise ValueError("until must be a number (epoch seconds) or null")
+        try:
+            at = float(at)  # type: ignore[arg-type]  # a number, checked above
+            until = None if until is None else float(until)
+        except OverflowError:
+            raise ValueError("at and until must be finite") from None
+        if not math.isfinite(at) or (until is not None and not math.isfinite(until)):
+            raise ValueError("at and until must be finite")
+        if until is not None and not at < until <= at + MAX_PAUSE_S:
+            raise ValueError(f"until must be after at, by at most {MAX_PAUSE_S:.0f} s (30 days)")
+        by = raw.get("by", "")
         return cls(
-            kind, paused, float(at), None if until is None else float(until), str(raw.get("by", ""))[:200]
+            kind,
+            paused,
+            at,
+            until,
+            (by if isinstance(by, str) else "")[:MAX_BY_CHARS],
         )
+
+    def rebased(self, at: float) -> PauseEntry:
+        """This order as given at `at` (Pub/Sub's publish_time): `until` keeps its duration."""
+        until = None if self.until is None else at + (self.until - self.at)
+        return PauseEntry(self.kind, self.paused, at, until, self.by)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class PauseBook:

@@ -37,6 +37,12 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ONE_FIELD_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _FORMATTER = string.Formatter()
+# Env a payload-filled value must never set: the loader, the interpreter, Google's
+# libraries and credentials, proxies, and what Cloud Run sets itself.
+_DANGEROUS_ENV_RE = re.compile(r"^(LD_.*|PATH|PYTHON.*|GOOGLE_.*|.*_PROXY|K_.*|PORT|CLOUD_RUN_.*)$", re.I)
+# C0 and C1 control characters and DEL: a newline, NUL or escape code in an arg or env value
+# is never a value a payload means.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def template_fields(text: str) -> list[str]:
@@ -70,6 +76,9 @@ class RunJobSpec(BaseModel):
     task_timeout_s: int | str | None = None
     poll_initial_s: float = Field(10.0, ge=1, le=3600)
     poll_max_s: float = Field(300.0, ge=1, le=3600)
+    # The most a payload may ask for when task_count / task_timeout_s is a {field}.
+    max_task_count: int = Field(100, ge=1, le=MAX_TASK_COUNT)
+    max_task_timeout_s: int = Field(24 * 3600, ge=1, le=MAX_TASK_TIMEOUT_S)
 
     @field_validator("job")
     @classmethod
@@ -93,6 +102,11 @@ class RunJobSpec(BaseModel):
                 raise ValueError(f"{name!r} is not an environment variable name")
             if name in RESERVED_ENV or name.startswith("CLOUD_RUN_"):
                 raise ValueError(f"{name!r} is set by the worker or by Cloud Run; pick another name")
+            if _DANGEROUS_ENV_RE.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} changes how the job's process loads, connects or authenticates "
+                    "(LD_*, PATH, PYTHON*, GOOGLE_*, *_PROXY, K_*, PORT, CLOUD_RUN_*); pick another name"
+                )
             template_fields(text)
         return value
 
@@ -128,8 +142,15 @@ class Overrides:
 def render(spec: RunJobSpec, kind: str, payload: Any, job_id: str, replay_count: int) -> Overrides:
     """The overrides for `payload`, or InvalidJobError saying why it does not fit the template."""
     values = _values(spec, kind, payload)
-    args = [_fill(arg, values) for arg in spec.args] if spec.args is not None else None
-    env = {name: _fill(text, values) for name, text in spec.env.items()}
+    args = [_fill(arg, values, kind) for arg in spec.args] if spec.args is not None else None
+    for template, arg in zip(spec.args or (), args or (), strict=True):
+        if arg.startswith("-") and not template.startswith("-"):
+            # `{tenant}` filled with `--delete-everything` would be an option, not a value.
+            raise InvalidJobError(
+                "invalid_payload",
+                f"payload does not fit kind {kind!r}: the argument {template!r} may not start with '-'",
+            )
+    env = {name: _fill(text, values, kind) for name, text in spec.env.items()}
     size = sum(len(a.encode()) for a in args or ()) + sum(len(v.encode()) for v in env.values())
     if size > MAX_RENDERED_BYTES:
         raise InvalidJobError(
@@ -142,8 +163,8 @@ def render(spec: RunJobSpec, kind: str, payload: Any, job_id: str, replay_count:
     return Overrides(
         args=args,
         env=env,
-        task_count=_number(spec.task_count, values, kind, "task_count", MAX_TASK_COUNT),
-        task_timeout_s=_number(spec.task_timeout_s, values, kind, "task_timeout_s", MAX_TASK_TIMEOUT_S),
+        task_count=_number(spec.task_count, values, kind, "task_count", spec.max_task_count),
+        task_timeout_s=_number(spec.task_timeout_s, values, kind, "task_timeout_s", spec.max_task_timeout_s),
     )
 
 
@@ -175,11 +196,20 @@ def _values(spec: RunJobSpec, kind: str, payload: Any) -> dict[str, str | int | 
     return values
 
 
-def _fill(text: str, values: dict[str, str | int | float | bool]) -> str:
-    return "".join(
-        literal + (_text(values[name]) if name is not None else "")
-        for literal, name, _, _ in _FORMATTER.parse(text)
-    )
+def _fill(text: str, values: dict[str, str | int | float | bool], kind: str) -> str:
+    filled = []
+    for literal, name, _, _ in _FORMATTER.parse(text):
+        filled.append(literal)
+        if name is not None:
+            value = _text(values[name])
+            if _CONTROL_RE.search(value):
+                raise InvalidJobError(
+                    "invalid_payload",
+                    f"payload does not fit kind {kind!r}: field {name!r} holds a control character "
+                    "(newline, NUL, escape...): send plain text",
+                )
+            filled.append(value)
+    return "".join(filled)
 
 
 def _text(value: str | int | float | bool) -> str:

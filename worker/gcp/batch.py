@@ -138,6 +138,12 @@ class BatchFanOut:
         publish_time = delivery.publish_time if delivery else None
         batch_id = cursor.batch_id if cursor else batch_id_for(job, publish_time or self._clock())
         ids = _explicit_ids(job.payload, spec.max_ids)
+        if ids is None and not spec.page_source:
+            raise InvalidJobError(
+                "invalid_payload",
+                f"kind {kind.kind!r} does not page its source (its [batch] has no page_source = true): "
+                "give account_ids",
+            )
         source = _SourcePager(kind, job, self._invoker, self._resolver, self._region)
         start = cursor.start if cursor else 0
         pages: AsyncGenerator[Sequence[str], None]

@@ -8,9 +8,12 @@ subscription of an instance that died without cleaning up. Messages are JSON obj
 with an `op` (also an attribute):
 
 - `pause` / `resume` {entry: {kind, paused, at, until, by}}: from `worker pause` and
-  `worker resume`. The newest order per kind wins (worker/core/pauses.py).
+  `worker resume`. The newest order per kind wins (worker/core/pauses.py), newest by
+  Pub/Sub's publish_time: the entry's `at` is replaced by it (its `until` keeps its
+  distance from `at`), so no sender's clock orders anything. Only catalog kinds.
 - `hello` {replica}: a starting instance asks the others what they know;
-- `state` {replica, entries: [...]}: their answer (every recent order). Pause state
+- `state` {replica, entries: [...]}: their answer (every recent order; at most
+  MAX_STATE_ENTRIES, none dated after the message that carries it). Pause state
   lives in the running instances and travels between them this way; no database.
   If every instance stops at once, the state is gone (pause again after).
 - `status` {request_id}: `worker status` asks; every instance answers with
@@ -24,16 +27,22 @@ The channel's state follows its stream: `listening` while the pull stream is ope
 reopened after a backoff (`RECONNECT_BASE_S` doubling to `RECONNECT_MAX_S`, equal
 jitter), its subscription made again if it is gone, and the instance says hello
 again so it learns the orders it missed.
+
+Who may send orders is whoever Pub/Sub IAM lets publish on the topic: operators and
+the worker's own account (docs/deploy.md, "Trust model"). A message names no sender
+Pub/Sub vouches for (`by` is the sender's say-so), so every message is bounded as if
+hostile: its size, its entries, its times, its kinds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import structlog
@@ -50,6 +59,12 @@ RETENTION_S = 600  # orders older than this are of no use to anyone
 MAX_MESSAGE_BYTES = 256 * 1024
 RECONNECT_BASE_S = 1.0
 RECONNECT_MAX_S = 60.0
+# A `state` message carries at most this many entries (one per kind: a catalog has fewer).
+MAX_STATE_ENTRIES = 256
+# How far ahead of the message carrying it a relayed entry may be dated.
+CLOCK_SKEW_S = 60.0
+# The most answers `worker status` keeps (any publisher on the topic can answer).
+MAX_REPLIES = 1000
 
 
 def replica_id() -> str:
@@ -85,7 +100,10 @@ def decode(data: bytes) -> dict[str, Any]:
     """The message as a dict with an `op`, or ValueError."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ValueError("control message too large")
-    raw = json.loads(data)
+    try:
+        raw = json.loads(data)
+    except RecursionError:
+        raise ValueError("control message nested too deeply") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("op"), str):
         raise ValueError("a control message is a JSON object with an 'op'")
     return raw
@@ -105,6 +123,8 @@ class ControlChannel:
         status: Callable[[], dict[str, Any]],
         replica: str | None = None,
         reconnect: Backoff | None = None,
+        kinds: Collection[str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._publisher = publisher
         self._subscriber = subscriber
@@ -114,6 +134,8 @@ class ControlChannel:
         self.pauses = pauses
         self._status = status
         self.replica = replica or replica_id()
+        self._kinds = None if kinds is None else frozenset(kinds)  # None: any kind
+        self._clock = clock
         self._subscription: str | None = None
         self._future: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,7 +172,7 @@ class ControlChannel:
             log.warning(
                 "control_channel_off",
                 error=f"cannot subscribe to {self._topic_path}: {exc}"[:400]
-                + "; grant the worker roles/pubsub.editor (see `worker setup --print-gcloud`)",
+                + "; grant the worker the control channel's roles (see `worker setup --print-gcloud`)",
             )
             return
         self._listen()
@@ -220,6 +242,8 @@ class ControlChannel:
                     retry=None,
                     timeout=5,
                 )
+            except exceptions.PermissionDenied:
+                pass  # the least-privilege grants hold no delete: its expiration policy removes it
             except Exception as exc:  # its expiration policy removes it in a day
                 log.warning("control_subscription_not_deleted", error=f"{type(exc).__name__}: {exc}"[:300])
 
@@ -227,19 +251,36 @@ class ControlChannel:
         # The client's callback thread: ack and hand over.
         message.ack()
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.handle, bytes(message.data))
+        published = message.publish_time.timestamp() if message.publish_time else None
+        self._loop.call_soon_threadsafe(self.handle, bytes(message.data), published)
 
-    def handle(self, data: bytes) -> None:
+    def handle(self, data: bytes, published: float | None = None) -> None:
+        """One message; `published`: its Pub/Sub publish_time (epoch s), else now."""
+        received = published if published is not None else self._clock()
         try:
             raw = decode(data)
             op = raw["op"]
             if op in ("pause", "resume"):
-                self.pauses.apply(PauseEntry.from_json(raw.get("entry")))
+                entry = PauseEntry.from_json(raw.get("entry"))
+                if entry.paused != (op == "pause"):
+                    raise ValueError(f"a {op} order whose entry says paused={entry.paused}")
+                self._apply(entry.rebased(received))
             elif op == "state" and raw.get("replica") != self.replica:
-                for entry in raw.get("entries") or []:
-                    self.pauses.apply(PauseEntry.from_json(entry))
+                entries = raw.get("entries") or []
+                if not isinstance(entries, list) or len(entries) > MAX_STATE_ENTRIES:
+                    raise ValueError(f"a state message holds a list of at most {MAX_STATE_ENTRIES} entries")
+                for item in entries:
+                    try:
+                        entry = PauseEntry.from_json(item)
+                        if entry.at > received + CLOCK_SKEW_S:
+                            raise ValueError(
+                                f"an entry for {entry.kind!r} dated after the message carrying it"
+                            )
+                        self._apply(entry)
+                    except ValueError as exc:
+                        log.warning("control_entry_ignored", error=str(exc)[:300])
             elif op == "hello" and raw.get("replica") != self.replica:
-                entries = [e.to_json() for e in self.pauses.entries()]
+                entries = [e.to_json() for e in self.pauses.entries()][:MAX_STATE_ENTRIES]
                 if entries:
                     self._publish("state", replica=self.replica, entries=entries)
             elif op == "status":
@@ -251,6 +292,11 @@ class ControlChannel:
                 )
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("control_message_ignored", error=str(exc)[:300])
+
+    def _apply(self, entry: PauseEntry) -> None:
+        if self._kinds is not None and entry.kind not in self._kinds:
+            raise ValueError(f"kind {entry.kind!r} is not in this worker's catalog")
+        self.pauses.apply(entry)
 
     def _publish(self, op: str, **fields: Any) -> None:
         future = self._publisher.publish(self._topic_path, encode(op, **fields), op=op)
@@ -301,8 +347,14 @@ def ask_status(
                     raw = decode(received.message.data)
                 except ValueError:
                     continue
-                if raw["op"] == "status-reply" and raw.get("request_id") == request_id:
-                    replies[str(raw.get("replica"))] = raw
+                if (
+                    raw["op"] == "status-reply"
+                    and raw.get("request_id") == request_id
+                    and len(replies) < MAX_REPLIES
+                ):
+                    replies[str(raw.get("replica"))[:100]] = raw
     finally:
-        subscriber.delete_subscription(subscription=path, timeout=10)
+        # Without delete (the least-privilege grants), it expires after a day idle.
+        with contextlib.suppress(exceptions.PermissionDenied):
+            subscriber.delete_subscription(subscription=path, timeout=10)
     return [replies[k] for k in sorted(replies)]

@@ -29,6 +29,7 @@ from worker.core.backoff import Backoff
 from worker.core.catalog import JobKind
 from worker.core.errors import JobError, PermanentJobError, TransientJobError
 from worker.core.gcloud_command import gcloud
+from worker.core.logs import REDACTED, scrub
 from worker.core.messages import Job, now
 from worker.core.roles import RUN_INVOKER
 from worker.core.shapes import CallResult
@@ -48,13 +49,17 @@ def _host(url: str) -> str:
 class Gate(Protocol):
     """Around each HTTP attempt (worker/core/guard.py): may hold the job, wait, and learn the status."""
 
-    def call(self, kind: JobKind, region: str | None = None, *, retry: bool = False) -> Any: ...
+    def call(
+        self, kind: JobKind, region: str | None = None, job: str | None = None, *, retry: bool = False
+    ) -> Any: ...
 
 
 class _Open:
     """The gate of an invoker without protections: every attempt goes at once."""
 
-    def call(self, kind: JobKind, region: str | None = None, *, retry: bool = False) -> _Open:
+    def call(
+        self, kind: JobKind, region: str | None = None, job: str | None = None, *, retry: bool = False
+    ) -> _Open:
         return self
 
     async def __aenter__(self) -> _Open:
@@ -145,7 +150,7 @@ class Invoker:
             while True:
                 attempts += 1
                 token = await self._tokens.token(url)
-                async with self._gate.call(kind, region, retry=attempts > 1) as call:
+                async with self._gate.call(kind, region, job.job_id, retry=attempts > 1) as call:
                     status, body, retry_after = await self._attempt(kind, url, job, token, attempts)
                     call.answered(status, retry_after)
                 verdict = classify(status, kind)
@@ -241,6 +246,11 @@ class Invoker:
                 allow_redirects=False,
             ) as response:
                 raw = await response.content.read(MAX_RESPONSE_BYTES)
+                secret = token.encode()
+                if secret and secret in raw:
+                    # A service that echoes its request (a debug endpoint, an error page
+                    # quoting headers) must not put the worker's ID token on the results topic.
+                    raw = raw.replace(secret, REDACTED.encode())
                 return response.status, _decode_body(raw, response), _retry_after(response)
         except TimeoutError:
             if not kind.retry_on_timeout:
@@ -349,5 +359,8 @@ def _retry_after(response: aiohttp.ClientResponse) -> float | None:
 
 
 def _snippet(body: Any) -> str:
-    text = body if isinstance(body, str) else json.dumps(body)
+    """At most 300 characters of a service's answer for an error message, every credential
+    shape scrubbed first (the message reaches results, dead letters and logs)."""
+    text = body if isinstance(body, str) else json.dumps(body, default=str)
+    text = scrub(text[:4096])  # a window well past the cut: a secret across it is redacted whole
     return text if len(text) <= 300 else text[:297] + "..."

@@ -28,9 +28,9 @@ from google.api_core import exceptions as api_exceptions
 from pydantic import ValidationError
 
 from worker.core.catalog import Catalog, JobKind
-from worker.core.dead_letters import dead_letter_for
+from worker.core.dead_letters import REPLAY_OF, dead_letter_for
 from worker.core.errors import InvalidJobError, JobError, PermanentJobError, TransientJobError, shorten
-from worker.core.followup import FollowUp, is_follow_up
+from worker.core.followup import MAX_AGE_S, FollowUp, is_follow_up
 from worker.core.gcloud_command import gcloud, grant
 from worker.core.messages import (
     ErrorInfo,
@@ -38,6 +38,7 @@ from worker.core.messages import (
     Job,
     JobStatus,
     Result,
+    clip,
     describe_validation_error,
     now,
 )
@@ -162,6 +163,7 @@ class RunJobs:
         assert kind.run_job is not None  # the catalog guarantees it for "run_job" kinds
         spec = kind.run_job
         replay = replay_count(delivery.attributes)
+        proof = delivery.attributes.get(REPLAY_OF, "")
         overrides = render(spec, kind.kind, job.payload, job.job_id, replay)
         region = kind.region or self._region
         parent = job_path(self._project, region, spec.job)
@@ -170,7 +172,7 @@ class RunJobs:
         floor = min(job.created_at or published, published) - LOOKBACK
         try:
             execution, started = await asyncio.to_thread(
-                self._find_or_run, parent, job.job_id, replay, floor, overrides, spec.container
+                self._find_or_run, parent, job.job_id, replay, proof, floor, overrides, spec.container
             )
         except Exception as exc:
             raise self._api_error(exc, spec.job, region, "run") from None
@@ -204,6 +206,7 @@ class RunJobs:
         parent: str,
         job_id: str,
         replay: int,
+        proof: str,
         floor: datetime,
         overrides: Overrides,
         container: str | None,
@@ -215,6 +218,16 @@ class RunJobs:
         unfailed = [e for e in existing if execution_state(e) != JobStatus.FAILED]
         if unfailed:
             return unfailed[0], False  # a replay while an execution runs or after one succeeded
+        if existing and not any(e.uid and e.uid == proof for e in existing):
+            # Every execution of the job failed: only `worker replay` starts another. Its proof is
+            # the failed execution's uid, carried in the dead letter: the web app, which may
+            # publish jobs, reads neither dead letters nor executions, so it cannot write one.
+            raise InvalidJobError(
+                "replay_not_proven",
+                f"job {job_id!r} already failed in execution {existing[0].name} and this message "
+                f"(replay_count {replay}) does not carry the {REPLAY_OF} attribute of its dead letter: "
+                "only `worker replay --job-id JOB_ID` starts another execution",
+            )
         mine = self._run(parent, overrides, container)
         # Another worker may have started one for the same message meanwhile: keep the oldest.
         rivals = [
@@ -324,6 +337,10 @@ class RunJobs:
                 raise InvalidJobError(
                     "invalid_follow_up", f"execution {follow.execution[:300]!r} is not one of {parent}"
                 )
+            refusal = follow.refusal(at, kind.run_job.poll_max_s)
+            if refusal is not None:
+                raise InvalidJobError("invalid_follow_up", f"follow-up refused: {refusal}")
+            job = _started_job(follow)
         except ValidationError as exc:
             return self._reject(
                 delivery, at, InvalidJobError("invalid_follow_up", describe_validation_error(exc))
@@ -341,16 +358,35 @@ class RunJobs:
         except Exception as exc:
             error = self._api_error(exc, kind.run_job.job, region, "read the execution of")
             if isinstance(exc, api_exceptions.NotFound):
-                error = PermanentJobError(
-                    "execution_not_found", f"execution {follow.execution} no longer exists (deleted?)"
+                # Nothing to verify a follow-up against: rejected, not `failed` (a forged one
+                # naming a made-up execution must not mark a real job failed).
+                return self._reject(
+                    delivery,
+                    at,
+                    InvalidJobError(
+                        "execution_not_found",
+                        f"execution {follow.execution} does not exist (deleted, or the follow-up was "
+                        "not written by the worker); nothing was reported for the job",
+                    ),
                 )
             if isinstance(error, PermanentJobError):
                 return self._final(follow, JobStatus.FAILED, None, at, error)
             log.warning("run_job_check_failed", execution=follow.execution, error=error.message)
             state = None
         else:
+            forged = self._forged(follow, kind, job, execution)
+            if forged is not None:
+                return self._reject(delivery, at, InvalidJobError("forged_follow_up", forged))
             state = execution_state(execution)
         if state is None:
+            if follow.too_old(at):
+                error = PermanentJobError(
+                    "follow_up_expired",
+                    f"execution {follow.execution} still runs {MAX_AGE_S / 3600:.0f} h after it started; "
+                    "the worker stops following it: cancel it (`worker cancel --job-id "
+                    f"{follow.job_id}`) or wait, then look at it in the console",
+                )
+                return self._final(follow, JobStatus.FAILED, None, at, error)
             later = follow.next_check(at, kind.run_job.poll_max_s)
             return Outcome.settled(
                 None, follow_up=Republish(later.to_bytes(), later.attributes()), hold_s=later.hold(at)
@@ -370,8 +406,40 @@ class RunJobs:
             )
         return self._final(follow, state, execution, at, final_error)
 
+    def _forged(self, follow: FollowUp, kind: JobKind, job: Job, execution: Any) -> str | None:
+        """Why `execution` is not the one the worker started for this follow-up, or None.
+
+        The worker started it with WORKER_JOB_ID and WORKER_REPLAY_COUNT and the overrides
+        rendered from `job_data`; a follow-up naming another job's execution, another replay,
+        or data other than what started it is not the worker's."""
+        assert kind.run_job is not None
+        env = execution_env(execution)
+        name = follow.execution
+        if env.get(JOB_ID_ENV) != follow.job_id:
+            return f"execution {name} was not started for job {follow.job_id!r}: forged or misrouted"
+        if env.get(REPLAY_ENV) != str(follow.replay_count):
+            return f"execution {name} is not replay {follow.replay_count} of job {follow.job_id!r}"
+        try:
+            overrides = render(kind.run_job, kind.kind, job.payload, job.job_id, follow.replay_count)
+        except InvalidJobError as exc:
+            return f"job_data does not fit kind {kind.kind!r}: {exc.message}"
+        args = [list(c.args) for c in execution.template.containers]
+        if any(env.get(k) != v for k, v in overrides.env.items()) or (
+            overrides.args is not None and overrides.args not in args
+        ):
+            return (
+                f"job_data does not render to execution {name}'s args and env: not the job that started "
+                "it (or the kind's [run_job] template changed while it ran)"
+            )
+        return None
+
     def _final(
-        self, follow: FollowUp, status: JobStatus, execution: Any, at: datetime, error: JobError | None
+        self,
+        follow: FollowUp,
+        status: JobStatus,
+        execution: Any,
+        at: datetime,
+        error: JobError | None,
     ) -> Outcome:
         try:
             batch = Job.model_validate_json(follow.job_data).batch
@@ -392,14 +460,15 @@ class RunJobs:
         )
         dead_letter = None
         if status == JobStatus.FAILED and error is not None:
-            original = Delivery(
-                data=follow.job_data.encode("utf-8"),
-                attributes={
-                    "job_id": follow.job_id,
-                    "kind": follow.kind,
-                    "replay_count": str(follow.replay_count),
-                },
-            )
+            attributes = {
+                "job_id": follow.job_id,
+                "kind": follow.kind,
+                "replay_count": str(follow.replay_count),
+            }
+            if execution is not None and execution.uid:
+                # What lets `worker replay` (who reads this dead letter) start another execution.
+                attributes[REPLAY_OF] = execution.uid
+            original = Delivery(data=follow.job_data.encode("utf-8"), attributes=attributes)
             dead_letter = dead_letter_for(original, result, error)
         if status == JobStatus.SUCCEEDED:
             log.info("job_succeeded", execution=follow.execution, checks=follow.checks)
@@ -410,17 +479,39 @@ class RunJobs:
         return Outcome.settled(result, dead_letter=dead_letter, kind=follow.kind)
 
     def _reject(self, delivery: Delivery, at: datetime, error: InvalidJobError) -> Outcome:
+        # A follow-up the worker did not write names a job only in the sender's words: its
+        # result names none, so it cannot mark that job (the dead letter keeps the claim).
         result = Result(
-            job_id=delivery.attributes.get("job_id"),
-            kind=delivery.attributes.get("kind"),
+            job_id=None,
+            kind=None,
             status=JobStatus.REJECTED,
             error=ErrorInfo(code=error.code, message=error.message),
             started_at=at,
             finished_at=at,
             duration_ms=0,
         )
-        log.warning("follow_up_rejected", error=error.message)
+        log.warning(
+            "follow_up_rejected",
+            claimed_job_id=clip(delivery.attributes.get("job_id") or "", 128),
+            error=error.message,
+        )
         return Outcome.settled(result, dead_letter=dead_letter_for(delivery, result, error))
+
+
+def _started_job(follow: FollowUp) -> Job:
+    """The job a follow-up's `job_data` holds: the same id and kind, or InvalidJobError."""
+    try:
+        job = Job.model_validate_json(follow.job_data)
+    except ValidationError as exc:
+        raise InvalidJobError(
+            "invalid_follow_up", f"job_data is not a job: {describe_validation_error(exc)}"
+        ) from None
+    if job.job_id != follow.job_id or job.kind != follow.kind:
+        raise InvalidJobError(
+            "invalid_follow_up",
+            f"job_data is job {job.job_id!r} of kind {job.kind!r}, not {follow.job_id!r} of {follow.kind!r}",
+        )
+    return job
 
 
 def _oldest(executions: list[Any]) -> Any:

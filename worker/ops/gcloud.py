@@ -70,6 +70,18 @@ def resource_commands(settings: Settings, options: SetupOptions, push: PushTarge
             stage="GA",
         )
     )
+    # Where the role already exists (made by an older script with attach and delete), its
+    # permissions become exactly these.
+    commands.append(
+        gcloud(
+            "iam",
+            "roles",
+            "update",
+            CONTROL_ROLE_ID,
+            project=settings.project,
+            permissions=",".join(CONTROL_PERMISSIONS),
+        )
+    )
     # One subscription per lane, each with the same dead-letter and retry policies.
     commands += [
         gcloud(
@@ -121,6 +133,7 @@ def gcloud_commands(
     project_number: str | None = None,
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
+    operators_can_impersonate: bool = False,
     push: PushTarget | None = None,
     telemetry: Collection[str] = (),
 ) -> list[str]:
@@ -141,6 +154,7 @@ def gcloud_commands(
         webapp_sa,
         project_number=project_number or PROJECT_NUMBER_VAR,
         operators=operators,
+        operators_can_impersonate=operators_can_impersonate,
         push=push,
         telemetry=telemetry,
     )
@@ -158,6 +172,7 @@ def gcloud_script(
     *,
     extra_commands: Sequence[str] = (),
     operators: Sequence[str] = (),
+    operators_can_impersonate: bool = False,
     push: PushTarget | None = None,
     telemetry: Collection[str] = (),
 ) -> str:
@@ -165,7 +180,14 @@ def gcloud_script(
     reasons = {
         binding_command(b): f"# {b.member.split(':', 1)[1]} {b.role}: {b.why}"
         for b in iam_bindings(
-            settings, catalog, worker_sa, webapp_sa, operators=operators, push=push, telemetry=telemetry
+            settings,
+            catalog,
+            worker_sa,
+            webapp_sa,
+            operators=operators,
+            operators_can_impersonate=operators_can_impersonate,
+            push=push,
+            telemetry=telemetry,
         )
     }
     lines = [
@@ -186,6 +208,7 @@ def gcloud_script(
         options,
         extra_commands=extra_commands,
         operators=operators,
+        operators_can_impersonate=operators_can_impersonate,
         push=push,
         telemetry=telemetry,
     ):

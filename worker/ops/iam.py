@@ -7,6 +7,7 @@ The bindings (`iam_bindings`) are one list that `worker setup --print-gcloud` pr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ from worker.core.settings import Settings
 PROJECT_NUMBER_VAR = "${PROJECT_NUMBER}"
 # The kinds of principal an operator binding may name (IAM's member prefixes).
 OPERATOR_MEMBER_PREFIXES = ("user:", "group:", "serviceAccount:", "domain:")
+# What follows the prefix: an email address or a domain, nothing a shell or a comment
+# line of the printed script could read as more (no space, newline, quote, `;`, `#`).
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+)?")
 # The Cloud Scheduler job that fires the nightly batch.
 SCHEDULER_JOB = "nightly-batch-scoring"
 
@@ -129,6 +133,7 @@ def iam_bindings(
     *,
     project_number: str = PROJECT_NUMBER_VAR,
     operators: Sequence[str] = (),
+    operators_can_impersonate: bool = False,
     push: PushTarget | None = None,
     telemetry: Collection[str] = (),
 ) -> list[Binding]:
@@ -174,11 +179,18 @@ def iam_bindings(
         ),
         Binding(
             worker,
+            PUBSUB_SUBSCRIBER,
+            topic(settings.control_topic),
+            f"attach each instance's own subscription to {settings.control_topic} "
+            "(pubsub.topics.attachSubscription, on this topic only: no other topic can be subscribed to)",
+        ),
+        Binding(
+            worker,
             control_role(settings),
             project,
-            f"create, read and delete each instance's own subscription to {settings.control_topic} "
-            "(no predefined role narrower than roles/pubsub.editor creates subscriptions); without "
-            "it an instance runs but ignores worker pause (it logs control_channel_off)",
+            f"create and pull each instance's own subscription to {settings.control_topic}; no "
+            "attach (granted on the topic above) and no delete (the subscription expires after a "
+            "day idle); without it an instance runs but ignores worker pause (it logs control_channel_off)",
         ),
     ]
     # On the project: neither service has a finer resource to grant on. Both only write.
@@ -276,17 +288,21 @@ def iam_bindings(
     else:
         bindings += push_bindings(settings, push, agent)
     for operator in operators:
-        bindings += operator_bindings(settings, operator, worker_sa, catalog)
+        bindings += operator_bindings(
+            settings, operator, worker_sa, catalog, can_impersonate=operators_can_impersonate
+        )
     return bindings
 
 
 CONTROL_ROLE_ID = "workerControlChannel"
+# On the project, as Pub/Sub checks `create` there and `consume` on a subscription that
+# only the project's policy covers when it is new. Not `topics.attachSubscription` (the
+# control topic grants it, so no other topic can be subscribed to) nor
+# `subscriptions.delete` (nobody's subscription can be deleted; these expire).
 CONTROL_PERMISSIONS = (
     "pubsub.subscriptions.create",
-    "pubsub.subscriptions.delete",
     "pubsub.subscriptions.consume",
     "pubsub.subscriptions.get",
-    "pubsub.topics.attachSubscription",
 )
 
 
@@ -311,7 +327,13 @@ def run_viewer_binding(member: str, project: str, service: str, region: str) -> 
 
 def check_operator(member: str) -> None:
     """Raise ValueError, saying how to write it, unless `member` is an IAM member."""
-    if not member.startswith(OPERATOR_MEMBER_PREFIXES):
+    prefix = next((p for p in OPERATOR_MEMBER_PREFIXES if member.startswith(p)), None)
+    if prefix is not None and not _OPERATOR_NAME.fullmatch(member[len(prefix) :]):
+        raise ValueError(
+            f"operator {member!r} is not an email address or domain after {prefix!r} (letters, "
+            "digits, . _ % + - and one @): fix the member, e.g. user:alice@example.com"
+        )
+    if prefix is None:
         raise ValueError(
             f"operator {member!r} is not an IAM member: write it as "
             + ", ".join(f"{prefix}NAME" for prefix in OPERATOR_MEMBER_PREFIXES)
@@ -320,9 +342,17 @@ def check_operator(member: str) -> None:
 
 
 def operator_bindings(
-    settings: Settings, member: str, worker_sa: str, catalog: Catalog | None = None
+    settings: Settings,
+    member: str,
+    worker_sa: str,
+    catalog: Catalog | None = None,
+    *,
+    can_impersonate: bool = False,
 ) -> list[Binding]:
-    """What one operator needs for the dead-letter tools, `worker doctor` and `worker cancel`."""
+    """What one operator needs for the dead-letter tools, the control verbs and `worker
+    cancel`, each on its resource; with `can_impersonate` (`--operator-can-impersonate`)
+    also the right to act as the worker's account, which `worker doctor` wants to test
+    the worker's own grants, and which reaches everything the worker may do."""
     check_operator(member)
     project = f"projects/{settings.project}"
     jobs = sorted(catalog.run_jobs(settings.region)) if catalog is not None else []
@@ -335,9 +365,17 @@ def operator_bindings(
         )
         for job, region in jobs
     ]
+    cancelling += [
+        Binding(
+            member,
+            RUN_VIEWER,
+            f"{project}/locations/{region}/jobs/{job}",
+            "find the job's executions (worker cancel)",
+        )
+        for job, region in jobs
+    ]
     if jobs:
         cancelling += [
-            Binding(member, RUN_VIEWER, project, "find a job's execution (worker cancel)"),
             Binding(
                 member,
                 PUBSUB_PUBLISHER,
@@ -370,15 +408,28 @@ def operator_bindings(
         ),
         Binding(
             member,
-            control_role(settings),
-            project,
-            f"read the instances' answers on a subscription to {settings.control_topic} made for "
-            "the question and deleted after it (worker status)",
+            PUBSUB_SUBSCRIBER,
+            f"{project}/topics/{settings.control_topic}",
+            f"attach the question's subscription to {settings.control_topic}, "
+            "this topic only (worker status)",
         ),
         Binding(
             member,
-            TOKEN_CREATOR,
-            f"{project}/serviceAccounts/{worker_sa}",
-            "run worker doctor as the worker (WORKER_IMPERSONATE_SERVICE_ACCOUNT)",
+            control_role(settings),
+            project,
+            f"create and pull a subscription to {settings.control_topic} made for the question, which "
+            "expires after a day idle (worker status)",
         ),
-    ]
+    ] + (
+        [
+            Binding(
+                member,
+                TOKEN_CREATOR,
+                f"{project}/serviceAccounts/{worker_sa}",
+                "run worker doctor as the worker (WORKER_IMPERSONATE_SERVICE_ACCOUNT); "
+                "only with --operator-can-impersonate: it can do all the worker can",
+            )
+        ]
+        if can_impersonate
+        else []
+    )

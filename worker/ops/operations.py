@@ -17,7 +17,7 @@ from typing import Any
 
 from google.api_core import exceptions
 
-from worker.core.dead_letters import PUBSUB_SOURCE_PREFIX, DeadLetterAttributes
+from worker.core.dead_letters import PUBSUB_SOURCE_PREFIX, REPLAY_OF, DeadLetterAttributes
 from worker.core.followup import FOLLOW_UP_ATTRIBUTE
 from worker.core.lanes import BATCH, INTERACTIVE, LANE_ATTRIBUTE
 from worker.core.messages import salvage_identity
@@ -147,6 +147,8 @@ class DeadLetterEntry:
             attrs["job_id"] = self.job_id
         if self.kind:
             attrs["kind"] = self.kind
+        if self.attributes.get(REPLAY_OF):
+            attrs[REPLAY_OF] = self.attributes[REPLAY_OF]
         if self.attributes.get(FOLLOW_UP_ATTRIBUTE):
             # A follow-up Pub/Sub gave up on goes back to following its execution.
             attrs[FOLLOW_UP_ATTRIBUTE] = self.attributes[FOLLOW_UP_ATTRIBUTE]

@@ -240,6 +240,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         topic=settings.control_topic,
         pauses=guard.pauses,
         status=lambda: instance_status(guard, consumer, control),
+        kinds=list(catalog),
     )
     return Worker(catalog, tokens, consumer, subscriber_client, telemetry, guard, control)
 
