@@ -7,7 +7,8 @@ whether to ack. It never raises: whatever goes wrong becomes a result or a nack.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import structlog
@@ -25,10 +26,22 @@ from worker.core.messages import (
     now,
     salvage_identity,
 )
-from worker.core.shapes import BatchHandler, Caller, CallResult, Delivery, Outcome, Resolver, RunJobHandler
+from worker.core.shapes import (
+    BatchHandler,
+    Caller,
+    CallResult,
+    Deferrer,
+    Delivery,
+    Outcome,
+    Resolver,
+    RunJobHandler,
+)
 from worker.core.telemetry import NO_TELEMETRY, JobSpan, Telemetry, trace_id_of
 
 log = structlog.get_logger("worker.core.pipeline")
+
+# A job due sooner than this is waited for in process; later, it is put off on the timer.
+DEFER_AFTER_S = 1.0
 
 
 class Pipeline:
@@ -44,6 +57,8 @@ class Pipeline:
         run_job_handler: RunJobHandler | None = None,
         clock: Callable[[], datetime] = now,
         telemetry: Telemetry = NO_TELEMETRY,
+        deferrer: Deferrer | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.catalog = catalog
         self._resolver = resolver
@@ -55,6 +70,8 @@ class Pipeline:
         self._clock = clock
         self._telemetry = telemetry
         self._metrics = telemetry.metrics
+        self._deferrer = deferrer
+        self._sleep = sleep
 
     async def handle(self, delivery: Delivery) -> Outcome:
         started = self._clock()
@@ -72,6 +89,21 @@ class Pipeline:
             kind.check_payload(job.payload)
             if job.not_after is not None and started > job.not_after:
                 return self._finish(delivery, job, started, JobStatus.EXPIRED, span, known, ack_only=True)
+            if job.not_before is not None:
+                wait_s = (job.not_before - self._clock()).total_seconds()
+                if wait_s > DEFER_AFTER_S:
+                    task = await self._defer(job, delivery, job.not_before)
+                    return self._finish(
+                        delivery,
+                        job,
+                        started,
+                        JobStatus.SCHEDULED,
+                        span,
+                        known,
+                        scheduled=(job.not_before, task),
+                    )
+                if wait_s > 0:
+                    await self._sleep(wait_s)  # never early: the last second is waited here
             # Log lines carry the trace: the worker's own span when tracing, else the sender's.
             bind_job_fields(traceparent=span.traceparent or job.traceparent)
             with span.active():
@@ -106,6 +138,15 @@ class Pipeline:
         finally:
             if known is not None and self._metrics.enabled:
                 self._metrics.job_left(known)
+
+    async def _defer(self, job: Job, delivery: Delivery, at: datetime) -> str:
+        if self._deferrer is None:
+            raise TransientJobError(
+                "delay_unavailable",
+                f"job is due at {at.isoformat()} but this worker has no Cloud Tasks queue to wait in; "
+                "set WORKER_DELAY_QUEUE and create it with `worker setup`",
+            )
+        return await self._deferrer.defer(job, delivery, at)
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
@@ -151,6 +192,7 @@ class Pipeline:
         call: CallResult | None = None,
         error: JobError | None = None,
         ack_only: bool = False,
+        scheduled: tuple[datetime, str] | None = None,
     ) -> Outcome:
         finished = self._clock()
         span = self._span(span, delivery, job, started)
@@ -174,11 +216,15 @@ class Pipeline:
             batch=job.batch if job else None,
             execution=call.execution if call else None,
             trace_id=span.trace_id or trace_id_of(job.traceparent if job else None),
+            not_before=scheduled[0] if scheduled else None,
+            task=scheduled[1] if scheduled else None,
         )
         dead_letter = None
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
             dead_letter = dead_letter_for(delivery, result, error)
             log.warning("job_" + status.value, code=error.code, error=error.message)
+        elif status == JobStatus.SCHEDULED:
+            log.info("job_scheduled", not_before=str(result.not_before), task=result.task)
         elif status == JobStatus.RUNNING:
             log.info("job_running", execution=result.execution.name if result.execution else None)
         elif not ack_only:

@@ -1,0 +1,147 @@
+"""Jobs at a time in the pipeline: `not_before` is validated naming the field, a job due
+later is put off (a `scheduled` result, acked), never run early, and kept (nacked) when
+the timer cannot be set."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.doubles import Invoker, Resolver
+from worker.core.catalog import Catalog, default_catalog_dir
+from worker.core.errors import TransientJobError
+from worker.core.messages import Job, JobStatus, decode_job, supersedes
+from worker.core.pipeline import Pipeline
+from worker.core.shapes import Delivery
+
+
+class Timer:
+    """A Deferrer that remembers what it was asked, or fails as told."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.calls: list[tuple[str, datetime]] = []
+
+    async def defer(self, job: Job, delivery: Delivery, at: datetime) -> str:
+        self.calls.append((job.job_id, at))
+        if self.error:
+            raise self.error
+        return f"projects/p/locations/r/queues/q/tasks/{job.job_id}-1"
+
+
+def pipeline(timer: Timer | None, slept: list[float] | None = None) -> tuple[Pipeline, Invoker]:
+    invoker = Invoker()
+
+    async def sleep(seconds: float) -> None:
+        (slept if slept is not None else []).append(seconds)
+
+    catalog = Catalog.load(default_catalog_dir())
+    return (
+        Pipeline(
+            catalog, Resolver(), invoker, region="r", max_payload_bytes=10_000, deferrer=timer, sleep=sleep
+        ),
+        invoker,
+    )
+
+
+def job(not_before: datetime | str | None, **extra: object) -> bytes:
+    body: dict[str, object] = {"job_id": "j-1", "kind": "echo", "payload": {}, **extra}
+    if not_before is not None:
+        body["not_before"] = not_before if isinstance(not_before, str) else not_before.isoformat()
+    return json.dumps(body).encode()
+
+
+def handle(p: Pipeline, data: bytes, **kw: object):  # type: ignore[no-untyped-def]
+    return asyncio.run(p.handle(Delivery(data=data, attributes={}, **kw)))  # type: ignore[arg-type]
+
+
+def test_a_job_due_later_is_put_off_not_called_and_its_result_says_scheduled() -> None:
+    timer = Timer()
+    p, invoker = pipeline(timer)
+    due = datetime.now(UTC) + timedelta(minutes=5)
+    out = handle(p, job(due))
+    assert out.ack and out.dead_letter is None
+    assert out.result is not None and out.result.status is JobStatus.SCHEDULED
+    assert out.result.not_before == due
+    assert out.result.task == "projects/p/locations/r/queues/q/tasks/j-1-1"
+    assert timer.calls == [("j-1", due)]
+    assert invoker.calls == []
+
+
+def test_a_job_due_within_the_second_is_waited_for_then_run_never_early() -> None:
+    slept: list[float] = []
+    timer = Timer()
+    p, invoker = pipeline(timer, slept)
+    out = handle(p, job(datetime.now(UTC) + timedelta(milliseconds=600)))
+    assert out.result is not None and out.result.status is JobStatus.SUCCEEDED
+    assert timer.calls == []
+    assert len(slept) == 1 and 0.4 < slept[0] <= 0.6
+    assert len(invoker.calls) == 1
+
+
+def test_a_job_whose_time_has_come_runs_at_once() -> None:
+    slept: list[float] = []
+    p, invoker = pipeline(Timer(), slept)
+    out = handle(p, job(datetime.now(UTC) - timedelta(seconds=3)))
+    assert out.result is not None and out.result.status is JobStatus.SUCCEEDED
+    assert slept == [] and len(invoker.calls) == 1
+
+
+def test_when_the_timer_cannot_be_set_the_job_is_kept_not_run() -> None:
+    timer = Timer(TransientJobError("delay_unavailable", "Cloud Tasks did not answer"))
+    p, invoker = pipeline(timer)
+    out = handle(p, job(datetime.now(UTC) + timedelta(hours=1)))
+    assert not out.ack and out.retry_code == "delay_unavailable"
+    assert invoker.calls == []
+    # On the last delivery attempt it fails (dead-lettered, replayable), still not run.
+    out = handle(p, job(datetime.now(UTC) + timedelta(hours=1)), final_attempt=True)
+    assert out.result is not None and out.result.status is JobStatus.FAILED
+    assert out.dead_letter is not None and invoker.calls == []
+
+
+def test_without_a_timer_a_job_due_later_is_kept_naming_the_fix() -> None:
+    p, invoker = pipeline(None)
+    out = handle(p, job(datetime.now(UTC) + timedelta(hours=1)))
+    assert not out.ack and out.retry_code == "delay_unavailable" and invoker.calls == []
+
+
+@pytest.mark.parametrize(
+    ("not_before", "extra", "fragment"),
+    [
+        ("tomorrow", {}, "not_before"),
+        ("2026-01-01T00:00:00", {}, "not_before: Value error, must be RFC 3339 with a time zone"),
+        ((datetime.now(UTC) + timedelta(days=400)).isoformat(), {}, "not_before: Value error, more than 365"),
+        (
+            (datetime.now(UTC) + timedelta(hours=2)).isoformat(),
+            {"not_after": (datetime.now(UTC) + timedelta(hours=1)).isoformat()},
+            "not_after: Value error, must be later than not_before",
+        ),
+        (7, {}, "not_before"),
+    ],
+)
+def test_a_bad_not_before_is_rejected_naming_the_field(
+    not_before: object, extra: dict, fragment: str
+) -> None:
+    timer = Timer()
+    p, invoker = pipeline(timer)
+    body = {"job_id": "j-1", "kind": "echo", "payload": {}, "not_before": not_before, **extra}
+    out = handle(p, json.dumps(body).encode())
+    assert out.ack and out.result is not None and out.result.status is JobStatus.REJECTED
+    assert out.result.error is not None and out.result.error.code == "invalid_job"
+    assert fragment in out.result.error.message
+    assert timer.calls == [] and invoker.calls == []
+
+
+def test_not_before_round_trips_and_scheduled_is_not_final() -> None:
+    due = datetime(2026, 12, 24, 2, 0, tzinfo=UTC)
+    decoded = decode_job(job(due), {}, max_bytes=10_000)
+    assert decoded.not_before == due
+    assert decode_job(decoded.to_bytes(), {}, max_bytes=10_000) == decoded
+    assert not JobStatus.SCHEDULED.final
+    assert supersedes(JobStatus.SCHEDULED, JobStatus.SUCCEEDED)
+    assert supersedes(JobStatus.SCHEDULED, JobStatus.CANCELLED)
+    assert not supersedes(JobStatus.SUCCEEDED, JobStatus.SCHEDULED)
+    assert not supersedes(JobStatus.CANCELLED, JobStatus.SCHEDULED)
