@@ -5,6 +5,7 @@
 | `run.py` | `run` |
 | `setup.py` | `setup` (and `--print-gcloud`) |
 | `jobs.py` | `enqueue`, `cancel` |
+| `later.py` | `scheduled` (jobs waiting for their `not_before`) |
 | `ops.py` | `dead-letters`, `replay`, `doctor` |
 | `batch.py` | `batch-status` |
 | `control.py` | `pause`, `resume`, `status` |
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import batch, control, dev, jobs, ops, run, setup
+from worker.cli import batch, control, dev, jobs, later, ops, run, setup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +28,7 @@ def cli() -> None:
     """Run Pub/Sub jobs against private Cloud Run services with proper ID tokens."""
 
 
-for module in (run, setup, jobs, ops, control, batch, dev):
+for module in (run, setup, jobs, later, ops, control, batch, dev):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
+from typing import Any
 
 import click
 
@@ -19,24 +21,36 @@ from worker.cli.common import (
     load_settings_or_fail,
     operator_clients,
 )
+from worker.cli.control import parse_duration
 from worker.core.errors import InvalidJobError
-from worker.core.messages import JobStatus
+from worker.core.messages import JobStatus, Result
 
 
 @click.command()
 @click.argument("kind")
 @click.option("--payload", required=True, help="The job's payload, as JSON.")
 @click.option("--job-id", help="The job's id, its idempotency key [a new UUID].")
+@click.option(
+    "--at", "at", metavar="TIME", help="Not before this time: RFC 3339 with a zone, 2026-12-24T02:00:00Z."
+)
+@click.option("--in", "in_", metavar="DURATION", help="Not before this long from now: 90s, 15m, 2h, 3d.")
 @click.option("--wait", is_flag=True, help="Print the result: exit 0 if it succeeded, 1 if not, 3 timed out.")
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),
-    default=120.0,
-    show_default=True,
-    help="Seconds --wait waits.",
+    default=None,
+    help="Seconds --wait waits [120, plus the delay of --at/--in].",
 )
 @exits_with_code
-def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: float) -> int:
+def enqueue(
+    kind: str,
+    payload: str,
+    job_id: str | None,
+    at: str | None,
+    in_: str | None,
+    wait: bool,
+    timeout: float | None,
+) -> int:
     """Publish one job (checked against the catalog first) and print its id."""
     from worker.client import ResultWaiter, build_job
     from worker.client import enqueue as publish_job
@@ -46,19 +60,33 @@ def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: fl
         body = json.loads(payload)
     except ValueError as exc:
         raise CommandError(f"--payload is not JSON: {exc}", EXIT_USAGE) from None
+    not_before = not_before_option(at, in_)
     catalog = load_catalog_or_fail(settings)
     try:
-        job = build_job(kind, body, job_id, catalog=catalog)
+        job = build_job(kind, body, job_id, catalog=catalog, not_before=not_before)
     except InvalidJobError as exc:
         raise CommandError(f"job refused, nothing published: {exc}", EXIT_USAGE) from None
+    if timeout is None:
+        ahead = (job.not_before - job.created_at).total_seconds() if job.not_before and job.created_at else 0
+        timeout = 120.0 + max(0.0, ahead)
+
+    def publish() -> str:
+        return publish_job(
+            kind, job.payload, job.job_id, publisher=publisher, settings=settings, not_before=job.not_before
+        )
+
+    def progress(result: Result) -> None:
+        when = f" until {result.not_before.isoformat()}" if result.not_before else ""
+        click.echo(f"{result.status.value}{when}" + (f" ({result.task})" if result.task else ""))
+
     publisher, subscriber = operator_clients(settings)
     with google_errors(settings):
         if not wait:
-            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
+            click.echo(publish())
             return EXIT_OK
         with ResultWaiter(subscriber, settings, job.job_id) as waiter:
-            click.echo(publish_job(kind, job.payload, job.job_id, publisher=publisher, settings=settings))
-            result = waiter.wait(timeout)
+            click.echo(publish())
+            result = waiter.wait(timeout, on_progress=progress)
     if result is None:
         click.echo(
             f"worker: no result for job {job.job_id} within {timeout:g}s; it stays queued. Is a "
@@ -68,6 +96,28 @@ def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: fl
         return EXIT_TIMEOUT
     click.echo(result.model_dump_json())
     return EXIT_OK if result.status == JobStatus.SUCCEEDED else EXIT_FAILED
+
+
+def not_before_option(at: str | None, in_: str | None) -> datetime | timedelta | None:
+    """--at TIME or --in DURATION, as `not_before`; a bad value names the flag."""
+    if at and in_:
+        raise CommandError("give --at or --in, not both", EXIT_USAGE)
+    if in_:
+        try:
+            return timedelta(seconds=parse_duration(in_))
+        except ValueError as exc:
+            raise CommandError(f"--in: {exc}", EXIT_USAGE) from None
+    if at:
+        try:
+            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            raise CommandError(
+                f"--at: {at!r} is not RFC 3339 with a time zone, such as 2026-12-24T02:00:00Z", EXIT_USAGE
+            )
+        return when
+    return None
 
 
 @click.command()
@@ -82,14 +132,24 @@ def enqueue(kind: str, payload: str, job_id: str | None, wait: bool, timeout: fl
 )
 @exits_with_code
 def cancel(job_id: str, kind: str | None, timeout: float) -> int:
-    """Cancel a job's running Cloud Run job execution and publish its `cancelled` result."""
+    """Cancel a job: delete its Cloud Tasks task if it is scheduled, else cancel its
+    running Cloud Run job execution; publish its `cancelled` result."""
+    from worker.cli.later import cancel_if_scheduled
+
+    settings = load_settings_or_fail()
+    catalog = load_catalog_or_fail(settings)
+    has_run_jobs = any(k.run_job is not None for k in catalog.values())
+    if cancel_if_scheduled(settings, job_id, kind, quiet_failure=has_run_jobs):
+        return EXIT_OK
+    return cancel_execution(settings, catalog, job_id, kind, timeout)
+
+
+def cancel_execution(settings: Any, catalog: Any, job_id: str, kind: str | None, timeout: float) -> int:
     from google.api_core import exceptions
 
     from worker.ops.cancel import CancelError, cancel_job, cancelled_result
     from worker.runtime.app import access_credentials, run_client
 
-    settings = load_settings_or_fail()
-    catalog = load_catalog_or_fail(settings)
     executions = run_client(settings, access_credentials(settings), "ExecutionsClient")
     try:
         report = cancel_job(
