@@ -145,3 +145,18 @@ def test_not_before_round_trips_and_scheduled_is_not_final() -> None:
     assert supersedes(JobStatus.SCHEDULED, JobStatus.CANCELLED)
     assert not supersedes(JobStatus.SUCCEEDED, JobStatus.SCHEDULED)
     assert not supersedes(JobStatus.CANCELLED, JobStatus.SCHEDULED)
+
+
+def test_a_message_that_was_due_later_when_published_goes_through_the_timer_even_once_due() -> None:
+    # A worker put it off, then died before its ack: the redelivery must not run it
+    # beside the task's publication; the timer's task name (taken) makes it run once.
+    timer = Timer()
+    p, invoker = pipeline(timer)
+    due = datetime.now(UTC) - timedelta(seconds=5)
+    out = handle(p, job(due), publish_time=due - timedelta(minutes=10))
+    assert out.ack and out.result is not None and out.result.status is JobStatus.SCHEDULED
+    assert timer.calls == [("j-1", due)] and invoker.calls == []
+    # The timer's own message is published at not_before: it runs.
+    out = handle(p, job(due), publish_time=due + timedelta(milliseconds=3))
+    assert out.result is not None and out.result.status is JobStatus.SUCCEEDED
+    assert len(invoker.calls) == 1

@@ -91,7 +91,7 @@ class Pipeline:
                 return self._finish(delivery, job, started, JobStatus.EXPIRED, span, known, ack_only=True)
             if job.not_before is not None:
                 wait_s = (job.not_before - self._clock()).total_seconds()
-                if wait_s > DEFER_AFTER_S:
+                if wait_s > DEFER_AFTER_S or self._was_put_off(job.not_before, delivery):
                     task = await self._defer(job, delivery, job.not_before)
                     return self._finish(
                         delivery,
@@ -138,6 +138,16 @@ class Pipeline:
         finally:
             if known is not None and self._metrics.enabled:
                 self._metrics.job_left(known)
+
+    @staticmethod
+    def _was_put_off(not_before: datetime, delivery: Delivery) -> bool:
+        """Whether this message was due later when published, so a worker may have put it
+        off already (then killed before its ack): if it is due now, it goes through the
+        timer all the same, whose task name is taken if it was, so it runs once. The
+        message the timer publishes is published at not_before, so this is false for it."""
+        if delivery.publish_time is None:
+            return False
+        return (not_before - delivery.publish_time).total_seconds() > DEFER_AFTER_S
 
     async def _defer(self, job: Job, delivery: Delivery, at: datetime) -> str:
         if self._deferrer is None:
