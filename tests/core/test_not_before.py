@@ -90,14 +90,24 @@ def test_a_job_whose_time_has_come_runs_at_once() -> None:
     assert slept == [] and len(invoker.calls) == 1
 
 
-def test_when_the_timer_cannot_be_set_the_job_is_kept_not_run() -> None:
+def test_when_the_timer_cannot_be_set_the_job_is_held_then_kept_never_run() -> None:
+    slept: list[float] = []
     timer = Timer(TransientJobError("delay_unavailable", "Cloud Tasks did not answer"))
-    p, invoker = pipeline(timer)
-    out = handle(p, job(datetime.now(UTC) + timedelta(hours=1)))
-    assert not out.ack and out.retry_code == "delay_unavailable"
-    assert invoker.calls == []
-    # On the last delivery attempt it fails (dead-lettered, replayable), still not run.
-    out = handle(p, job(datetime.now(UTC) + timedelta(hours=1)), final_attempt=True)
+    p, invoker = pipeline(timer, slept)
+    due = datetime.now(UTC) + timedelta(hours=1)
+    # Held (no delivery attempt used), and tried again after a growing backoff.
+    out = handle(p, job(due))
+    assert out.is_held and not out.ack
+    assert out.hold is not None
+    asyncio.run(out.hold())
+    out = handle(p, job(due))
+    asyncio.run(out.hold())  # type: ignore[misc]
+    assert 0 < slept[0] < slept[1] <= 10
+    # Held for WORKER_MAX_HOLD_SECONDS: nacked, and on the last attempt failed with a
+    # dead letter (replayable), never run.
+    out = handle(p, job(due), may_hold=False)
+    assert not out.ack and not out.is_held and out.retry_code == "delay_unavailable"
+    out = handle(p, job(due), may_hold=False, final_attempt=True)
     assert out.result is not None and out.result.status is JobStatus.FAILED
     assert out.dead_letter is not None and invoker.calls == []
 
@@ -105,6 +115,8 @@ def test_when_the_timer_cannot_be_set_the_job_is_kept_not_run() -> None:
 def test_without_a_timer_a_job_due_later_is_kept_naming_the_fix() -> None:
     p, invoker = pipeline(None)
     out = handle(p, job(datetime.now(UTC) + timedelta(hours=1)))
+    assert out.is_held and invoker.calls == []
+    out = handle(p, job(datetime.now(UTC) + timedelta(hours=1)), may_hold=False)
     assert not out.ack and out.retry_code == "delay_unavailable" and invoker.calls == []
 
 

@@ -152,7 +152,7 @@ def test_cancel_of_20_scheduled_jobs_none_runs_each_cancelled(
     local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path
 ) -> None:
     env, service, _ = setup_stack(local_cloud, names, tmp_path)
-    due = datetime.now(UTC) + timedelta(seconds=25)
+    due = datetime.now(UTC) + timedelta(seconds=40)
     ids = [f"cancel-{names.suffix}-{i}" for i in range(20)]
     with WorkerProcess(env, "later-cancel") as worker:
         worker.wait_ready()
@@ -165,10 +165,13 @@ def test_cancel_of_20_scheduled_jobs_none_runs_each_cancelled(
         assert listed.returncode == 0, listed.stderr
         rows = [json.loads(line) for line in listed.stdout.splitlines()]
         assert {r["job_id"] for r in rows} >= set(ids)
-        for job_id in ids:
-            done = worker_cli(env, "cancel", job_id)
-            assert done.returncode == 0, done.stdout + done.stderr
-            assert "published its `cancelled` result" in done.stdout
+        one = worker_cli(env, "cancel", ids[0])
+        assert one.returncode == 0, one.stdout + one.stderr
+        assert "published its `cancelled` result" in one.stdout
+        rest = worker_cli(env, "cancel", *ids[1:])
+        assert rest.returncode == 0, rest.stdout + rest.stderr
+        assert rest.stdout.count("published its `cancelled` result") == 19
+        assert datetime.now(UTC) < due, "the cancels took too long to prove anything"
         again = worker_cli(env, "cancel", ids[0])
         assert again.returncode == 1 and "is not scheduled" in again.stderr
         cancelled = collect_results(env, set(ids), timeout=30)

@@ -121,7 +121,7 @@ def not_before_option(at: str | None, in_: str | None) -> datetime | timedelta |
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
 @click.option("--kind", help="Only look at this run_job kind's Cloud Run job [every run_job kind's].")
 @click.option(
     "--timeout",
@@ -131,17 +131,27 @@ def not_before_option(at: str | None, in_: str | None) -> datetime | timedelta |
     help="Seconds to wait for the execution to stop.",
 )
 @exits_with_code
-def cancel(job_id: str, kind: str | None, timeout: float) -> int:
-    """Cancel a job: delete its Cloud Tasks task if it is scheduled, else cancel its
+def cancel(job_ids: tuple[str, ...], kind: str | None, timeout: float) -> int:
+    """Cancel jobs: delete a job's Cloud Tasks task if it is scheduled, else cancel its
     running Cloud Run job execution; publish its `cancelled` result."""
     from worker.cli.later import cancel_if_scheduled
 
     settings = load_settings_or_fail()
     catalog = load_catalog_or_fail(settings)
     has_run_jobs = any(k.run_job is not None for k in catalog.values())
-    if cancel_if_scheduled(settings, job_id, kind, quiet_failure=has_run_jobs):
-        return EXIT_OK
-    return cancel_execution(settings, catalog, job_id, kind, timeout)
+    codes = []
+    for job_id in job_ids:
+        try:
+            if cancel_if_scheduled(settings, job_id, kind, quiet_failure=has_run_jobs):
+                codes.append(EXIT_OK)
+            else:
+                codes.append(cancel_execution(settings, catalog, job_id, kind, timeout))
+        except CommandError as exc:
+            if len(job_ids) == 1:
+                raise
+            click.echo(f"worker: error: {exc.message}", err=True)  # the others are still cancelled
+            codes.append(EXIT_FAILED)
+    return max(codes)
 
 
 def cancel_execution(settings: Any, catalog: Any, job_id: str, kind: str | None, timeout: float) -> int:

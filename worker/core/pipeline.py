@@ -8,6 +8,8 @@ whether to ack. It never raises: whatever goes wrong becomes a result or a nack.
 from __future__ import annotations
 
 import asyncio
+import functools
+import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -42,6 +44,9 @@ log = structlog.get_logger("worker.core.pipeline")
 
 # A job due sooner than this is waited for in process; later, it is put off on the timer.
 DEFER_AFTER_S = 1.0
+# While Cloud Tasks cannot take a job's task, the job is held and tried again after a
+# backoff doubling from 1 s to this (consecutive failures of this worker).
+DEFER_RETRY_MAX_S = 10.0
 
 
 class Pipeline:
@@ -72,6 +77,7 @@ class Pipeline:
         self._metrics = telemetry.metrics
         self._deferrer = deferrer
         self._sleep = sleep
+        self._defer_failures = 0
 
     async def handle(self, delivery: Delivery) -> Outcome:
         started = self._clock()
@@ -150,13 +156,26 @@ class Pipeline:
         return (not_before - delivery.publish_time).total_seconds() > DEFER_AFTER_S
 
     async def _defer(self, job: Job, delivery: Delivery, at: datetime) -> str:
-        if self._deferrer is None:
-            raise TransientJobError(
-                "delay_unavailable",
-                f"job is due at {at.isoformat()} but this worker has no Cloud Tasks queue to wait in; "
-                "set WORKER_DELAY_QUEUE and create it with `worker setup`",
+        try:
+            if self._deferrer is None:
+                raise TransientJobError(
+                    "delay_unavailable",
+                    f"job is due at {at.isoformat()} but this worker has no Cloud Tasks queue to wait in; "
+                    "set WORKER_DELAY_QUEUE and create it with `worker setup`",
+                )
+            task = await self._deferrer.defer(job, delivery, at)
+        except TransientJobError as exc:
+            if not delivery.may_hold:
+                raise  # held for WORKER_MAX_HOLD_SECONDS already: nacked, or failed on the last attempt
+            # Held, not nacked: an outage of Cloud Tasks must not use up delivery attempts.
+            self._defer_failures += 1
+            wait_s = min(DEFER_RETRY_MAX_S, 0.5 * 2 ** min(self._defer_failures, 8)) * random.uniform(
+                0.5, 1.0
             )
-        return await self._deferrer.defer(job, delivery, at)
+            log.warning("job_schedule_retry", code=exc.code, error=exc.message, retry_in_s=round(wait_s, 2))
+            raise HoldJob(exc.code, functools.partial(self._sleep, wait_s)) from None
+        self._defer_failures = 0
+        return task
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
