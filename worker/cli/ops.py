@@ -181,7 +181,7 @@ class _Progress:
 def diagnose(settings: Settings, service: str | None, *, audience: str | None, worker_sa: str | None) -> int:
     from worker.ops import doctor as chain
     from worker.ops.iam import default_worker_sa
-    from worker.runtime.app import access_credentials, run_client
+    from worker.runtime.app import access_credentials, run_client, tasks_client
 
     catalog = load_catalog_or_fail(settings)
     known = sorted(catalog.services(settings.region))
@@ -200,6 +200,7 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
             catalog=catalog,
             run_jobs=jobs,
             jobs_client=lambda: run_client(settings, access_credentials(settings), "JobsClient"),
+            tasks_client=lambda: tasks_client(settings, access_credentials(settings)),
         )
     )
     colours = {"ok": "green", "fail": "red", "fix": "cyan"}

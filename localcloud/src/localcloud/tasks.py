@@ -592,11 +592,27 @@ def build_tasks_app(state: LocalTasks) -> web.Application:
             out["nextPageToken"] = str(offset + size)
         return web.json_response(out)
 
+    async def queue_method(request: web.Request) -> web.Response:
+        queue, _, method = request.match_info["queue_method"].partition(":")
+        if method != "testIamPermissions":
+            return google_error(404, f"Method {method!r} is not emulated.", "NOT_FOUND")
+        state.recorder.count_admin_call("TestIamPermissions", queue)
+        who = principal(request)
+        if who is None:
+            return unauthenticated()
+        body = await body_of(request)
+        if body is None:
+            return _bad("Invalid JSON payload received.")
+        asked = [str(p) for p in body.get("permissions") or []]
+        held = [p for p in asked if allowed(member_for(who), p, queue_resource(queue))]
+        return web.json_response({"permissions": held} if held else {})
+
     app = web.Application(middlewares=[state.recorder.middleware("tasks")])
     queues = "/v2/projects/{project}/locations/{location}/queues"
     app.router.add_get(queues, list_queues)
     app.router.add_post(queues, create_queue)
     app.router.add_get(queues + "/{queue}", get_queue)
+    app.router.add_post(queues + "/{queue_method}", queue_method)
     tasks = queues + "/{queue}/tasks"
     app.router.add_get(tasks, list_tasks)
     app.router.add_post(tasks, create_task)
