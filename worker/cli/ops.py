@@ -200,7 +200,10 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
             catalog=catalog,
             run_jobs=jobs,
             jobs_client=lambda: run_client(settings, access_credentials(settings), "JobsClient"),
-            tasks_client=lambda: tasks_client(settings, access_credentials(settings)),
+            # The queue of jobs at a time, when the whole chain is asked about (no SERVICE).
+            tasks_client=(lambda: tasks_client(settings, access_credentials(settings)))
+            if service is None
+            else None,
         )
     )
     colours = {"ok": "green", "fail": "red", "fix": "cyan"}
