@@ -172,3 +172,61 @@ def test_a_message_that_was_due_later_when_published_goes_through_the_timer_even
     out = handle(p, job(due), publish_time=due + timedelta(milliseconds=3))
     assert out.result is not None and out.result.status is JobStatus.SUCCEEDED
     assert len(invoker.calls) == 1
+
+
+class RetryAfterInvoker(Invoker):
+    """Answers as a function that said 503 with Retry-After: the invoker's retry_later."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__()
+        self.retry_after_s = retry_after_s
+
+    async def invoke(self, kind, url, job, region="REGION"):  # type: ignore[no-untyped-def]
+        self.calls.append((kind.kind, url, job.job_id))
+        error = TransientJobError("retry_later", "echo answered 503 with Retry-After", http_status=503)
+        error.retry_after_s = self.retry_after_s
+        error.attempts = 1
+        raise error
+
+
+def retry_after_pipeline(opted_in: bool, retry_after_s: float, timer: Timer) -> Pipeline:
+    from worker.core.catalog import JobKind
+
+    kind = JobKind(kind="echo", service="echo", defer_on_retry_after=opted_in, defer_max_s=60)
+    return Pipeline(
+        Catalog({"echo": kind}),
+        Resolver(),
+        RetryAfterInvoker(retry_after_s),
+        region="r",
+        max_payload_bytes=10_000,
+        deferrer=timer,
+    )
+
+
+def test_an_opted_in_kind_puts_the_job_off_to_the_retry_after_bounded_by_defer_max_s() -> None:
+    timer = Timer()
+    before = datetime.now(UTC)
+    out = handle(retry_after_pipeline(True, 30, timer), job(None))
+    assert out.ack and out.result is not None and out.result.status is JobStatus.SCHEDULED
+    assert out.result.http_status == 503 and out.result.attempts == 1
+    ((job_id, at),) = timer.calls
+    assert job_id == "j-1" and 29 <= (at - before).total_seconds() <= 31
+    assert out.result.not_before == at
+    # Bounded: a Retry-After of a day is put off defer_max_s (60 s).
+    timer = Timer()
+    handle(retry_after_pipeline(True, 86_400, timer), job(None))
+    assert 59 <= (timer.calls[0][1] - before).total_seconds() <= 62
+
+
+def test_a_kind_not_opted_in_or_a_job_put_off_too_often_takes_the_usual_course() -> None:
+    timer = Timer()
+    out = handle(retry_after_pipeline(False, 30, timer), job(None))
+    assert not out.ack and out.retry_code == "retry_later" and timer.calls == []
+    p = retry_after_pipeline(True, 30, timer)
+    data = job(None)
+    out = asyncio.run(p.handle(Delivery(data=data, attributes={"scheduled": "20"})))
+    assert not out.ack and out.retry_code == "retry_later" and timer.calls == []
+    # The timer failing: the usual course too (nacked for redelivery).
+    failing = Timer(TransientJobError("delay_unavailable", "away"))
+    out = handle(retry_after_pipeline(True, 30, failing), job(None))
+    assert not out.ack and out.retry_code == "retry_later"

@@ -252,3 +252,41 @@ def test_enqueue_in_20s_wait_prints_scheduled_then_the_result_20s_later(
     assert lines[1].startswith("scheduled until "), lines
     assert json.loads(lines[-1])["status"] == "succeeded"
     assert 20 <= took < 30, took
+
+
+def test_503_retry_after_30_puts_an_opted_in_job_off_and_it_succeeds_30s_later_on_one_attempt(
+    local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path
+) -> None:
+    service = f"busy-{uid()}"
+    busy = local_cloud.add_service(service, "echo")
+    write_kind(tmp_path / "jobs", "busy", service, defer_on_retry_after=True)
+    env = worker_env(local_cloud, names, WORKER_CATALOG_DIR=str(tmp_path / "jobs"))
+    provision(env)
+    subscriber = pubsub_v1.SubscriberClient()
+    tap = subscriber.subscription_path(env["GOOGLE_CLOUD_PROJECT"], f"tap-{names.suffix}")
+    subscriber.create_subscription(
+        name=tap, topic=subscriber.topic_path(env["GOOGLE_CLOUD_PROJECT"], names.jobs_topic)
+    )
+    subscriber.close()
+    env["TAP_SUBSCRIPTION"] = tap.rsplit("/", 1)[1]
+    busy.error_rate, busy.error_status, busy.retry_after = 1.0, 503, 30
+    job_id = f"busy-{names.suffix}"
+    with WorkerProcess(env, "later-busy") as worker:
+        worker.wait_ready()
+        publish(env, [{"job_id": job_id, "kind": "busy", "payload": {}}])
+        deadline = time.monotonic() + 30
+        while busy.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert busy.calls == 1
+        busy.error_rate = 0.0  # the function is well again: the next call succeeds
+        results = final_results(env, {job_id}, timeout=60)
+        logs = worker.logs()
+    calls = sorted(r.at for r in busy.requests)
+    assert len(calls) == 2, calls
+    assert 29.5 <= calls[1] - calls[0] <= 32.5, calls[1] - calls[0]
+    assert results[job_id] == ["scheduled", "succeeded"], results
+    # One delivery attempt in all: the first delivery was acked (never nacked), the task
+    # published the job once more, and that delivery succeeded.
+    assert "job_retry_later" not in logs and "job_retry_after_deferred" in logs
+    tap_messages = drain(env, "TAP_SUBSCRIPTION", until=10, timeout=6)
+    assert sorted(m.attributes.get("scheduled", "") for m in tap_messages) == ["", "1"]

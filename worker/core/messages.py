@@ -208,6 +208,16 @@ class Result(BaseModel):
         return attrs
 
 
+# Set by the Cloud Tasks task that publishes a put-off job back: how many times it was put off.
+SCHEDULED_ATTRIBUTE = "scheduled"
+
+
+def times_put_off(attributes: dict[str, str]) -> int:
+    """How many times this delivery's job was put off already (its `scheduled` attribute)."""
+    value = attributes.get(SCHEDULED_ATTRIBUTE, "0")
+    return int(value) if value.isdigit() and len(value) < 6 else 0
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

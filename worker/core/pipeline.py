@@ -11,7 +11,7 @@ import asyncio
 import functools
 import random
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -27,6 +27,7 @@ from worker.core.messages import (
     decode_job,
     now,
     salvage_identity,
+    times_put_off,
 )
 from worker.core.shapes import (
     BatchHandler,
@@ -47,6 +48,9 @@ DEFER_AFTER_S = 1.0
 # While Cloud Tasks cannot take a job's task, the job is held and tried again after a
 # backoff doubling from 1 s to this (consecutive failures of this worker).
 DEFER_RETRY_MAX_S = 10.0
+# A job a function keeps answering Retry-After is put off this many times at most, then
+# its errors take their usual course (redelivery, then the dead letter).
+MAX_RETRY_AFTER_DEFERRALS = 20
 
 
 class Pipeline:
@@ -113,7 +117,23 @@ class Pipeline:
             # Log lines carry the trace: the worker's own span when tracing, else the sender's.
             bind_job_fields(traceparent=span.traceparent or job.traceparent)
             with span.active():
-                call = await self._run(job, kind, delivery)
+                try:
+                    call = await self._run(job, kind, delivery)
+                except TransientJobError as exc:
+                    deferred = await self._defer_retry_after(job, kind, delivery, exc)
+                    if deferred is None:
+                        raise
+                    call = CallResult(exc.http_status, None, exc.attempts or 0, status=JobStatus.SCHEDULED)
+                    return self._finish(
+                        delivery,
+                        job,
+                        started,
+                        JobStatus.SCHEDULED,
+                        span,
+                        known,
+                        call=call,
+                        scheduled=deferred,
+                    )
             return self._finish(delivery, job, started, call.status, span, known, call=call)
         except HoldJob as exc:
             if delivery.may_hold:
@@ -154,6 +174,26 @@ class Pipeline:
         if delivery.publish_time is None:
             return False
         return (not_before - delivery.publish_time).total_seconds() > DEFER_AFTER_S
+
+    async def _defer_retry_after(
+        self, job: Job, kind: JobKind, delivery: Delivery, exc: TransientJobError
+    ) -> tuple[datetime, str] | None:
+        """A kind that opted in (`defer_on_retry_after`) and a function that asked to be
+        called again later: put the job off until then (at most `defer_max_s`) instead of
+        using delivery attempts. None when it does not apply or the timer cannot be set
+        (then the error takes its usual course)."""
+        if exc.retry_after_s is None or not kind.defer_on_retry_after or self._deferrer is None:
+            return None
+        if times_put_off(delivery.attributes) >= MAX_RETRY_AFTER_DEFERRALS:
+            return None
+        at = self._clock() + timedelta(seconds=min(exc.retry_after_s, kind.defer_max_s))
+        try:
+            task = await self._deferrer.defer(job, delivery, at)
+        except TransientJobError as failed:
+            log.warning("job_schedule_retry", code=failed.code, error=failed.message, retry_in_s=None)
+            return None
+        log.info("job_retry_after_deferred", retry_after_s=exc.retry_after_s, not_before=at.isoformat())
+        return at, task
 
     async def _defer(self, job: Job, delivery: Delivery, at: datetime) -> str:
         try:

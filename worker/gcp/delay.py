@@ -32,12 +32,11 @@ import structlog
 from google.api_core import exceptions
 
 from worker.core.errors import InvalidJobError, TransientJobError
-from worker.core.messages import Job, decode_job, now
+from worker.core.messages import SCHEDULED_ATTRIBUTE, Job, decode_job, now, times_put_off
 from worker.core.shapes import Delivery
 
 log = structlog.get_logger("worker.gcp.delay")
 
-SCHEDULED_ATTRIBUTE = "scheduled"
 # Cloud Tasks refuses a schedule_time more than 30 days ahead; keep a margin for clocks.
 MAX_AHEAD = timedelta(days=30) - timedelta(minutes=10)
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
@@ -59,10 +58,7 @@ def task_prefix(job_id: str) -> str:
     return hashlib.sha256(job_id.encode()).hexdigest()[:8] + "-"
 
 
-def hop_of(attributes: dict[str, str]) -> int:
-    """How many times this delivery's job was put off already (its `scheduled` attribute)."""
-    value = attributes.get(SCHEDULED_ATTRIBUTE, "0")
-    return int(value) if value.isdigit() and len(value) < 6 else 0
+hop_of = times_put_off
 
 
 def publish_url(endpoint: str, topic_path: str) -> str:
