@@ -236,6 +236,11 @@ def test_tasks_api_down_for_20s_while_delayed_jobs_arrive_none_lost_none_early(
     assert all("succeeded" in results[j] for j in due), results
     _, calls = first_calls(local_cloud, service)
     assert all(calls[j] == 1 for j in due), calls
+    late = sorted(first[j] - at for j, at in due.items())
+    record_figures(
+        "tasks_api_down_20s",
+        {"jobs": len(due), "lost": 0, "early": 0, "lateness_s_max": round(late[-1], 3), "ran_twice": 0},
+    )
 
 
 def test_enqueue_in_20s_wait_prints_scheduled_then_the_result_20s_later(
@@ -290,3 +295,7 @@ def test_503_retry_after_30_puts_an_opted_in_job_off_and_it_succeeds_30s_later_o
     assert "job_retry_later" not in logs and "job_retry_after_deferred" in logs
     tap_messages = drain(env, "TAP_SUBSCRIPTION", until=10, timeout=6)
     assert sorted(m.attributes.get("scheduled", "") for m in tap_messages) == ["", "1"]
+    record_figures(
+        "retry_after_30s",
+        {"called_again_after_s": round(calls[1] - calls[0], 3), "delivery_attempts_used": 1, "calls": 2},
+    )
