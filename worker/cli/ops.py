@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
@@ -43,11 +44,25 @@ def dead_letters(as_json: bool, limit: int | None) -> int:
 @click.option("--job-id", help="Only this job.")
 @click.option("--limit", type=click.IntRange(min=1), help="Replay at most this many.")
 @click.option("--dry-run", is_flag=True, help="List what would be replayed; change nothing.")
+@click.option(
+    "--at", "at", metavar="TIME", help="Run them not before this time (RFC 3339 with a zone), off-peak."
+)
+@click.option(
+    "--in", "in_", metavar="DURATION", help="Run them not before this long from now: 90s, 15m, 2h, 3d."
+)
 @exits_with_code
-def replay(kind: str | None, job_id: str | None, limit: int | None, dry_run: bool) -> int:
+def replay(
+    kind: str | None, job_id: str | None, limit: int | None, dry_run: bool, at: str | None, in_: str | None
+) -> int:
     """Move dead-lettered jobs back to the jobs topic (each acked only once republished)."""
+    from worker.cli.jobs import not_before_option
+
     settings = load_settings_or_fail()
-    return replay_dead_letters(settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run)
+    later = not_before_option(at, in_)
+    not_before = now() + later if isinstance(later, timedelta) else later
+    return replay_dead_letters(
+        settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run, not_before=not_before
+    )
 
 
 @click.command()
@@ -98,7 +113,13 @@ def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -
 
 
 def replay_dead_letters(
-    settings: Settings, *, kind: str | None, job_id: str | None, limit: int | None, dry_run: bool
+    settings: Settings,
+    *,
+    kind: str | None,
+    job_id: str | None,
+    limit: int | None,
+    dry_run: bool,
+    not_before: datetime | None = None,
 ) -> int:
     from worker.ops import operations
 
@@ -124,6 +145,7 @@ def replay_dead_letters(
             dry_run=dry_run,
             on_selected=lambda chosen: progress.start(len(chosen)),
             on_settled=settled,
+            not_before=not_before,
         )
     publisher.stop()
     if dry_run:
