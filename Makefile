@@ -53,6 +53,7 @@ image: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.lanes
 
 soak: $(STAMP)
 	SOAK_SCALE=full $(BIN)/pytest -q -m soak -s

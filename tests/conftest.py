@@ -47,6 +47,8 @@ class Names:
     def __post_init__(self) -> None:
         self.jobs_topic = f"jobs-{self.suffix}"
         self.jobs_subscription = f"jobs-worker-{self.suffix}"
+        self.batch_topic = f"jobs-batch-{self.suffix}"
+        self.batch_subscription = f"jobs-batch-worker-{self.suffix}"
         self.results_topic = f"job-results-{self.suffix}"
         self.results_subscription = f"job-results-webapp-{self.suffix}"
         self.dead_letter_topic = f"jobs-dead-letter-{self.suffix}"
@@ -58,6 +60,8 @@ class Names:
         return {
             "WORKER_JOBS_TOPIC": self.jobs_topic,
             "WORKER_JOBS_SUBSCRIPTION": self.jobs_subscription,
+            "WORKER_BATCH_TOPIC": self.batch_topic,
+            "WORKER_BATCH_SUBSCRIPTION": self.batch_subscription,
             "WORKER_RESULTS_TOPIC": self.results_topic,
             "WORKER_RESULTS_SUBSCRIPTION": self.results_subscription,
             "WORKER_DEAD_LETTER_TOPIC": self.dead_letter_topic,

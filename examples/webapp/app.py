@@ -5,6 +5,7 @@ POST /api/score             {"account_id": str} -> {"job_id"}: an account-scorin
 POST /api/batches           {"size": int} -> {"batch_id", "total"}: a batch-scoring job
 GET  /api/jobs/<job_id>     the job's result, or {"status": "pending"} (202)
 GET  /api/batches/<id>      the batch's progress, counted from its children's results
+GET  /api/recent            the newest stored jobs and batches, whoever published them
 POST /pubsub/results        Pub/Sub push (OIDC token verified), stored by job_id
 """
 
@@ -36,7 +37,7 @@ STATIC = Path(__file__).parent / "static"
 PUSH_PATH = "/pubsub/results"
 MAX_BATCH = 1000
 MAX_IN_S = 30 * 86400  # "score later": at most 30 days ahead
-_ACCOUNT_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_ACCOUNT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # the catalog's maxLength (jobs/account-scoring.toml)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def create_app(
         body = request.get_json(silent=True) or {}
         account_id = str(body.get("account_id", "")).strip()
         if not _ACCOUNT_ID.match(account_id):
-            return jsonify(error="account_id: 1 to 100 letters, digits, '.', '_' or '-'"), 400
+            return jsonify(error="account_id: 1 to 128 letters, digits, '.', '_' or '-'"), 400
         # "Score in 1 minute": the job waits on Cloud Tasks (its result says `scheduled`).
         in_s = body.get("in_s")
         if in_s is not None and (
@@ -128,6 +129,10 @@ def create_app(
     @app.get("/api/batches/<batch_id>")
     def batch(batch_id: str) -> Any:
         return jsonify(store.progress(batch_id))
+
+    @app.get("/api/recent")
+    def recent() -> Any:
+        return jsonify(store.recent())
 
     app.add_url_rule(PUSH_PATH, view_func=flask_view(PushHandler(verifier, store)), methods=["POST"])
     return app

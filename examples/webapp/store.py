@@ -81,6 +81,27 @@ class SqliteResultStore:
             row = db.execute("SELECT result FROM results WHERE job_id = ?", (job_id,)).fetchone()
         return json.loads(row["result"]) if row else None
 
+    def recent(self, jobs: int = 20, batches: int = 10) -> dict[str, Any]:
+        """What the page shows when it loads: the newest results that belong to no batch
+        (whoever published the job: the page, `worker enqueue`, `worker dev`), newest
+        first, and the progress of the newest batches."""
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT result FROM results WHERE batch_id IS NULL AND job_id NOT IN "
+                "(SELECT batch_id FROM results WHERE batch_id IS NOT NULL) "
+                "ORDER BY updated_at DESC LIMIT ?",
+                (jobs,),
+            ).fetchall()
+            batch_ids = db.execute(
+                "SELECT batch_id FROM results WHERE batch_id IS NOT NULL "
+                "GROUP BY batch_id ORDER BY MIN(updated_at) DESC LIMIT ?",
+                (batches,),
+            ).fetchall()
+        return {
+            "jobs": [json.loads(row["result"]) for row in rows],
+            "batches": [self.progress(row["batch_id"]) for row in batch_ids],
+        }
+
     def progress(self, batch_id: str) -> dict[str, Any]:
         """A batch's progress from its children's results (each child counted once)."""
         with closing(self._connect()) as db:

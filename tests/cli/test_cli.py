@@ -32,6 +32,7 @@ def test_every_verb_is_registered_once() -> None:
         "pause",
         "resume",
         "status",
+        "console",
     }
 
 
@@ -164,3 +165,12 @@ def test_tables_and_the_replay_log_print_markup_in_user_text_literally(
         progress.log(f"failed: {MARKUP}: republish failed")
         progress.advance()
     assert f"failed: {MARKUP}: republish failed" in capsys.readouterr().out
+
+
+def test_a_table_piped_is_one_line_per_row_however_long_its_cells(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli.common import table
+
+    error = "http_503: " + "the service answered 503 Service Unavailable " * 4
+    table("Dead letters", ["job id", "error", "targets"], [["job-1", error, "a: closed\nb: open"]])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["Dead letters", "job id\terror\ttargets", f"job-1\t{error.strip()}\ta: closed; b: open"]

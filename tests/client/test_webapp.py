@@ -154,3 +154,22 @@ def test_the_web_app_names_the_settings_it_misses() -> None:
         WebappConfig.from_env({})
     config = WebappConfig.from_env({"WEBAPP_PUSH_AUDIENCE": AUDIENCE, "WEBAPP_PUSH_SERVICE_ACCOUNT": "a@b.c"})
     assert config.certs_url == "https://www.googleapis.com/oauth2/v1/certs"  # local tokens only when told
+
+
+def test_recent_lists_stored_jobs_newest_first_and_batches_by_their_progress(app: Any) -> None:
+    store = app.config["store"]
+    assert app.test_client().get("/api/recent").get_json() == {"jobs": [], "batches": []}
+    store.record(result("from-the-cli"))
+    store.record(result("from-dev", "failed"))
+    for index in range(4):
+        store.record(child(index))
+    store.record(result("batch-1"))  # the batch job's own result: the batch, not a job
+    recent = app.test_client().get("/api/recent").get_json()
+    assert [job["job_id"] for job in recent["jobs"]] == ["from-dev", "from-the-cli"]
+    assert [(b["batch_id"], b["done"], b["succeeded"]) for b in recent["batches"]] == [("batch-1", True, 4)]
+
+
+def test_an_account_id_as_long_as_the_catalog_allows_is_accepted(app: Any) -> None:
+    client = app.test_client()
+    assert client.post("/api/score", json={"account_id": "a" * 128}).status_code == 202
+    assert client.post("/api/score", json={"account_id": "a" * 129}).status_code == 400

@@ -101,8 +101,8 @@ def test_batch_fields_travel_to_the_result() -> None:
 def test_a_batch_kind_goes_to_the_batch_handler_with_the_publish_time() -> None:
     seen: list[tuple[str, str, datetime | None]] = []
 
-    async def fan_out(job, kind, published):  # type: ignore[no-untyped-def]
-        seen.append((job.job_id, kind.kind, published))
+    async def fan_out(job, kind, delivery):  # type: ignore[no-untyped-def]
+        seen.append((job.job_id, kind.kind, delivery.publish_time))
         return CallResult(200, {"children_published": 0}, 1)
 
     catalog = Catalog.load(default_catalog_dir())

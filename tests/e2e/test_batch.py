@@ -57,6 +57,10 @@ def stack(local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path) ->
     return {"env": env, "scoring": scoring, "source": source}
 
 
+# Turns of 4 pages of 500 (worker/gcp/batch.py PAGES_PER_TURN): 2,000, 4,000, 5,000.
+TURNS = 3
+
+
 def test_a_batch_delivered_twice_fans_out_to_each_source_account_once(stack: dict[str, Any]) -> None:
     env = stack["env"]
     batch_id = f"batch-{uid()}"
@@ -72,7 +76,9 @@ def test_a_batch_delivered_twice_fans_out_to_each_source_account_once(stack: dic
         deadline = time.monotonic() + 50
         # Every child arrives twice (once per fan-out) and so does the parent's result;
         # the reader hands each out once and counts the rest as duplicates.
-        while time.monotonic() < deadline and not (progress.done and reader.duplicates == ACCOUNTS + 1):
+        while time.monotonic() < deadline and not (
+            progress.done and reader.duplicates == ACCOUNTS + TURNS * 2 - 2
+        ):
             for result in reader.poll():
                 if result.job_id == batch_id:
                     parents.append(result)
@@ -107,10 +113,13 @@ def test_a_batch_delivered_twice_fans_out_to_each_source_account_once(stack: dic
         "done": True,
     }
     # Both deliveries of the batch job published the same 5,000 ids: 10,000 child
-    # results in all, 5,000 of them duplicates, and two results for the batch job.
-    assert reader.duplicates == ACCOUNTS + 1
-    assert [p.status for p in parents] == ["succeeded"]
-    assert parents[0].response == {"batch_id": batch_id, "children_published": ACCOUNTS, "total": ACCOUNTS}
+    # results in all, 5,000 of them duplicates, and the batch job's results of each
+    # turn (two `running`, then `succeeded`) twice: the first running and the final
+    # one are handed out.
+    assert reader.duplicates == ACCOUNTS + TURNS * 2 - 2
+    assert [p.status for p in parents] == ["running", "succeeded"]
+    assert parents[0].response == {"batch_id": batch_id, "children_published": 2000, "total": ACCOUNTS}
+    assert parents[-1].response == {"batch_id": batch_id, "children_published": ACCOUNTS, "total": ACCOUNTS}
     assert progress.parent is not None and progress.parent.response["children_published"] == ACCOUNTS
     # Each source page was asked for with the worker's token, once per delivery: the
     # source says its total_size, so there is no separate counting pass.

@@ -243,12 +243,12 @@ def test_setup_twice_reports_no_change(local_cloud: Any, pubsub_emulator: Any, n
     env = worker_env(local_cloud, names)
     first = worker_cli(env, "setup")
     assert first.returncode == 0, first.stderr
-    # Four topics (jobs, results, dead letters, control) and three subscriptions.
-    assert first.stdout.count("created") == 7
+    # Five topics (jobs, jobs-batch, results, dead letters, control) and four subscriptions.
+    assert first.stdout.count("created") == 9
     assert f"created  projects/local-project/topics/{names.control_topic}" in first.stdout
     second = worker_cli(env, "setup")
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("unchanged") == 7 and "created" not in second.stdout
+    assert second.stdout.count("unchanged") == 9 and "created" not in second.stdout
     assert "No change: everything already exists as configured." in second.stdout
 
 

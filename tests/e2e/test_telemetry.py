@@ -286,8 +286,8 @@ def test_one_trace_from_enqueue_through_the_worker_into_the_function_and_back(
 
     # /metrics: the N jobs by kind and status, and the other instruments.
     jobs = prometheus_samples(scrape, "worker_jobs_total")
-    assert jobs[(("kind", "echo"), ("status", "succeeded"))] == n + 1  # and bad-tp
-    assert jobs[(("kind", "unknown"), ("status", "rejected"))] == 1
+    assert jobs[(("kind", "echo"), ("lane", "interactive"), ("status", "succeeded"))] == n + 1  # and bad-tp
+    assert jobs[(("kind", "unknown"), ("lane", "interactive"), ("status", "rejected"))] == 1
     assert prometheus_samples(scrape, "worker_job_age_seconds_count")[(("kind", "echo"),)] == n + 1
     assert prometheus_samples(scrape, "worker_jobs_in_flight")[(("kind", "echo"),)] == 0
     calls_seen = prometheus_samples(scrape, "worker_call_duration_seconds_count")

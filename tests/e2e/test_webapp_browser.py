@@ -26,7 +26,7 @@ from localcloud.devstack import push_service_account, webapp_env, write_env_file
 from localcloud.functions import score_account
 from localcloud.ports import free_port
 
-from tests.e2e.harness import REPO, WorkerProcess, provision, uid, worker_env, write_kind
+from tests.e2e.harness import REPO, WorkerProcess, provision, uid, worker_cli, worker_env, write_kind
 from tests.e2e.test_batch import write_batch_kind
 
 pytestmark = pytest.mark.e2e
@@ -142,7 +142,7 @@ def stack(local_cloud: Any, pubsub_emulator: Any, names: Any, tmp_path: Path) ->
         try:
             worker.wait_ready()
             app.wait_ready()
-            yield {"app": app, "db": db, "deliverer": deliverer, "worker": worker}
+            yield {"app": app, "db": db, "deliverer": deliverer, "worker": worker, "env": env}
         finally:
             deliverer.stop()
             app.stop()
@@ -170,9 +170,39 @@ def test_score_an_account_and_watch_a_batch_finish_in_chromium(stack: dict[str, 
     if screenshot:
         page.screenshot(path=screenshot)
 
+    # A job the page did not publish (the CLI's, as `worker dev`'s samples) shows up by itself.
+    published = worker_cli(
+        stack["env"], "enqueue", "account-scoring", "--payload", '{"account_id": "from-cli"}'
+    )
+    assert published.returncode == 0, published.stderr
+    cli_row = page.locator(f"[data-testid=job][data-job-id='{published.stdout.strip()}']")
+    cli_row.locator("[data-testid=status]:text('succeeded')").wait_for(timeout=60_000)
+    assert cli_row.locator("td").first.inner_text() == "from-cli"
+
+    # A reload forgets nothing: the page draws what the store holds.
+    page.reload()
+    account = page.locator("[data-testid=job]:has-text('acme-corp')")
+    account.locator("[data-testid=status]:text('succeeded')").wait_for(timeout=10_000)
+    assert account.locator("[data-testid=score-value]").inner_text() == str(expected)
+    page.locator("[data-testid=job]:has-text('from-cli')").wait_for(timeout=10_000)
+    done = page.locator("[data-testid=batch][data-done=true]")
+    done.wait_for(timeout=10_000)
+    assert done.locator("[data-testid=progress-text]").inner_text().startswith(f"{BATCH} of {BATCH} scored")
+    assert page.locator("[data-testid=job]").count() == 2, "the batch's children are in its bar, not rows"
+
+    # A phone's width: one column, nothing wider than the screen.
+    page.set_viewport_size({"width": 420, "height": 800})
+    overflow = page.evaluate(
+        """() => [document.documentElement, ...document.querySelectorAll('main, section, table')]
+              .filter(el => el.scrollWidth > el.clientWidth + 1).map(el => el.tagName)"""
+    )
+    assert overflow == [], f"wider than 420 px: {overflow}"
+    box = page.locator("section").nth(1).bounding_box()
+    assert box is not None and box["x"] + box["width"] <= 420
+
     # Every result arrived by push, verified, and is stored once per job_id.
     with sqlite3.connect(stack["db"]) as db:
         rows = dict(db.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
-    assert rows == {"succeeded": 1 + BATCH + 1}  # the account, the children, the batch job itself
-    assert stack["deliverer"].acked >= 1 + BATCH + 1
+    assert rows == {"succeeded": 2 + BATCH + 1}  # two accounts, the children, the batch job itself
+    assert stack["deliverer"].acked >= 2 + BATCH + 1
     assert set(stack["deliverer"].statuses) == {204}

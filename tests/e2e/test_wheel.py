@@ -38,7 +38,15 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_carries_the_code_and_the_catalog_and_nothing_else(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    expected = {"worker/_catalog/account-scoring.toml", "worker/_catalog/echo.toml", "worker/cli/__init__.py"}
+    expected = {
+        "worker/_catalog/account-scoring.toml",
+        "worker/_catalog/echo.toml",
+        "worker/cli/__init__.py",
+        # `worker console`'s page, served from the installed package
+        "worker/console/static/index.html",
+        "worker/console/static/console.js",
+        "worker/console/static/console.css",
+    }
     assert expected <= set(names)
     assert not [n for n in names if n.startswith(("tests/", "bench/", "jobs/")) or "__pycache__" in n]
     # The local cloud is a distribution of its own (localcloud/): `pip install .` brings

@@ -16,12 +16,24 @@ import pytest
 from tests.e2e.harness import worker_cli
 from worker.client import BatchProgress
 from worker.core.catalog import JobKind
-from worker.core.errors import PermanentJobError
+from worker.core.errors import InvalidJobError, PermanentJobError
 from worker.core.messages import BatchRef, Job, JobStatus, Result
-from worker.core.shapes import CallResult
+from worker.core.shapes import CallResult, Delivery
 from worker.gcp.batch import BatchFanOut, batch_id_for
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def delivery_at(published: datetime | None = None, **attributes: str) -> Delivery:
+    """A delivery as the pipeline hands the fan-out: its attributes and publish time."""
+    return Delivery(
+        data=b"",
+        attributes=attributes,
+        message_id="m",
+        delivery_attempt=1,
+        final_attempt=False,
+        publish_time=published,
+    )
 
 
 def make_job(**fields: Any) -> Job:
@@ -181,13 +193,29 @@ class FakeFuture:
 
 
 class FakePublisher:
+    """Children in `jobs`; a batch's next turns, in order, in `turns` (and `order`)."""
+
     def __init__(self) -> None:
         self.jobs: list[Job] = []
+        self.turns: list[tuple[bytes, dict[str, str]]] = []
+        self.order: list[str] = []
 
     def publish(self, topic: str, data: bytes, **attributes: str) -> FakeFuture:
         job = Job.model_validate_json(data)
-        assert attributes == {"job_id": job.job_id, "kind": job.kind} and topic == "topic"
+        assert topic == "topic"
+        if "batch_cursor" in attributes:
+            assert attributes == {
+                "job_id": job.job_id,
+                "kind": job.kind,
+                "lane": "batch",
+                "batch_cursor": attributes["batch_cursor"],
+            }
+            self.turns.append((data, attributes))
+            self.order.append("turn")
+            return FakeFuture()
+        assert attributes == {"job_id": job.job_id, "kind": job.kind, "lane": "batch"}
         self.jobs.append(job)
+        self.order.append("child")
         return FakeFuture()
 
 
@@ -259,7 +287,7 @@ def test_a_daily_batch_takes_the_publish_date_not_the_workers_clock() -> None:
     source, publisher = FakeSource([]), FakePublisher()
     job = make_job(job_id="n", kind="batch-scoring", payload={"account_ids": ["x"], "daily": True})
     published = datetime(2025, 12, 31, 23, 59, 58, tzinfo=UTC)
-    call = asyncio.run(fan_out(source, publisher)(job, batch_kind(), published))
+    call = asyncio.run(fan_out(source, publisher)(job, batch_kind(), delivery_at(published)))
     assert call.response["batch_id"] == "n-20251231"  # the clock (T0) says 2026-01-01
     assert [j.job_id for j in publisher.jobs] == ["n-20251231:0"]
 
@@ -314,3 +342,75 @@ def test_a_running_child_is_outstanding_and_never_replaces_a_final_status() -> N
     assert not progress.update(child(0, "running"))  # late, or a replay not yet ended
     assert progress.update(child(1, "failed")) and progress.done
     assert progress.as_dict()["cancelled"] == 1 and progress.as_dict()["running"] == 0
+
+
+def run_turns(fan: BatchFanOut, job: Job, kind: JobKind, publisher: FakePublisher) -> list[CallResult]:
+    """Handle the batch job, then each next turn it publishes, as the batch lane would."""
+    calls = [asyncio.run(fan(job, kind, delivery_at()))]
+    handled = 0
+    while handled < len(publisher.turns):
+        data, attributes = publisher.turns[handled]
+        handled += 1
+        calls.append(asyncio.run(fan(Job.model_validate_json(data), kind, delivery_at(**attributes))))
+    return calls
+
+
+def test_a_large_batch_goes_out_in_turns_each_publishing_the_next_after_its_first_page() -> None:
+    source, publisher = FakeSource([]), FakePublisher()
+    ids = [f"a{i}" for i in range(30)]
+    job = make_job(job_id="big", kind="batch-scoring", payload={"account_ids": ids})
+    calls = run_turns(fan_out(source, publisher), job, batch_kind(page_size=3), publisher)
+    # Turns of 4 pages of 3: 12, 24, then the last 6 (which is the only final answer).
+    assert [c.status for c in calls] == [JobStatus.RUNNING, JobStatus.RUNNING, JobStatus.SUCCEEDED]
+    assert [c.response["children_published"] for c in calls] == [12, 24, 30]
+    assert [j.job_id for j in publisher.jobs] == [f"big:{i}" for i in range(30)]
+    assert {j.batch.total for j in publisher.jobs if j.batch} == {30}
+    assert [j.payload for j in publisher.jobs] == [{"account_id": i} for i in ids]
+    # The next turn goes out after the first page of each turn, never at its end.
+    assert publisher.order[:5] == ["child"] * 3 + ["turn", "child"]
+    assert len(publisher.turns) == 2
+
+
+def test_a_paged_source_goes_on_from_its_page_token_and_is_counted_only_once() -> None:
+    source, publisher = FakeSource([f"a{i}" for i in range(20)]), FakePublisher()
+    job = make_job(job_id="src", kind="batch-scoring", payload={"source": True})
+    calls = run_turns(fan_out(source, publisher), job, batch_kind(page_size=3), publisher)
+    assert [c.response["children_published"] for c in calls] == [12, 20]
+    assert [j.job_id for j in publisher.jobs] == [f"src:{i}" for i in range(20)]
+    tokens = [b["page_token"] for b in source.bodies]
+    # The count pass (7 pages), the first turn's 4 pages, then the second turn from "12".
+    counted, first_turn, second_turn = (
+        [None, "3", "6", "9", "12", "15", "18"],
+        [None, "3", "6", "9"],
+        ["12", "15", "18"],
+    )
+    assert tokens == [*counted, *first_turn, *second_turn]
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "not json",
+        '{"id": "b", "start": 0, "total": 5, "token": null}',
+        '{"id": "b", "start": 5, "total": 5, "token": null}',
+        '{"id": "b", "start": 1, "total": 101, "token": null}',
+        '{"id": "b c", "start": 1, "total": 5, "token": null}',
+        '{"id": "b", "start": true, "total": 5, "token": null}',
+        '{"id": "b", "start": 1, "total": 5}',
+        '{"id": "b", "start": 1, "total": 5, "token": 7}',
+    ],
+)
+def test_a_forged_or_broken_cursor_is_rejected_before_anything_is_published(cursor: str) -> None:
+    source, publisher = FakeSource([f"a{i}" for i in range(5)]), FakePublisher()
+    job = make_job(job_id="b", kind="batch-scoring", payload={"source": True})
+    with pytest.raises(InvalidJobError, match="batch_cursor"):
+        asyncio.run(fan_out(source, publisher)(job, batch_kind(), delivery_at(batch_cursor=cursor)))
+    assert not publisher.jobs and not source.bodies
+
+
+def test_a_turn_whose_ids_are_not_the_rest_of_the_batch_is_rejected() -> None:
+    source, publisher = FakeSource([]), FakePublisher()
+    job = make_job(job_id="b", kind="batch-scoring", payload={"account_ids": ["x", "y"]})
+    cursor = '{"id": "b", "start": 1, "total": 5, "token": null}'
+    with pytest.raises(InvalidJobError, match="not the rest"):
+        asyncio.run(fan_out(source, publisher)(job, batch_kind(), delivery_at(batch_cursor=cursor)))

@@ -21,6 +21,7 @@ from tests.doubles import Invoker, Resolver
 from tests.pubsub_stub import StubMessage, StubPubSub
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import TransientJobError
+from worker.core.lanes import BATCH, LaneSlots
 from worker.core.messages import JobStatus, Result
 from worker.core.pipeline import Pipeline
 from worker.core.shapes import DeadLetter, Delivery, Outcome
@@ -29,6 +30,7 @@ from worker.gcp.consumer import (
     NACK_DELAY_BASE_S,
     NACK_DELAY_MAX_S,
     Consumer,
+    Lanes,
     StreamFailed,
     nack_delay,
     read_max_delivery_attempts,
@@ -513,3 +515,74 @@ def test_a_job_held_too_long_on_its_last_attempt_runs_once_more_without_a_hold()
         assert message.calls[-1] == "ack" and "nack" not in message.calls
 
     asyncio.run(main())
+
+
+BATCH_TOPIC = "projects/p/topics/jobs-batch"
+
+
+def test_a_job_marked_batch_on_the_interactive_lane_is_moved_unrun_then_acked() -> None:
+    pubsub = StubPubSub()
+    ran: list[Delivery] = []
+
+    async def handle(delivery: Delivery) -> Outcome:
+        ran.append(delivery)
+        return await succeed(delivery)
+
+    async def scenario() -> None:
+        async with Running(pubsub, handle) as running:
+            running.consumer._batch_topic = BATCH_TOPIC  # as runtime/app.py builds it
+            attributes = {"job_id": "bulk-1", "kind": "account-scoring", "lane": "batch"}
+            message = await running.deliver(job("bulk-1"), attributes=attributes)
+            assert await running.settled(message) == ["ack/stream"]
+            (moved,) = pubsub.published(BATCH_TOPIC)
+            assert moved.data == job("bulk-1") and moved.attributes == attributes
+            assert ran == [] and pubsub.published(RESULTS) == []
+            assert running.consumer.stats.moved == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_job_that_cannot_be_moved_to_the_batch_lane_is_nacked_not_lost() -> None:
+    pubsub = StubPubSub()
+    pubsub.publisher.topic_errors[BATCH_TOPIC] = RuntimeError("PermissionDenied")
+
+    async def scenario() -> None:
+        async with Running(pubsub, succeed) as running:
+            running.consumer._batch_topic = BATCH_TOPIC
+            attributes = {"job_id": "bulk-2", "kind": "account-scoring", "lane": "batch"}
+            message = await running.deliver(job("bulk-2"), attributes=attributes)
+            assert await running.settled(message) == ["nack/stream"]
+            assert pubsub.published(RESULTS) == []
+
+    asyncio.run(scenario())
+
+
+def test_the_batch_lane_runs_a_job_marked_batch_and_never_moves_it() -> None:
+    pubsub = StubPubSub()
+
+    async def scenario() -> None:
+        slots = LaneSlots(4)
+        consumer = Consumer(
+            pubsub.subscriber,
+            SUBSCRIPTION,
+            succeed,
+            ResultPublisher(pubsub.publisher, RESULTS, DEAD_LETTERS),
+            max_in_flight=4,
+            grace_s=1.0,
+            max_delivery_attempts=5,
+            lane=BATCH,
+            slots=slots.lane(BATCH),
+            batch_topic=BATCH_TOPIC,
+        )
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(Lanes([consumer]).run(stop))
+        await until(lambda: pubsub.subscriber.stream is not None)
+        attributes = {"job_id": "c1", "kind": "account-scoring", "lane": "batch"}
+        message = await asyncio.to_thread(pubsub.subscriber.deliver, job("c1"), attributes=attributes)
+        await until(lambda: bool(pubsub.settles(message)))
+        assert [e.what for e in pubsub.settles(message)] == ["ack"]
+        assert len(pubsub.published(RESULTS)) == 1 and pubsub.published(BATCH_TOPIC) == []
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())

@@ -46,6 +46,11 @@ def test_each_principal_gets_only_what_it_uses() -> None:
     assert roles_of(bindings, f"serviceAccount:{WORKER}") == {
         ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-worker"),
         ("roles/pubsub.viewer", "projects/acme/subscriptions/jobs-worker"),
+        # The batch lane: pulled like the jobs subscription; its topic takes the batch
+        # kinds' children and the jobs marked lane=batch that the worker moves there.
+        ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-batch-worker"),
+        ("roles/pubsub.viewer", "projects/acme/subscriptions/jobs-batch-worker"),
+        ("roles/pubsub.publisher", "projects/acme/topics/jobs-batch"),
         ("roles/pubsub.publisher", "projects/acme/topics/job-results"),
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
         ("roles/run.viewer", "projects/acme/locations/us-central1/services/account-scoring"),
@@ -67,9 +72,11 @@ def test_each_principal_gets_only_what_it_uses() -> None:
     assert roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com") == {
         ("roles/pubsub.publisher", "projects/acme/topics/jobs-dead-letter"),
         ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-worker"),
+        ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-batch-worker"),
     }
     assert roles_of(bindings, f"serviceAccount:{WEBAPP}") == {
         ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
+        ("roles/pubsub.publisher", "projects/acme/topics/jobs-batch"),
         ("roles/pubsub.subscriber", "projects/acme/subscriptions/job-results-webapp"),
     }
     assert all(b.why for b in bindings)
@@ -159,6 +166,7 @@ def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() 
         assert roles_of(with_ops, member) == {
             ("roles/pubsub.subscriber", "projects/acme/subscriptions/jobs-dead-letter-ops"),
             ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
+            ("roles/pubsub.publisher", "projects/acme/topics/jobs-batch"),
             ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
             ("projects/acme/roles/workerControlChannel", "projects/acme"),
             ("roles/iam.serviceAccountTokenCreator", f"projects/acme/serviceAccounts/{WORKER}"),
@@ -166,7 +174,7 @@ def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() 
             ("roles/cloudtasks.taskDeleter", "projects/acme/locations/us-central1/queues/jobs-delayed"),
             ("roles/pubsub.publisher", "projects/acme/topics/job-results"),
         }
-    assert len(with_ops) == len(base) + 16
+    assert len(with_ops) == len(base) + 18
 
 
 def test_an_operator_must_be_written_as_an_iam_member() -> None:
@@ -188,7 +196,9 @@ def test_setup_print_gcloud_grants_operators() -> None:
         "gcloud pubsub subscriptions add-iam-policy-binding jobs-dead-letter-ops --project=acme "
         "--member=user:alice@acme.com --role=roles/pubsub.subscriber"
     ) in done.stdout
-    reason = "# alice@acme.com roles/pubsub.publisher: republish dead-lettered jobs (worker replay)"
+    reason = (
+        "# alice@acme.com roles/pubsub.publisher: republish dead-lettered jobs (worker replay, batch lane)"
+    )
     assert reason in done.stdout
     assert "gcloud tasks queues create jobs-delayed --location=us-central1 --project=acme" in done.stdout
     assert (
@@ -227,7 +237,10 @@ def test_push_gives_the_push_account_invoker_and_the_pubsub_agent_token_creation
     ) in roles_of(bindings, "serviceAccount:service-123@gcp-sa-pubsub.iam.gserviceaccount.com")
     # The web app no longer pulls, so it may no longer read the subscription.
     webapp = roles_of(bindings, f"serviceAccount:{WEBAPP}")
-    assert webapp == {("roles/pubsub.publisher", "projects/acme/topics/jobs")}
+    assert webapp == {
+        ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
+        ("roles/pubsub.publisher", "projects/acme/topics/jobs-batch"),
+    }
 
 
 def test_push_endpoint_must_be_https() -> None:

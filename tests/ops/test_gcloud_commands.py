@@ -8,7 +8,7 @@ first run on a machine pays for the gcloud calls.
 Sources: `worker setup --print-gcloud` (with an operator), every gcloud command written
 in the worker's code (doctor's fix hints, error messages), the deploy script's commands
 (scripts/cloud_run_deploy.py), and the fenced and inline commands of README.md and
-docs/deploy.md.
+the pages under docs/.
 """
 
 from __future__ import annotations
@@ -145,6 +145,12 @@ def code_commands(source: str) -> Iterator[str]:
             yield match.group(0)
 
 
+def markdown_pages() -> list[str]:
+    """The README and every page it leads to, where a documented gcloud command may be."""
+    pages = ["README.md", "BENCHMARKS.md", "localcloud/README.md"]
+    return pages + sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md"))
+
+
 def documented_commands(markdown: str) -> Iterator[str]:
     yield from re.findall(r"^```(?:sh|bash|shell)?\n(.*?)^```", markdown, re.M | re.S)
     yield from re.findall(r"`(gcloud [^`]+)`", markdown)
@@ -187,7 +193,7 @@ def all_commands(gcloud_help: GcloudHelp) -> dict[str, list[str]]:
     snippets: list[tuple[str, str]] = [("worker setup --print-gcloud", printed_commands())]
     for module in sorted((REPO / "worker").rglob("*.py")):
         snippets += [(str(module.relative_to(REPO)), c) for c in code_commands(module.read_text())]
-    for doc in ("README.md", "docs/deploy.md"):
+    for doc in markdown_pages():
         snippets += [(doc, s) for s in documented_commands((REPO / doc).read_text())]
     found: dict[str, list[str]] = {}
     roots = gcloud_help.children(())

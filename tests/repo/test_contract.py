@@ -92,6 +92,7 @@ def test_every_dead_letter_attribute_is_listed() -> None:
         kind="k",
         replay_count=1,
         traceparent="t",
+        lane="batch",
     )
     assert sorted(names) == sorted(everything.to_attributes())
 

@@ -134,13 +134,16 @@ def test_the_crema_configuration_scales_the_deployed_pool_on_its_jobs_subscripti
     spec = scaled["spec"]
     pool = cloudbuild["_NAME"]
     assert spec["scaleTargetRef"]["name"] == f"projects/PROJECT_ID/locations/REGION/workerpools/{pool}"
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "gcp-pubsub"
-    assert trigger["metadata"]["subscriptionName"] == settings.jobs_subscription
-    assert trigger["metadata"]["mode"] == "SubscriptionSize"
-    # The backlog per instance stays under what one instance holds in flight.
-    target = float(trigger["metadata"]["value"])
-    assert 0.5 * settings.max_in_flight <= target < settings.max_in_flight
+    # One trigger per lane: the backlog of every lane's subscription.
+    assert [t["metadata"]["subscriptionName"] for t in spec["triggers"]] == [
+        settings.lane_subscription(lane) for lane in settings.lanes
+    ]
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "gcp-pubsub"
+        assert trigger["metadata"]["mode"] == "SubscriptionSize"
+        # The backlog per instance stays under what one instance holds in flight.
+        target = float(trigger["metadata"]["value"])
+        assert 0.5 * settings.max_in_flight <= target < settings.max_in_flight
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
 
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
-from rich.progress_bar import ProgressBar
-from rich.table import Table
 
 from worker.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, exits_with_code
-from worker.client import BatchProgress
-from worker.core.messages import Result
+
+if TYPE_CHECKING:
+    from worker.client import BatchProgress
 
 
 @click.command("batch-status")
@@ -36,6 +33,11 @@ def batch_status(batch_id: str, results_file: Path, as_json: bool) -> int:
 
 def read_progress(batch_id: str, lines: Iterable[str]) -> tuple[BatchProgress, int]:
     """Progress from results as JSON lines, and how many lines were not results."""
+    from pydantic import ValidationError
+
+    from worker.client import BatchProgress
+    from worker.core.messages import Result
+
     progress = BatchProgress(batch_id)
     unreadable = 0
     for line in lines:
@@ -63,6 +65,11 @@ def show_progress(batch_id: str, results_file: Path, *, as_json: bool) -> int:
 
 
 def _render(progress: BatchProgress, unreadable: int) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
     console = Console()
     if progress.total is None:
         console.print(f"batch {escape(progress.batch_id)}: no child results yet")

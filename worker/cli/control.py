@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,7 +27,9 @@ from worker.cli.common import (
     operator_clients,
     table,
 )
-from worker.core.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -129,11 +131,18 @@ def status(wait_s: float, as_json: bool) -> int:
                 )
                 or "- (no call made yet)",
                 f"{state.get('in_flight', 0)} / {state.get('held', 0)}",
+                _lanes(state.get("lanes")),
             ]
         )
     table(
         f"{len(replies)} worker instance(s) on {settings.control_topic}",
-        ["instance", "paused kinds", "targets: breaker, limit/ceiling", "jobs in flight / held"],
+        [
+            "instance",
+            "paused kinds",
+            "targets: breaker, limit/ceiling",
+            "jobs in flight / held",
+            "lanes: in flight, calling, waiting, held",
+        ],
         rows,
     )
     return EXIT_OK
@@ -152,19 +161,45 @@ def order(settings: Settings, kind: str, *, paused: bool, until: float | None, w
     from worker.core.pauses import PauseEntry
     from worker.gcp.control import send_order
 
-    entry = PauseEntry(kind, paused, time.time(), until, by=os.environ.get("USER", "")[:100])
+    entry = PauseEntry(kind, paused, time.time(), until, by=operator_name()[:100])
     publisher, _ = operator_clients(settings)
     with google_errors(settings):
         send_order(publisher, settings.project, settings.control_topic, entry)
     verb = "paused" if paused else "resumed"
     when = "" if until is None else f" until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}"
-    click.echo(f"{kind} {verb}{when} (order sent on {settings.control_topic}).")
-    if wait_s > 0:
-        time.sleep(min(0.5, wait_s))  # let the order land before the question
-        replies = collect(settings, wait_s)
-        agree = [r for r in replies if (kind in ((r.get("status") or {}).get("paused") or {})) == paused]
-        click.echo(f"{len(agree)} of {len(replies)} answering worker instance(s) confirm.")
+    if wait_s <= 0:
+        click.echo(f"{kind} {verb}{when}: order sent on {settings.control_topic}, confirmations not asked.")
+        return EXIT_OK
+    time.sleep(min(0.5, wait_s))  # let the order land before the question
+    replies = collect(settings, wait_s)
+    if not replies:
+        # Pause state lives in the running instances only (docs/protections.md): with none, nothing holds it.
+        if not paused:
+            click.echo(
+                f"No worker instance answered within {wait_s:g}s: none runs, so {kind} is paused nowhere."
+            )
+            return EXIT_OK
+        raise CommandError(
+            f"no worker instance answered on {settings.control_topic} within {wait_s:g}s, so the order is "
+            "forgotten (pause state lives in running instances): start a worker (`make dev` or "
+            f"`worker run`), then `worker pause {kind}` again"
+        )
+    agree = [r for r in replies if (kind in ((r.get("status") or {}).get("paused") or {})) == paused]
+    click.echo(f"{kind} {verb}{when}: {len(agree)} of {len(replies)} answering worker instance(s) confirm.")
     return EXIT_OK
+
+
+def operator_name() -> str:
+    """Who gave the order, for the instances' `kind_paused by=` log line: USER is often
+    unset (containers, cron), so the login name from the system, then the uid."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
 
 
 def collect(settings: Settings, wait_s: float) -> list[dict[str, Any]]:
@@ -173,6 +208,17 @@ def collect(settings: Settings, wait_s: float) -> list[dict[str, Any]]:
     publisher, subscriber = operator_clients(settings)
     with google_errors(settings):
         return ask_status(publisher, subscriber, settings.project, settings.control_topic, wait_s=wait_s)
+
+
+def _lanes(lanes: Any) -> str:
+    if not isinstance(lanes, dict) or not lanes:
+        return "-"
+    return "\n".join(
+        f"{name}: {lane.get('in_flight', 0)}, {lane.get('calling', 0)}, {lane.get('waiting', 0)}, "
+        f"{lane.get('held', 0)}"
+        for name, lane in sorted(lanes.items())
+        if isinstance(lane, dict)
+    )
 
 
 COMMANDS = [pause, resume, status]

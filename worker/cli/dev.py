@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import click
 
 from worker.cli.common import EXIT_USAGE, CommandError
@@ -11,6 +16,31 @@ LOCALCLOUD_HINT = (
     "`worker dev` needs the local cloud, which the runtime package does not ship: "
     "run `make dev` in a checkout, or `pip install -e ./localcloud` there"
 )
+
+
+@contextmanager
+def single_instance(env_file: str) -> Iterator[None]:
+    """Hold `ENV_FILE.lock` while this stack runs, so the env file belongs to the stack that
+    wrote it: a second `worker dev` in the same checkout refuses, naming the first one's pid.
+    An flock, not a pid file: the kernel releases it when the first one dies, however it dies."""
+    lock_path = f"{env_file or '.worker-dev.env'}.lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise CommandError(
+                f"`worker dev` is already running in this checkout (pid {holder}; its environment "
+                f"is in {env_file or '.worker-dev.env'}): use that one from a second shell, or stop it "
+                "with Ctrl-C first; `--env-file OTHER` runs a second stack beside it",
+                EXIT_USAGE,
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield  # the file stays: removing it would let a third stack lock a new one beside a second
 
 
 @click.command()
@@ -48,13 +78,14 @@ def dev(
             raise
         raise CommandError(LOCALCLOUD_HINT, EXIT_USAGE) from None
     try:
-        run_dev(
-            sample_jobs=sample_jobs,
-            max_in_flight=max_in_flight,
-            fire_batch=fire_batch,
-            push_endpoint=webapp_push_endpoint,
-            env_file=env_file,
-        )
+        with single_instance(env_file):
+            run_dev(
+                sample_jobs=sample_jobs,
+                max_in_flight=max_in_flight,
+                fire_batch=fire_batch,
+                push_endpoint=webapp_push_endpoint,
+                env_file=env_file,
+            )
     except (ConfigError, RuntimeError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
 

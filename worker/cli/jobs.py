@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from worker.cli.common import (
     EXIT_FAILED,
@@ -20,10 +21,17 @@ from worker.cli.common import (
     load_catalog_or_fail,
     load_settings_or_fail,
     operator_clients,
+    reachable_or_fail,
 )
 from worker.cli.control import parse_duration
 from worker.core.errors import InvalidJobError
-from worker.core.messages import JobStatus, Result
+from worker.core.lanes import INTERACTIVE, LANES
+
+if TYPE_CHECKING:
+    from worker.core.messages import Result
+    from worker.core.settings import Settings
+
+STATUS_WAIT_S = 2.0  # how long a timed-out --wait asks the instances why
 
 
 @click.command()
@@ -41,6 +49,13 @@ from worker.core.messages import JobStatus, Result
     default=None,
     help="Seconds --wait waits [120, plus the delay of --at/--in].",
 )
+@click.option(
+    "--lane",
+    type=click.Choice(LANES),
+    default=INTERACTIVE,
+    show_default=True,
+    help="batch: behind interactive jobs, for bulk work (docs/contract.md, Lanes).",
+)
 @exits_with_code
 def enqueue(
     kind: str,
@@ -50,11 +65,18 @@ def enqueue(
     in_: str | None,
     wait: bool,
     timeout: float | None,
+    lane: str,
 ) -> int:
     """Publish one job (checked against the catalog first) and print its id."""
     from worker.client import ResultWaiter, build_job
     from worker.client import enqueue as publish_job
+    from worker.core.messages import JobStatus
 
+    if (
+        not wait
+        and click.get_current_context().get_parameter_source("timeout") is not ParameterSource.DEFAULT
+    ):
+        raise CommandError("--timeout goes with --wait: without it enqueue does not wait", EXIT_USAGE)
     settings = load_settings_or_fail()
     try:
         body = json.loads(payload)
@@ -72,7 +94,13 @@ def enqueue(
 
     def publish() -> str:
         return publish_job(
-            kind, job.payload, job.job_id, publisher=publisher, settings=settings, not_before=job.not_before
+            kind,
+            job.payload,
+            job.job_id,
+            publisher=publisher,
+            settings=settings,
+            not_before=job.not_before,
+            lane=lane,
         )
 
     def progress(result: Result) -> None:
@@ -89,8 +117,8 @@ def enqueue(
             result = waiter.wait(timeout, on_progress=progress)
     if result is None:
         click.echo(
-            f"worker: no result for job {job.job_id} within {timeout:g}s; it stays queued. Is a "
-            "worker running (`worker run`)? Look for it later with `worker dead-letters`.",
+            f"worker: no result for job {job.job_id} within {timeout:g}s; it stays queued. "
+            + why_no_result(settings, kind),
             err=True,
         )
         return EXIT_TIMEOUT
@@ -120,6 +148,28 @@ def not_before_option(at: str | None, in_: str | None) -> datetime | timedelta |
     return None
 
 
+def why_no_result(settings: Settings, kind: str) -> str:
+    """Ask the running instances (a second or two) rather than guess why a job has no result."""
+    from worker.cli.control import collect
+
+    replies = collect(settings, STATUS_WAIT_S)
+    if not replies:
+        return (
+            f"No worker instance answered on {settings.control_topic}: start one (`make dev`, or "
+            "`worker run`); the job runs when one does."
+        )
+    paused = [r for r in replies if kind in ((r.get("status") or {}).get("paused") or {})]
+    if paused:
+        return (
+            f"{kind} is paused on {len(paused)} of {len(replies)} worker instance(s) (`worker status`): "
+            f"it runs after `worker resume {kind}`."
+        )
+    return (
+        f"{len(replies)} worker instance(s) answer and none has {kind} paused: the job may be behind "
+        "a backlog or retrying; look for it later with `worker dead-letters`."
+    )
+
+
 @click.command()
 @click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
 @click.option("--kind", help="Only look at this run_job kind's Cloud Run job [every run_job kind's].")
@@ -138,6 +188,7 @@ def cancel(job_ids: tuple[str, ...], kind: str | None, timeout: float) -> int:
 
     settings = load_settings_or_fail()
     catalog = load_catalog_or_fail(settings)
+    reachable_or_fail()
     has_run_jobs = any(k.run_job is not None for k in catalog.values())
     codes = []
     for job_id in job_ids:

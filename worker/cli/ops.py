@@ -11,13 +11,14 @@ import asyncio
 import json
 import sys
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    CommandError,
     age,
     exits_with_code,
     google_errors,
@@ -26,8 +27,10 @@ from worker.cli.common import (
     operator_clients,
     table,
 )
-from worker.core.messages import now
-from worker.core.settings import Settings
+from worker.core.lanes import LANES
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
 
 
 @click.command("dead-letters")
@@ -45,6 +48,11 @@ def dead_letters(as_json: bool, limit: int | None) -> int:
 @click.option("--limit", type=click.IntRange(min=1), help="Replay at most this many.")
 @click.option("--dry-run", is_flag=True, help="List what would be replayed; change nothing.")
 @click.option(
+    "--lane",
+    type=click.Choice(LANES),
+    help="Replay down this lane [the lane each came from]; batch for a large backlog.",
+)
+@click.option(
     "--at", "at", metavar="TIME", help="Run them not before this time (RFC 3339 with a zone), off-peak."
 )
 @click.option(
@@ -52,16 +60,23 @@ def dead_letters(as_json: bool, limit: int | None) -> int:
 )
 @exits_with_code
 def replay(
-    kind: str | None, job_id: str | None, limit: int | None, dry_run: bool, at: str | None, in_: str | None
+    kind: str | None,
+    job_id: str | None,
+    limit: int | None,
+    dry_run: bool,
+    lane: str | None,
+    at: str | None,
+    in_: str | None,
 ) -> int:
-    """Move dead-lettered jobs back to the jobs topic (each acked only once republished)."""
+    """Move dead-lettered jobs back to their lane's topic (each acked only once republished)."""
     from worker.cli.jobs import not_before_option
+    from worker.core.messages import now
 
     settings = load_settings_or_fail()
     later = not_before_option(at, in_)
     not_before = now() + later if isinstance(later, timedelta) else later
     return replay_dead_letters(
-        settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run, not_before=not_before
+        settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run, lane=lane, not_before=not_before
     )
 
 
@@ -77,6 +92,7 @@ def doctor(service: str | None, audience: str | None, worker_sa: str | None) -> 
 
 
 def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -> int:
+    from worker.core.messages import now
     from worker.ops import operations
 
     _, subscriber = operator_clients(settings)
@@ -93,11 +109,12 @@ def list_dead_letters(settings: Settings, *, as_json: bool, limit: int | None) -
         return EXIT_OK
     table(
         f"Dead letters on {path} (left in place)",
-        ["job id", "kind", "status", "error", "attempts", "age", "replays"],
+        ["job id", "kind", "lane", "status", "error", "attempts", "age", "replays"],
         [
             [
                 e.job_id or "-",
                 e.kind or "-",
+                e.lane,
                 e.status,
                 f"{e.error_code}: {e.error_message}" if e.error_code else e.error_message,
                 "-" if e.attempts is None else str(e.attempts),
@@ -119,13 +136,17 @@ def replay_dead_letters(
     job_id: str | None,
     limit: int | None,
     dry_run: bool,
+    lane: str | None = None,
     not_before: datetime | None = None,
 ) -> int:
     from worker.ops import operations
 
     publisher, subscriber = operator_clients(settings)
     path = subscriber.subscription_path(settings.project, settings.dead_letter_subscription)
-    topic = publisher.topic_path(settings.project, settings.jobs_topic)
+
+    def topic(lane: str) -> str:
+        return str(publisher.topic_path(settings.project, settings.lane_topic(lane)))
+
     progress = _Progress(enabled=sys.stdout.isatty() and not dry_run)
 
     def settled(entry: operations.DeadLetterEntry, error: str | None) -> None:
@@ -143,6 +164,7 @@ def replay_dead_letters(
             job_id=job_id,
             limit=limit,
             dry_run=dry_run,
+            lane=lane,
             on_selected=lambda chosen: progress.start(len(chosen)),
             on_settled=settled,
             not_before=not_before,
@@ -150,16 +172,30 @@ def replay_dead_letters(
     publisher.stop()
     if dry_run:
         rows = [
-            [e.job_id or "-", e.kind or "-", e.error_code or e.status, str(e.replay_count + 1)]
+            [
+                e.job_id or "-",
+                e.kind or "-",
+                e.error_code or e.status,
+                str(e.replay_count + 1),
+                lane or e.lane,
+            ]
             for e in report.selected
         ]
         if rows:
-            table("Would replay (dry run)", ["job id", "kind", "error", "replay #"], rows)
+            table("Would replay (dry run)", ["job id", "kind", "error", "replay #", "lane"], rows)
         click.echo(f"dry run: would replay {len(report.selected)}, skip {report.skipped}; nothing changed.")
         return EXIT_OK
     if not sys.stdout.isatty():
         for entry, error in report.failed:
             click.echo(f"failed: {entry.job_id or entry.message_id}: {error}", err=True)
+    if (kind or job_id) and not report.selected:
+        wanted = " and ".join(
+            f"{name} {value}" for name, value in (("kind", kind), ("job id", job_id)) if value
+        )
+        raise CommandError(
+            f"no dead letter on {path} has {wanted} ({report.skipped} other(s) left in place); "
+            "nothing replayed: `worker dead-letters` lists them"
+        )
     truncated = " (stopped scanning at 10000; run again for more)" if report.truncated else ""
     click.echo(
         f"replayed {len(report.replayed)}, skipped {report.skipped}, failed {len(report.failed)}{truncated}"
@@ -210,7 +246,18 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
     jobs = sorted(catalog.run_jobs(settings.region))
     if service is not None:
         jobs = [j for j in jobs if j[0] == service]
-        known = [s for s in known if s[0] == service] or ([] if jobs else [(service, settings.region)])
+        in_catalog = [s for s in known if s[0] == service]
+        if not in_catalog and not jobs:
+            names = sorted(
+                {name for name, _ in catalog.services(settings.region)}
+                | {name for name, _ in catalog.run_jobs(settings.region)}
+            )
+            click.echo(
+                f"{service} is not a service or Cloud Run job of the catalog ({catalog.source}: "
+                f"{', '.join(names) or 'none'}); diagnosing it anyway, but no job of this catalog calls it.",
+                err=True,
+            )
+        known = in_catalog or ([] if jobs else [(service, settings.region)])
     worker_sa = worker_sa or settings.impersonate_service_account or default_worker_sa(settings.project)
     diagnosis = asyncio.run(
         chain.diagnose(

@@ -17,11 +17,11 @@ from worker.cli.common import (
     load_settings_or_fail,
     operator_clients,
 )
-from worker.core.settings import Settings
-from worker.ops.provision import Change, SetupOptions
 
 if TYPE_CHECKING:
+    from worker.core.settings import Settings
     from worker.ops.iam import PushTarget
+    from worker.ops.provision import Change, SetupOptions
 
 
 @click.command()
@@ -94,6 +94,8 @@ def setup(
     webapp_service: str,
 ) -> int:
     """Create the topics and subscriptions, idempotently."""
+    from worker.ops.provision import SetupOptions
+
     settings = load_settings_or_fail()
     if operators and not print_gcloud:
         raise CommandError(
@@ -148,9 +150,9 @@ def apply(settings: Settings, options: SetupOptions) -> int:
     from worker.ops.provision import apply_setup, for_target
 
     options = for_target(options)
+    publisher, subscriber = operator_clients(settings)
     if not options.retry_policy:
         click.echo("Pub/Sub emulator: the jobs subscription gets no retry policy (nacks redeliver at once).")
-    publisher, subscriber = operator_clients(settings)
     changes = apply_setup(publisher, subscriber, settings, options)
     changes.append(delay_queue_change(settings))
     for change in changes:
@@ -165,6 +167,7 @@ def apply(settings: Settings, options: SetupOptions) -> int:
 def delay_queue_change(settings: Settings) -> Change:
     """The Cloud Tasks queue of jobs with a not_before, created if missing."""
     from worker.ops.delay import apply_queue
+    from worker.ops.provision import Change
     from worker.runtime.app import access_credentials, tasks_client
 
     try:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from worker.core.catalog import Catalog
 from worker.core.errors import InvalidJobError
+from worker.core.lanes import BATCH, INTERACTIVE, LANE_ATTRIBUTE, check_lane
 from worker.core.messages import MAX_PUBLISH_BYTES, Job, describe_validation_error, now
 from worker.core.settings import Settings, load_settings
 
@@ -89,8 +90,12 @@ def enqueue(
     settings: Settings | None = None,
     catalog: Catalog | None = None,
     not_before: datetime | timedelta | None = None,
+    lane: str = INTERACTIVE,
 ) -> str:
-    """Publish one job to the jobs topic and return its id once Pub/Sub has it.
+    """Publish one job to its lane's topic and return its id once Pub/Sub has it.
+
+    `lane`: "interactive" (the jobs topic: a person waits for it) or "batch" (the batch
+    lane's topic, marked `lane=batch`: bulk work that must not delay interactive jobs).
 
     With `not_before` (a datetime with a time zone, or a timedelta from now) the job
     runs at that time, not before: its first result is `scheduled`, not final.
@@ -100,13 +105,14 @@ def enqueue(
     roles/pubsub.publisher on the topic).
     """
     settings = settings or load_settings()
+    topic_name = settings.lane_topic(check_lane(lane))
     with _tracer.start_as_current_span(
-        f"send {settings.jobs_topic}",
+        f"send {topic_name}",
         kind=trace.SpanKind.PRODUCER,
         attributes={
             "messaging.system": "gcp_pubsub",
             "messaging.operation.type": "send",
-            "messaging.destination.name": settings.jobs_topic,
+            "messaging.destination.name": topic_name,
             "worker.job.kind": kind,
         },
     ) as span:
@@ -122,10 +128,11 @@ def enqueue(
         )
         span.set_attribute("worker.job.id", job.job_id)
         publisher = publisher or _default_publisher()
-        topic = publisher.topic_path(settings.project, settings.jobs_topic)
-        message_id = publisher.publish(topic, job.to_bytes(), **job.attributes()).result(
-            timeout=_PUBLISH_TIMEOUT_S
-        )
+        topic = publisher.topic_path(settings.project, topic_name)
+        attributes = job.attributes()
+        if lane == BATCH:
+            attributes[LANE_ATTRIBUTE] = BATCH
+        message_id = publisher.publish(topic, job.to_bytes(), **attributes).result(timeout=_PUBLISH_TIMEOUT_S)
         if isinstance(message_id, str):
             span.set_attribute("messaging.message.id", message_id)
     return job.job_id

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from worker.core.errors import JobError
+from worker.core.lanes import BATCH, LANE_ATTRIBUTE, current_lane
 from worker.core.messages import Result, clip
 from worker.core.shapes import DeadLetter, Delivery
 
@@ -42,6 +43,7 @@ class DeadLetterAttributes:
     kind: str | None = None
     replay_count: int | None = None  # times operators replayed it (`worker replay`)
     traceparent: str | None = None
+    lane: str | None = None  # "batch" when the job came down the batch lane
     # Set when Pub/Sub dead-lettered it (delivery attempts exhausted, no worker result).
     by_pubsub: bool = False
     pubsub_subscription: str | None = None
@@ -65,6 +67,8 @@ class DeadLetterAttributes:
             kind=carried.get("kind") or result.kind,
             replay_count=_int(carried.get("replay_count")),
             traceparent=carried.get("traceparent"),
+            # The lane of the consumer that ran it: a replay goes back down the same one.
+            lane=BATCH if current_lane() == BATCH else None,
         )
 
     def to_attributes(self) -> dict[str, str]:
@@ -74,6 +78,7 @@ class DeadLetterAttributes:
             "kind": self.kind,
             "replay_count": None if self.replay_count is None else str(self.replay_count),
             "traceparent": self.traceparent,
+            LANE_ATTRIBUTE: self.lane,
             "status": self.status,
             "error_code": self.error_code,
             "error_message": self.error_message,
@@ -98,6 +103,7 @@ class DeadLetterAttributes:
             kind=get("kind") or None,
             replay_count=_int(get("replay_count")),
             traceparent=get("traceparent"),
+            lane=get(LANE_ATTRIBUTE) or None,
             by_pubsub="error_code" not in attributes
             and any(key.startswith(PUBSUB_SOURCE_PREFIX) for key in attributes),
             pubsub_subscription=get(f"{PUBSUB_SOURCE_PREFIX}Subscription"),

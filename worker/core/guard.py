@@ -82,6 +82,10 @@ def target_ceiling(kinds: list[JobKind], capacity: Capacity | None, default: int
 
 
 class Guard:
+    """Per worker instance: the pause book, and per target its breaker and adaptive
+    limit, per kind its concurrency semaphore and rate bucket. `call(kind)` is the one
+    way through them (see the module docstring); `snapshot()` is what status shows."""
+
     def __init__(
         self,
         catalog: Catalog,

@@ -11,7 +11,9 @@ limit and the calls in flight when it came (once per round of calls: answers to
 calls started before the last cut do not cut it again), and each success adds
 1/limit while the limit binds (at least half of it in use), so it climbs back by
 about one per round trip. It never leaves [1, ceiling]. Waiters are served first
-come, first served.
+come, first served within a lane, interactive jobs' before the batch's
+(worker/core/lanes.py): a web-app job calling the target a batch fills waits for the
+next call to end, not for the batch.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections import deque
 from collections.abc import Callable
 
 import structlog
+
+from worker.core.lanes import INTERACTIVE, LANES, current_lane
 
 log = structlog.get_logger("worker.core.limits")
 
@@ -78,7 +82,7 @@ class AdaptiveLimit:
         self._decrease = decrease
         self._clock = clock
         self._epoch = 0  # bumped by each cut
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {lane: deque() for lane in LANES}
         self._logged_limit = self.ceiling
         self._logged_at = 0.0
         log.info("target_limit_ceiling", target=name, ceiling=self.ceiling, source=source)
@@ -99,11 +103,16 @@ class AdaptiveLimit:
 
     async def acquire(self) -> int:
         """Wait for room; returns the epoch to hand back to `release`."""
-        if self.in_flight < self.current and not self._waiters:
+        lane = current_lane()
+        # Queues this job would overtake: none of its own lane's, and the batch's own
+        # waiters wait behind interactive ones too.
+        ahead = [self._waiters[INTERACTIVE]] if lane == INTERACTIVE else list(self._waiters.values())
+        if self.in_flight < self.current and not any(ahead):
             self.in_flight += 1
             return self._epoch
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        queue = self._waiters[lane]
+        queue.append(waiter)
         try:
             await waiter
         except BaseException:
@@ -111,8 +120,8 @@ class AdaptiveLimit:
                 # Room was handed to us as we were cancelled: pass it on.
                 self.in_flight -= 1
                 self._wake()
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
+            elif waiter in queue:
+                queue.remove(waiter)
             raise
         return self._epoch
 
@@ -149,9 +158,11 @@ class AdaptiveLimit:
             self._logged_limit, self._logged_at = current, now
 
     def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.current:
-            waiter = self._waiters.popleft()
-            if waiter.done():
-                continue
-            self.in_flight += 1
-            waiter.set_result(None)
+        for lane in LANES:  # interactive first
+            queue = self._waiters[lane]
+            while queue and self.in_flight < self.current:
+                waiter = queue.popleft()
+                if waiter.done():
+                    continue
+                self.in_flight += 1
+                waiter.set_result(None)

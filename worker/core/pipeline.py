@@ -54,6 +54,10 @@ MAX_RETRY_AFTER_DEFERRALS = 20
 
 
 class Pipeline:
+    """Turns one delivery into an Outcome: decode and check the job against the
+    catalog, then run its kind's handler (a call through the resolver and invoker, a
+    batch fan-out, a Cloud Run job start) and build the result and any dead letter."""
+
     def __init__(
         self,
         catalog: Catalog,
@@ -84,6 +88,9 @@ class Pipeline:
         self._defer_failures = 0
 
     async def handle(self, delivery: Delivery) -> Outcome:
+        """The outcome of one delivery; never raises. An invalid job is `rejected`, a
+        permanent failure (or a transient one on the last attempt) `failed` with a dead
+        letter, a transient one a retry (nack), a refused call a hold."""
         started = self._clock()
         job: Job | None = None
         span: JobSpan | None = None
@@ -221,7 +228,7 @@ class Pipeline:
         if kind.handler == "batch":
             if self._batch_handler is None:
                 raise PermanentJobError("batch_unavailable", f"kind {kind.kind!r} needs the batch fan-out")
-            return await self._batch_handler(job, kind, delivery.publish_time)
+            return await self._batch_handler(job, kind, delivery)
         if kind.handler == "run_job":
             if self._run_job_handler is None:
                 raise PermanentJobError(

@@ -10,7 +10,7 @@ import ipaddress
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.core.errors import ConfigError
@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     region: str = Field("us-central1", validation_alias=_env("WORKER_REGION"))
     jobs_topic: str = Field("jobs", validation_alias=_env("WORKER_JOBS_TOPIC"))
     jobs_subscription: str = Field("jobs-worker", validation_alias=_env("WORKER_JOBS_SUBSCRIPTION"))
+    # The batch lane (worker/core/lanes.py): batch children, and jobs a publisher marks bulk.
+    batch_topic: str = Field("jobs-batch", validation_alias=_env("WORKER_BATCH_TOPIC"))
+    batch_subscription: str = Field("jobs-batch-worker", validation_alias=_env("WORKER_BATCH_SUBSCRIPTION"))
     results_topic: str = Field("job-results", validation_alias=_env("WORKER_RESULTS_TOPIC"))
     results_subscription: str = Field(
         "job-results-webapp", validation_alias=_env("WORKER_RESULTS_SUBSCRIPTION")
@@ -48,6 +51,10 @@ class Settings(BaseSettings):
     max_hold_s: float = Field(3600.0, gt=0, le=86_400, validation_alias=_env("WORKER_MAX_HOLD_SECONDS"))
     max_held: int = Field(5000, ge=1, le=1_000_000, validation_alias=_env("WORKER_MAX_HELD"))
     max_in_flight: int = Field(100, ge=1, le=10_000, validation_alias=_env("WORKER_MAX_IN_FLIGHT"))
+    # In-flight slots the batch lane may never take (default: a tenth of WORKER_MAX_IN_FLIGHT).
+    interactive_slots: int | None = Field(
+        None, ge=0, le=10_000, validation_alias=_env("WORKER_INTERACTIVE_SLOTS")
+    )
     max_delivery_attempts: int | None = Field(
         None, ge=5, le=100, validation_alias=_env("WORKER_MAX_DELIVERY_ATTEMPTS")
     )
@@ -126,6 +133,29 @@ class Settings(BaseSettings):
         if value.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("must be one of debug, info, warning, error")
         return value.lower()
+
+    @field_validator("interactive_slots")
+    @classmethod
+    def _interactive_slots(cls, value: int | None, info: ValidationInfo) -> int | None:
+        total = info.data.get("max_in_flight")
+        if value is not None and total is not None and value >= total:
+            raise ValueError(f"must be below WORKER_MAX_IN_FLIGHT ({total}), or the batch lane gets no slot")
+        return value
+
+    @property
+    def lanes(self) -> tuple[str, ...]:
+        """The lanes this deployment runs: both, or only interactive when WORKER_BATCH_TOPIC
+        is the jobs topic (one queue for everything, as before lanes)."""
+        if self.batch_topic == self.jobs_topic:
+            return ("interactive",)
+        return ("interactive", "batch")
+
+    def lane_topic(self, lane: str) -> str:
+        """The topic a job of `lane` is published to."""
+        return self.batch_topic if lane == "batch" else self.jobs_topic
+
+    def lane_subscription(self, lane: str) -> str:
+        return self.batch_subscription if lane == "batch" else self.jobs_subscription
 
     @property
     def health_listen_port(self) -> tuple[str, int] | None:

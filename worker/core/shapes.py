@@ -158,6 +158,6 @@ class Deferrer(Protocol):
 
 # A batch handler fans a job out (given the job, its kind and when the message was
 # published); it returns the parent's response and child count.
-BatchHandler = Callable[[Job, JobKind, datetime | None], Awaitable[CallResult]]
+BatchHandler = Callable[[Job, JobKind, Delivery], Awaitable[CallResult]]
 # A run-job handler starts (or finds) the Cloud Run job execution of a job.
 RunJobHandler = Callable[[Job, JobKind, Delivery], Awaitable[CallResult]]

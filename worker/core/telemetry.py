@@ -84,7 +84,7 @@ class Metrics:
     def job_left(self, kind: str) -> None:
         """The job of `kind` that job_started announced is no longer being handled."""
 
-    def job_finished(self, kind: str | None, status: str, attempts: int) -> None:
+    def job_finished(self, kind: str | None, status: str, attempts: int, lane: str = "interactive") -> None:
         """A delivery ended with `status` (succeeded, failed, rejected, expired, retry)."""
 
     def call_finished(self, kind: str, duration_s: float, http_status: int | None) -> None:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Callable, Sequence
+import re
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,8 +32,9 @@ import structlog
 
 from worker.core.catalog import JobKind
 from worker.core.errors import InvalidJobError, PermanentJobError
-from worker.core.messages import BatchRef, Job, now
-from worker.core.shapes import Caller, CallResult, Resolver
+from worker.core.lanes import BATCH, LANE_ATTRIBUTE
+from worker.core.messages import JOB_ID_PATTERN, BatchRef, Job, JobStatus, now
+from worker.core.shapes import Caller, CallResult, Delivery, Resolver
 
 log = structlog.get_logger("worker.gcp.batch")
 
@@ -55,8 +58,58 @@ def batch_id_for(job: Job, published: datetime) -> str:
     return job.job_id
 
 
+# Children per turn: page_size x this. A turn publishes its children and the next turn.
+PAGES_PER_TURN = 4
+# The attribute that carries a turn's place in its batch (Cursor.dumps).
+CURSOR_ATTRIBUTE = "batch_cursor"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a batch's next turn starts: the batch id, the first child index, the total,
+    and for a paged source the page token to go on from."""
+
+    batch_id: str
+    start: int
+    total: int
+    page_token: str | None = None
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {"id": self.batch_id, "start": self.start, "total": self.total, "token": self.page_token},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def read(cls, attributes: Mapping[str, str], max_ids: int) -> Cursor | None:
+        """The cursor of a turn, None for a batch's first message; InvalidJobError for
+        one that is not a cursor (a publisher's, say): it could only ask for what a
+        batch job may anyway, but not for more than the kind's max_ids."""
+        raw = attributes.get(CURSOR_ATTRIBUTE)
+        if raw is None:
+            return None
+        try:
+            fields = json.loads(raw)
+            batch_id, start, total, token = fields["id"], fields["start"], fields["total"], fields["token"]
+        except (ValueError, TypeError, KeyError):
+            raise InvalidJobError("invalid_cursor", f"{CURSOR_ATTRIBUTE} is not a batch cursor") from None
+        if (
+            not (isinstance(batch_id, str) and re.match(JOB_ID_PATTERN, batch_id))
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, total))
+            or not 0 < start < total <= max_ids
+            or not (token is None or (isinstance(token, str) and 0 < len(token) <= 512))
+        ):
+            raise InvalidJobError(
+                "invalid_cursor",
+                f"{CURSOR_ATTRIBUTE} must name a batch id, 0 < start < total <= max_ids={max_ids} "
+                "and a page token or null",
+            )
+        return cls(batch_id, start, total, token)
+
+
 class BatchFanOut:
-    """The pipeline's batch handler: `await fan_out(job, kind)` publishes the children."""
+    """The pipeline's batch handler: `await fan_out(job, kind)` publishes the children
+    to `jobs_topic`, the batch lane's topic (WORKER_BATCH_TOPIC), marked `lane=batch`."""
 
     def __init__(
         self,
@@ -75,14 +128,28 @@ class BatchFanOut:
         self._region = region
         self._clock = clock
 
-    async def __call__(self, job: Job, kind: JobKind, publish_time: datetime | None = None) -> CallResult:
+    async def __call__(self, job: Job, kind: JobKind, delivery: Delivery | None = None) -> CallResult:
+        """Publish one turn of the batch's children (all of them if they fit in one), and
+        the message that publishes the next turn: `running` until the last turn."""
         assert kind.batch is not None  # the catalog guarantees it for "batch" kinds
         spec = kind.batch
+        cursor = Cursor.read(delivery.attributes if delivery else {}, spec.max_ids)
         # Without a publish time (never the case for a message from Pub/Sub), the clock.
-        batch_id = batch_id_for(job, publish_time or self._clock())
+        publish_time = delivery.publish_time if delivery else None
+        batch_id = cursor.batch_id if cursor else batch_id_for(job, publish_time or self._clock())
         ids = _explicit_ids(job.payload, spec.max_ids)
         source = _SourcePager(kind, job, self._invoker, self._resolver, self._region)
-        if ids is None:
+        start = cursor.start if cursor else 0
+        pages: AsyncGenerator[Sequence[str], None]
+        if cursor is not None:
+            total = cursor.total
+            if ids is not None and len(ids) != total - start:
+                raise InvalidJobError(
+                    "invalid_payload",
+                    f"a batch turn from {start} of {total} lists {len(ids)} ids, not the rest",
+                )
+            pages = _chunks(ids, spec.page_size) if ids is not None else source.pages(cursor.page_token)
+        elif ids is None:
             total, pages = await source.open(spec.max_ids)
         else:
             total = len(ids)
@@ -95,24 +162,55 @@ class BatchFanOut:
                 "batch_id_too_long",
                 f"batch id {batch_id!r} leaves no room for child ids within {_MAX_JOB_ID} characters",
             )
-        published = 0
+        # This turn's pages: at most one turn of ids in memory.
+        turn: list[Sequence[str]] = []
+        taken = 0
         async with aclosing(pages):  # closed even when a grown source is cut short
             async for page in pages:
-                page = page[: total - published]  # a source that grew since the count
-                await asyncio.to_thread(
-                    self._publish_window, job, spec.child_kind, batch_id, total, published, page
-                )
-                published += len(page)
-                if published >= total:
+                page = page[: total - start - taken]  # a source that grew since the count
+                turn.append(page)
+                taken += len(page)
+                if start + taken >= total or taken >= spec.page_size * PAGES_PER_TURN:
                     break
-        if published < total:
-            raise PermanentJobError(
-                "source_changed",
-                f"{kind.service} counted {total} ids but its pages listed only {published}",
+        end = start + taken
+        following: tuple[Cursor, list[str] | None] | None = None
+        if end < total:
+            if ids is None and source.next_token is None:
+                raise PermanentJobError(
+                    "source_changed", f"{kind.service} counted {total} ids but its pages listed only {end}"
+                )
+            following = (
+                Cursor(batch_id, end, total, source.next_token if ids is None else None),
+                ids[taken:] if ids is not None else None,
             )
-        log.info("batch_published", batch_id=batch_id, children=published, page_calls=source.calls)
-        response = {"batch_id": batch_id, "children_published": published, "total": total}
+        published = start
+        for number, window in enumerate(turn):
+            await asyncio.to_thread(
+                self._publish_window, job, spec.child_kind, batch_id, total, published, window
+            )
+            published += len(window)
+            if number == 0 and following is not None:
+                # The next turn goes out after this turn's first page and before the
+                # others: it is pulled while they still wait, so the lane never runs dry,
+                # and it never holds much more than a turn of one batch (two batches
+                # started together take turns).
+                await asyncio.to_thread(self._continue, job, *following)
+        response = {"batch_id": batch_id, "children_published": end, "total": total}
+        if following is not None:
+            log.info("batch_turn_published", batch_id=batch_id, children=end, total=total)
+            return CallResult(None, response, max(1, source.attempts), status=JobStatus.RUNNING)
+        log.info("batch_published", batch_id=batch_id, children=end, page_calls=source.calls)
         return CallResult(200, response, max(1, source.attempts))
+
+    def _continue(self, parent: Job, cursor: Cursor, rest: list[str] | None) -> None:
+        """Publish the batch's next turn: the parent job again, down the batch lane, with
+        the cursor in an attribute and, for a list of ids, the ids still to publish."""
+        payload = parent.payload
+        if rest is not None:
+            payload = {**(payload if isinstance(payload, dict) else {}), "account_ids": rest}
+        job = parent.model_copy(update={"payload": payload})
+        attributes = {**job.attributes(), LANE_ATTRIBUTE: BATCH, CURSOR_ATTRIBUTE: cursor.dumps()}
+        self._publisher.publish(self._topic, job.to_bytes(), **attributes).result(timeout=_PUBLISH_TIMEOUT_S)
 
     def _publish_window(
         self, parent: Job, child_kind: str, batch_id: str, total: int, start: int, ids: Sequence[str]
@@ -136,7 +234,9 @@ class BatchFanOut:
                 batch=BatchRef(id=batch_id, index=index, total=total),
                 traceparent=parent.traceparent,
             )
-            futures.append(self._publisher.publish(self._topic, child.to_bytes(), **child.attributes()))
+            futures.append(
+                self._publisher.publish(self._topic, child.to_bytes(), **child.attributes(), lane=BATCH)
+            )
         for future in futures:
             future.result(timeout=_PUBLISH_TIMEOUT_S)
 
@@ -156,6 +256,7 @@ class _SourcePager:
         self.calls = 0
         self.attempts = 0
         self.total_size: int | None = None  # the source's own count, from its first page
+        self.next_token: str | None = None
 
     async def open(self, max_ids: int) -> tuple[int, AsyncGenerator[Sequence[str], None]]:
         """The batch's total and its pages. A source that says `total_size` on its first
@@ -183,11 +284,12 @@ class _SourcePager:
                 "batch_too_large", f"{self._kind.service} lists more than max_ids={max_ids} ids"
             )
 
-    async def pages(self) -> AsyncGenerator[list[str], None]:
+    async def pages(self, token: str | None = None) -> AsyncGenerator[list[str], None]:
+        """The source's pages from `token` (the first page without); `next_token` is the
+        token after the last page yielded (None after the last page)."""
         if not self._kind.service:
             raise PermanentJobError("no_source", f"kind {self._kind.kind!r} names no source service")
         url = await self._resolver.resolve(self._kind.service, self._region)
-        token: str | None = None
         while True:
             body = {"page_token": token, "page_size": self._page_size}
             request = self._job.model_copy(update={"payload": body})
@@ -197,6 +299,7 @@ class _SourcePager:
             ids, token, total_size = _parse_page(self._kind.service, call.response)
             if self.total_size is None:
                 self.total_size = total_size
+            self.next_token = token
             yield ids
             if token is None:
                 return

@@ -1,9 +1,12 @@
 """Pub/Sub streaming pull -> pipeline -> publish -> ack. Knows nothing of HTTP.
 
+One Consumer pulls one lane's subscription (worker/core/lanes.py); the lanes' consumers
+share the in-flight slots (`WORKER_MAX_IN_FLIGHT`, a `LaneSlots`), so a batch's backlog
+never stands between the web app's jobs and a slot. `Lanes` runs them side by side.
+
 The client library hands each message to a scheduler; ours (`LoopScheduler`) passes
-them to the asyncio loop in batches, where each job becomes a task. In-flight calls
-are bounded by a semaphore (`WORKER_MAX_IN_FLIGHT`); the client's flow control lets
-through twice that, so a small buffer waits here.
+them to the asyncio loop in batches, where each job becomes a task. The client's flow
+control lets through twice the slots, so a small buffer waits here.
 
 At shutdown, jobs not yet started are nacked while the pull stream is still open,
 then the stream closes and running jobs finish within the grace period (acked by
@@ -37,6 +40,7 @@ from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # lazy-loaded 
 from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 
 from worker.core.backoff import Backoff
+from worker.core.lanes import BATCH, INTERACTIVE, LaneSlot, LaneSlots, enter_lane, lane_of
 from worker.core.logs import bind_job_fields
 from worker.core.messages import clip
 from worker.core.shapes import Delivery, Outcome
@@ -64,6 +68,7 @@ class ConsumerStats:
     publish_failures: int = 0
     released: int = 0
     held: int = 0
+    moved: int = 0  # jobs marked lane=batch moved from the interactive lane
     last_message_at: float = 0.0
     longest_lease_s: float = 0.0  # receipt to ack or nack, of any message
     # Results published, by status (succeeded, failed, rejected, expired).
@@ -102,6 +107,10 @@ class StreamFailed(Exception):
 
 
 class Consumer:
+    """One lane's subscription: pulls it, runs each job through `handle` in a slot of
+    the lane's share, publishes the outcome, then acks or nacks (the module docstring
+    has the rules). `run(stop)` consumes until `stop`, then drains."""
+
     def __init__(
         self,
         subscriber: Any,
@@ -116,11 +125,22 @@ class Consumer:
         telemetry: Telemetry = NO_TELEMETRY,
         max_hold_s: float = 3600.0,
         max_held: int = 5000,
+        lane: str = INTERACTIVE,
+        slots: LaneSlot | None = None,
+        batch_topic: str | None = None,
     ) -> None:
+        """`slots`: this lane's share of the slots (a lane alone gets `max_in_flight`).
+        `batch_topic`: where the interactive lane moves a job marked `lane=batch`."""
+        self.lane = lane
+        # Lanes share one publisher and flush it once, after every lane has drained.
+        self.flush_at_drain = True
+        self.slots = slots or LaneSlots(max_in_flight, floor=0).lane(lane)
+        self._batch_topic = batch_topic if lane == INTERACTIVE else None
         self._subscriber = subscriber
         self._subscription = subscription
         self._handle = handle
         self._publisher = publisher
+        self.publisher = publisher
         self._max_in_flight = max_in_flight
         self._lease_extension_s = lease_extension_s
         self._grace_s = grace_s
@@ -128,7 +148,6 @@ class Consumer:
         self.leases = HeldLeases(lease_extension_s, max_held)
         self.max_delivery_attempts = max_delivery_attempts
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots: asyncio.Semaphore | None = None
         self._waiting: set[asyncio.Task[Any]] = set()
         self._streaming = False
         self._draining = False
@@ -150,13 +169,16 @@ class Consumer:
         return len(self._tasks)
 
     @property
+    def subscription_id(self) -> str:
+        return self._subscription.rsplit("/", 1)[-1]
+
+    @property
     def stream_alive(self) -> bool:
         return self._streaming and self._future is not None and not self._future.done()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain. Raises StreamFailed if the stream dies."""
         self._loop = asyncio.get_running_loop()
-        self._slots = asyncio.Semaphore(self._max_in_flight)
         failed = asyncio.Event()
         # Leases are extended a short step at a time: a job released at shutdown, or
         # held by a worker that was killed, is redelivered within one step (the
@@ -171,7 +193,12 @@ class Consumer:
             self._subscription, self._spawn, flow_control=flow, scheduler=LoopScheduler(self._loop)
         )
         self._future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(failed.set))  # type: ignore[union-attr]
-        log.info("consumer_started", subscription=self._subscription, max_in_flight=self._max_in_flight)
+        log.info(
+            "consumer_started",
+            subscription=self._subscription,
+            lane=self.lane,
+            max_in_flight=self._max_in_flight,
+        )
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
         keeper = asyncio.ensure_future(self.leases.run())
         summary = asyncio.ensure_future(self._summarize())
@@ -213,15 +240,11 @@ class Consumer:
             if late:
                 log.warning("grace_period_over_releasing", jobs=len(late))
                 await asyncio.gather(*late, return_exceptions=True)
-        await asyncio.to_thread(self._publisher.flush)
-        log.info(
-            "consumer_stopped",
-            acked=self.stats.acked,
-            nacked=self.stats.nacked,
-            released=self.stats.released,
-            longest_lease_s=round(self.stats.longest_lease_s, 2),
-            **self.stats.finished,
-        )
+        if self.flush_at_drain:  # alone, not one of Lanes (which says consumer_stopped)
+            await asyncio.to_thread(self._publisher.flush)
+            log.info("consumer_stopped", **stopped_fields(self.stats))
+        else:
+            log.info("lane_stopped", lane=self.lane, **stopped_fields(self.stats))
 
     async def _summarize(self) -> None:
         """Every SUMMARY_EVERY_S, what was finished since the last line, if anything."""
@@ -247,8 +270,8 @@ class Consumer:
         task.add_done_callback(self._tasks.discard)
 
     async def _process(self, message: Any) -> None:
-        assert self._slots is not None
         task = asyncio.current_task()
+        enter_lane(self.lane)
         received = time.monotonic()
         delivery = self._delivery(message)
         bind_job_fields(
@@ -257,10 +280,13 @@ class Consumer:
             attempt=delivery.delivery_attempt,
         )
         try:
+            if self._batch_topic is not None and lane_of(delivery.attributes) == BATCH:
+                await self._move_to_batch(message, delivery)
+                return
             self._waiting.add(task)  # type: ignore[arg-type]
             # The slot bounds calls to the functions; publishing the result and
             # acking happen outside it, so a slot turns over as soon as a call ends.
-            async with self._slots:
+            async with self.slots:
                 self._waiting.discard(task)  # type: ignore[arg-type]
                 outcome = await self._handle(delivery)
             while outcome.is_held:
@@ -285,7 +311,6 @@ class Consumer:
         then run it again. After WORKER_MAX_HOLD_SECONDS it is nacked (which uses up a
         delivery attempt); on its last attempt it runs once more and, if it would be
         held again, fails (a nack there would dead-letter it without a result)."""
-        assert self._slots is not None
         task = asyncio.current_task()
         self.leases.take(message)
         self.stats.held += 1
@@ -303,9 +328,24 @@ class Consumer:
             self.stats.held -= 1
             self._waiting.discard(task)  # type: ignore[arg-type]
         self._waiting.add(task)  # type: ignore[arg-type]
-        async with self._slots:
+        async with self.slots:
             self._waiting.discard(task)  # type: ignore[arg-type]
             return await self._handle(delivery)
+
+    async def _move_to_batch(self, message: Any, delivery: Delivery) -> None:
+        """A job its publisher marked `lane=batch` but sent to the interactive topic:
+        republished unchanged to the batch lane's topic, then acked (not run here)."""
+        assert self._batch_topic is not None
+        try:
+            await self._publisher.forward(self._batch_topic, delivery.data, delivery.attributes)
+        except Exception as exc:
+            self.stats.publish_failures += 1
+            log.error("job_move_failed", lane=BATCH, error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(nack_delay(message.delivery_attempt))
+            await self._settle(message, ack=False)
+            return
+        self.stats.moved += 1
+        await self._settle(message, ack=True)
 
     def _delivery(self, message: Any) -> Delivery:
         attempt = message.delivery_attempt
@@ -333,7 +373,7 @@ class Consumer:
             # A run_job follow-up held and republished has no outcome of its own to count.
             if self._metrics.enabled and outcome.counted:
                 attempts = outcome.result.attempts if outcome.result else 0
-                self._metrics.job_finished(outcome.kind, status, attempts)
+                self._metrics.job_finished(outcome.kind, status, attempts, self.lane)
 
     async def _publish_and_settle(self, message: Any, outcome: Outcome) -> bool:
         """Publish and ack, or nack: True if the message was acked."""
@@ -388,6 +428,93 @@ class Consumer:
                 )
         except Exception as exc:  # the message will simply be redelivered
             log.warning("settle_failed", ack=ack, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+class Lanes:
+    """The lanes' consumers, run side by side on one `LaneSlots`: what the run loop,
+    /healthz and `worker status` see of the worker's pulling."""
+
+    def __init__(self, consumers: list[Consumer]) -> None:
+        self.consumers = {consumer.lane: consumer for consumer in consumers}
+        self.max_delivery_attempts = consumers[0].max_delivery_attempts
+        self._publishers = {id(c.publisher): c.publisher for c in consumers}
+        for consumer in consumers:
+            consumer.flush_at_drain = False
+
+    @property
+    def in_flight(self) -> int:
+        return sum(c.in_flight for c in self.consumers.values())
+
+    @property
+    def stream_alive(self) -> bool:
+        return all(c.stream_alive for c in self.consumers.values())
+
+    @property
+    def stats(self) -> ConsumerStats:
+        """The lanes' figures added up (last_message_at and longest_lease_s: the latest, longest)."""
+        total = ConsumerStats()
+        for consumer in self.consumers.values():
+            part = consumer.stats
+            for name in ("received", "acked", "nacked", "publish_failures", "released", "held", "moved"):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.last_message_at = max(total.last_message_at, part.last_message_at)
+            total.longest_lease_s = max(total.longest_lease_s, part.longest_lease_s)
+            total.finished.update(part.finished)
+        return total
+
+    def status(self) -> dict[str, Any]:
+        """Per lane: jobs calling (in slots), held, and waiting for a slot."""
+        lanes = {}
+        for lane, consumer in self.consumers.items():
+            lanes[lane] = {
+                "in_flight": consumer.in_flight,
+                "calling": consumer.slots.in_use,
+                "waiting": consumer.slots.slots.waiting(lane),
+                "held": consumer.stats.held,
+                "subscription": consumer.subscription_id,
+            }
+        return lanes
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume every lane until `stop` is set, then drain them all; if one lane's
+        stream dies the others drain too and StreamFailed is raised."""
+        halt = asyncio.Event()
+
+        async def relay() -> None:
+            await stop.wait()
+            halt.set()
+
+        async def one(consumer: Consumer) -> None:
+            try:
+                await consumer.run(halt)
+            finally:
+                halt.set()
+
+        relay_task = asyncio.ensure_future(relay())
+        try:
+            outcomes = await asyncio.gather(
+                *(one(c) for c in self.consumers.values()), return_exceptions=True
+            )
+        finally:
+            relay_task.cancel()
+        for publisher in self._publishers.values():
+            await asyncio.to_thread(publisher.flush)
+        log.info("consumer_stopped", **stopped_fields(self.stats))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+
+def stopped_fields(stats: ConsumerStats) -> dict[str, Any]:
+    """What consumer_stopped and lane_stopped say of a drained consumer."""
+    return {
+        "acked": stats.acked,
+        "nacked": stats.nacked,
+        "released": stats.released,
+        "moved": stats.moved,
+        "longest_lease_s": round(stats.longest_lease_s, 2),
+        **stats.finished,
+    }
 
 
 def nack_delay(delivery_attempt: int | None) -> float:

@@ -32,6 +32,7 @@ import structlog
 from google.api_core import exceptions
 
 from worker.core.errors import InvalidJobError, TransientJobError
+from worker.core.lanes import BATCH, LANE_ATTRIBUTE, current_lane
 from worker.core.messages import SCHEDULED_ATTRIBUTE, Job, decode_job, now, times_put_off
 from worker.core.shapes import Delivery
 
@@ -78,13 +79,17 @@ class TaskDeferrer:
         queue: str,
         topic_path: str,
         *,
+        lane_topics: dict[str, str] | None = None,
         service_account: str | None,
         pubsub_endpoint: str = GOOGLE_PUBSUB_ENDPOINT,
         clock: Callable[[], datetime] = now,
     ) -> None:
         self._client = client
         self.queue = queue  # projects/P/locations/L/queues/Q
+        self._endpoint = pubsub_endpoint
         self._url = publish_url(pubsub_endpoint, topic_path)
+        # Lanes (worker/core/lanes.py): a job comes back on the topic of the lane it was pulled from.
+        self._lane_urls = {lane: publish_url(pubsub_endpoint, t) for lane, t in (lane_topics or {}).items()}
         self.service_account = service_account
         self._clock = clock
 
@@ -103,12 +108,16 @@ class TaskDeferrer:
         stamp = timestamp_pb2.Timestamp()
         stamp.FromDatetime(when)
         attributes = {**delivery.attributes, SCHEDULED_ATTRIBUTE: str(hop)}
+        lane = current_lane()
+        url = self._lane_urls.get(lane, self._url)
+        if lane == BATCH:
+            attributes[LANE_ATTRIBUTE] = BATCH
         body = {"messages": [{"data": base64.b64encode(delivery.data).decode(), "attributes": attributes}]}
         task = tasks_v2.Task(
             name=name,
             schedule_time=stamp,
             http_request=tasks_v2.HttpRequest(
-                url=self._url,
+                url=url,
                 http_method=tasks_v2.HttpMethod.POST,
                 headers={"Content-Type": "application/json"},
                 body=json.dumps(body).encode(),

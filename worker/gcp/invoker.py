@@ -134,6 +134,9 @@ class Invoker:
         self._gate: Gate = gate or _Open()
 
     async def invoke(self, kind: JobKind, url: str, job: Job, region: str = "REGION") -> CallResult:
+        """Call `url + kind.path` for `job` with an ID token for `url`, under the guard,
+        retrying what the kind's `retry_on` and backoff allow; the answer, or a JobError
+        saying why there is none (transient: the job goes back to Pub/Sub)."""
         attempts = 0
 
         async def attempt() -> CallResult:

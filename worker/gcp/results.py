@@ -56,6 +56,10 @@ class ResultPublisher:
         elif futures:
             await asyncio.gather(*(self._landed(f) for f in futures))
 
+    async def forward(self, topic: str, data: bytes, attributes: dict[str, str]) -> None:
+        """Publish a job unchanged to another lane's topic; resolve once it landed."""
+        await self._landed(self._publisher.publish(topic, data, **attributes))
+
     def _landed(self, published: concurrent.futures.Future[str]) -> asyncio.Future[str]:
         """An asyncio future that settles as `published` does (which the client settles
         on its commit thread)."""

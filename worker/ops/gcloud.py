@@ -52,6 +52,7 @@ def resource_commands(settings: Settings, options: SetupOptions, push: PushTarge
         gcloud("pubsub", "topics", "create", name, project=settings.project)
         for name in (
             settings.jobs_topic,
+            settings.batch_topic,
             settings.results_topic,
             settings.dead_letter_topic,
             settings.control_topic,
@@ -70,20 +71,24 @@ def resource_commands(settings: Settings, options: SetupOptions, push: PushTarge
             stage="GA",
         )
     )
+    # One subscription per lane, each with the same dead-letter and retry policies.
     commands += [
         gcloud(
             "pubsub",
             "subscriptions",
             "create",
-            settings.jobs_subscription,
+            settings.lane_subscription(lane),
             project=settings.project,
-            topic=settings.jobs_topic,
+            topic=settings.lane_topic(lane),
             **common,
             dead_letter_topic=settings.dead_letter_topic,
             max_delivery_attempts=options.max_delivery_attempts,
             min_retry_delay=f"{options.min_backoff_s}s",
             max_retry_delay=f"{options.max_backoff_s}s",
-        ),
+        )
+        for lane in settings.lanes
+    ]
+    commands += [
         gcloud(
             "pubsub",
             "subscriptions",

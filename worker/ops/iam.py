@@ -153,17 +153,21 @@ def iam_bindings(
     worker = f"serviceAccount:{worker_sa}"
     webapp = f"serviceAccount:{webapp_sa}"
     agent = f"serviceAccount:{pubsub_service_agent(project_number)}"
-    jobs_sub = subscription(settings.jobs_subscription)
+    lane_subs = [(lane, subscription(settings.lane_subscription(lane))) for lane in settings.lanes]
     dead_letters = topic(settings.dead_letter_topic)
-    bindings = [
-        Binding(worker, PUBSUB_SUBSCRIBER, jobs_sub, "pull and ack jobs"),
-        Binding(
-            worker,
-            PUBSUB_VIEWER,
-            jobs_sub,
-            "read the dead-letter policy's max_delivery_attempts at start-up "
-            "(not needed when WORKER_MAX_DELIVERY_ATTEMPTS is set)",
-        ),
+    bindings = []
+    for lane, lane_sub in lane_subs:
+        bindings += [
+            Binding(worker, PUBSUB_SUBSCRIBER, lane_sub, f"pull and ack jobs ({lane} lane)"),
+            Binding(
+                worker,
+                PUBSUB_VIEWER,
+                lane_sub,
+                "read the dead-letter policy's max_delivery_attempts at start-up "
+                "(not needed when WORKER_MAX_DELIVERY_ATTEMPTS is set)",
+            ),
+        ]
+    bindings += [
         Binding(worker, PUBSUB_PUBLISHER, topic(settings.results_topic), "publish results"),
         Binding(worker, PUBSUB_PUBLISHER, dead_letters, "dead-letter jobs that failed for good"),
         Binding(
@@ -195,18 +199,23 @@ def iam_bindings(
                 "write metrics to Cloud Monitoring (OTEL_METRICS_EXPORTER)",
             )
         )
-    published = (
-        ["the child jobs of batch kinds (batch-scoring)"] if any(k.batch for k in catalog.values()) else []
+    # The batch lane's topic: the children of batch kinds, and the jobs a publisher
+    # marked lane=batch on the jobs topic, which the worker moves there.
+    bindings.append(
+        Binding(
+            worker,
+            PUBSUB_PUBLISHER,
+            topic(settings.batch_topic),
+            "publish the child jobs of batch kinds, and move there jobs marked lane=batch",
+        )
     )
     if catalog.run_jobs(settings.region):
-        published.append("the follow-ups that watch Cloud Run job executions")
-    if published:
         bindings.append(
             Binding(
                 worker,
                 PUBSUB_PUBLISHER,
                 topic(settings.jobs_topic),
-                "publish " + " and ".join(published),
+                "publish the follow-ups that watch Cloud Run job executions",
             )
         )
     for service, region in sorted(catalog.services(settings.region)):
@@ -245,13 +254,24 @@ def iam_bindings(
             dead_letters,
             "Pub/Sub forwards jobs that exhausted their delivery attempts",
         ),
+    ]
+    bindings += [
         Binding(
             agent,
             PUBSUB_SUBSCRIBER,
-            jobs_sub,
-            "Pub/Sub acks the jobs it forwarded to the dead-letter topic",
-        ),
+            lane_sub,
+            f"Pub/Sub acks the jobs it forwarded to the dead-letter topic ({lane} lane)",
+        )
+        for lane, lane_sub in lane_subs
+    ]
+    bindings += [
         Binding(webapp, PUBSUB_PUBLISHER, topic(settings.jobs_topic), "publish jobs"),
+        Binding(
+            webapp,
+            PUBSUB_PUBLISHER,
+            topic(settings.batch_topic),
+            "publish bulk jobs to the batch lane (enqueue(..., lane='batch'))",
+        ),
     ]
     if push is None:
         bindings.append(
@@ -343,11 +363,14 @@ def operator_bindings(
             f"{project}/subscriptions/{settings.dead_letter_subscription}",
             "list dead letters (worker dead-letters) and take them back (worker replay)",
         ),
-        Binding(
-            member,
-            PUBSUB_PUBLISHER,
-            f"{project}/topics/{settings.jobs_topic}",
-            "republish dead-lettered jobs (worker replay)",
+        *(
+            Binding(
+                member,
+                PUBSUB_PUBLISHER,
+                f"{project}/topics/{settings.lane_topic(lane)}",
+                f"republish dead-lettered jobs (worker replay, {lane} lane)",
+            )
+            for lane in settings.lanes
         ),
         Binding(
             member,

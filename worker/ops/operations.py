@@ -19,8 +19,9 @@ from typing import Any
 from google.api_core import exceptions
 from pydantic import ValidationError
 
-from worker.core.dead_letters import DeadLetterAttributes
+from worker.core.dead_letters import PUBSUB_SOURCE_PREFIX, DeadLetterAttributes
 from worker.core.followup import FOLLOW_UP_ATTRIBUTE
+from worker.core.lanes import BATCH, INTERACTIVE, LANE_ATTRIBUTE
 from worker.core.messages import Job, describe_validation_error, salvage_identity
 
 EXHAUSTED = "delivery attempts exhausted"
@@ -48,6 +49,8 @@ class DeadLetterEntry:
     dead_lettered_at: datetime | None
     replay_count: int
     by_pubsub: bool
+    # The batch lane's subscription, to tell which lane Pub/Sub forwarded it from.
+    batch_subscription: str = "jobs-batch-worker"
 
     @classmethod
     def from_received(cls, received: Any) -> DeadLetterEntry:
@@ -110,14 +113,38 @@ class DeadLetterEntry:
             "dead_lettered_at": self.dead_lettered_at.isoformat() if self.dead_lettered_at else None,
             "age_s": int(age.total_seconds()) if age is not None else None,
             "replay_count": self.replay_count,
+            "lane": self.lane,
             "dead_lettered_by": "pubsub" if self.by_pubsub else "worker",
         }
 
-    def matches(self, kind: str | None, job_id: str | None) -> bool:
-        return (kind is None or self.kind == kind) and (job_id is None or self.job_id == job_id)
+    @property
+    def lane(self) -> str:
+        """The lane it came from: its `lane` attribute (the worker's dead letters, and
+        jobs published marked batch), else the subscription Pub/Sub forwarded it from."""
+        if self.attributes.get(LANE_ATTRIBUTE) == BATCH:
+            return BATCH
+        source = self.attributes.get(f"{PUBSUB_SOURCE_PREFIX}Subscription", "")
+        return BATCH if source and source.rsplit("/", 1)[-1] == self.batch_subscription else INTERACTIVE
 
-    def replay_attributes(self) -> dict[str, str]:
+    @property
+    def reason(self) -> str:
+        """What killed it, in one word: the error code, else why it has none."""
+        if self.error_code:
+            return self.error_code
+        return "delivery_attempts_exhausted" if self.by_pubsub else self.status
+
+    def matches(self, kind: str | None, job_id: str | None, reason: str | None = None) -> bool:
+        return (
+            (kind is None or self.kind == kind)
+            and (job_id is None or self.job_id == job_id)
+            and (reason is None or self.reason == reason)
+        )
+
+    def replay_attributes(self, lane: str | None = None) -> dict[str, str]:
+        """The attributes of the republished job, down `lane` (default: where it came from)."""
         attrs = {"replay_count": str(self.replay_count + 1)}
+        if (lane or self.lane) == BATCH:
+            attrs[LANE_ATTRIBUTE] = BATCH
         if self.job_id:
             attrs["job_id"] = self.job_id
         if self.kind:
@@ -222,18 +249,23 @@ def replay_dead_letters(
     subscriber: Any,
     publisher: Any,
     subscription: str,
-    jobs_topic: str,
+    jobs_topic: str | Callable[[str], str],
     *,
     kind: str | None = None,
     job_id: str | None = None,
+    reason: str | None = None,
     limit: int | None = None,
     dry_run: bool = False,
+    lane: str | None = None,
     pull_timeout_s: float = 2.0,
     on_selected: Callable[[list[DeadLetterEntry]], None] | None = None,
     on_settled: Callable[[DeadLetterEntry, str | None], None] | None = None,
     not_before: datetime | None = None,
 ) -> ReplayReport:
-    """Republish matching dead letters' original data to `jobs_topic`, then ack them.
+    """Republish matching dead letters' original data, then ack them.
+
+    `jobs_topic`: the topic, or the topic of a lane; each goes back down `lane`, by
+    default the lane it came from (`DeadLetterEntry.lane`).
 
     Non-matching ones (and, past `limit`, matching ones) are given back untouched.
     `on_selected` hears what will be replayed, `on_settled` each one's fate (None
@@ -244,10 +276,10 @@ def replay_dead_letters(
     report = ReplayReport()
     with DeadLetterScan(subscriber, subscription, pull_timeout_s=pull_timeout_s) as scan:
         entries = scan.pull(
-            stop=(lambda got: sum(e.matches(kind, job_id) for e in got) >= limit) if limit else None
+            stop=(lambda got: sum(e.matches(kind, job_id, reason) for e in got) >= limit) if limit else None
         )
         report.truncated = scan.truncated
-        matching = [e for e in entries if e.matches(kind, job_id)]
+        matching = [e for e in entries if e.matches(kind, job_id, reason)]
         report.selected = matching[:limit] if limit else matching
         report.skipped = len(entries) - len(report.selected)
         chosen = {e.message_id for e in report.selected}
@@ -256,6 +288,7 @@ def replay_dead_letters(
             on_selected(report.selected)
         if dry_run:
             return report
+        topic_of = jobs_topic if callable(jobs_topic) else lambda _lane: jobs_topic
         futures = {}
         for entry in report.selected:
             data, refused = entry.data, None
@@ -265,7 +298,9 @@ def replay_dead_letters(
                 scan.give_back([entry])
                 _settle(report, entry, refused, on_settled)
                 continue
-            futures[publisher.publish(jobs_topic, data, **entry.replay_attributes())] = entry
+            futures[
+                publisher.publish(topic_of(lane or entry.lane), data, **entry.replay_attributes(lane))
+            ] = entry
         published: list[DeadLetterEntry] = []
 
         def ack_published() -> None:

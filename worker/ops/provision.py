@@ -45,17 +45,29 @@ class Change:
 def _subscriptions(settings: Settings, options: SetupOptions) -> list[dict[str, Any]]:
     project = settings.project
     retention = duration_pb2.Duration(seconds=options.retention_days * 86400)
-    subscriptions: list[dict[str, Any]] = [
+    # One subscription per lane (worker/core/lanes.py), each with the same dead-letter
+    # policy onto the one dead-letter topic.
+    lanes: list[dict[str, Any]] = [
         {
-            "name": f"projects/{project}/subscriptions/{settings.jobs_subscription}",
-            "topic": f"projects/{project}/topics/{settings.jobs_topic}",
+            "name": f"projects/{project}/subscriptions/{settings.lane_subscription(lane)}",
+            "topic": f"projects/{project}/topics/{settings.lane_topic(lane)}",
             "ack_deadline_seconds": options.ack_deadline_s,
             "message_retention_duration": retention,
             "dead_letter_policy": pubsub_v1.types.DeadLetterPolicy(
                 dead_letter_topic=f"projects/{project}/topics/{settings.dead_letter_topic}",
                 max_delivery_attempts=options.max_delivery_attempts,
             ),
-        },
+        }
+        for lane in settings.lanes
+    ]
+    if options.retry_policy:
+        for subscription in lanes:
+            subscription["retry_policy"] = pubsub_v1.types.RetryPolicy(
+                minimum_backoff=duration_pb2.Duration(seconds=options.min_backoff_s),
+                maximum_backoff=duration_pb2.Duration(seconds=options.max_backoff_s),
+            )
+    return [
+        *lanes,
         {
             "name": f"projects/{project}/subscriptions/{settings.results_subscription}",
             "topic": f"projects/{project}/topics/{settings.results_topic}",
@@ -69,12 +81,6 @@ def _subscriptions(settings: Settings, options: SetupOptions) -> list[dict[str, 
             "message_retention_duration": retention,
         },
     ]
-    if options.retry_policy:
-        subscriptions[0]["retry_policy"] = pubsub_v1.types.RetryPolicy(
-            minimum_backoff=duration_pb2.Duration(seconds=options.min_backoff_s),
-            maximum_backoff=duration_pb2.Duration(seconds=options.max_backoff_s),
-        )
-    return subscriptions
 
 
 def topics(settings: Settings) -> list[str]:
@@ -82,6 +88,7 @@ def topics(settings: Settings) -> list[str]:
         f"projects/{settings.project}/topics/{name}"
         for name in (
             settings.jobs_topic,
+            settings.batch_topic,
             settings.results_topic,
             settings.dead_letter_topic,
             settings.control_topic,

@@ -20,12 +20,13 @@ import structlog
 from worker.core.catalog import Catalog, default_catalog_dir
 from worker.core.errors import ConfigError
 from worker.core.guard import Guard
+from worker.core.lanes import BATCH, INTERACTIVE, LaneSlots
 from worker.core.pipeline import Pipeline
 from worker.core.settings import Settings
 from worker.core.telemetry import Telemetry
 from worker.gcp import delay, emulator
 from worker.gcp.batch import BatchFanOut
-from worker.gcp.consumer import Consumer, read_max_delivery_attempts
+from worker.gcp.consumer import Consumer, Lanes, read_max_delivery_attempts
 from worker.gcp.control import ControlChannel
 from worker.gcp.delay import TaskDeferrer
 from worker.gcp.identity import IdentityTokenSource, build_token_source
@@ -97,6 +98,9 @@ def build_deferrer(settings: Settings, credentials: Any, service_account: str | 
         tasks_client(settings, credentials),
         delay.queue_path(settings.project, settings.region, settings.delay_queue),
         f"projects/{settings.project}/topics/{settings.jobs_topic}",
+        lane_topics={
+            lane: f"projects/{settings.project}/topics/{settings.lane_topic(lane)}" for lane in settings.lanes
+        },
         service_account=settings.delay_service_account or service_account,
         pubsub_endpoint=f"http://{emulator_host}" if emulator_host else delay.GOOGLE_PUBSUB_ENDPOINT,
     )
@@ -127,7 +131,7 @@ class Worker:
 
     catalog: Catalog
     tokens: IdentityTokenSource
-    consumer: Consumer
+    consumer: Lanes
     subscriber_client: Any
     telemetry: Telemetry
     guard: Guard
@@ -137,12 +141,13 @@ class Worker:
         return instance_status(self.guard, self.consumer, self.control)
 
 
-def instance_status(guard: Guard, consumer: Consumer, control: ControlChannel) -> dict[str, Any]:
-    """This instance's protections, for /readyz and `worker status`."""
+def instance_status(guard: Guard, lanes: Lanes, control: ControlChannel) -> dict[str, Any]:
+    """This instance's protections and lanes, for /readyz and `worker status`."""
     return {
         **guard.snapshot(),
-        "in_flight": consumer.in_flight,
-        "held": consumer.stats.held,
+        "in_flight": lanes.in_flight,
+        "held": lanes.stats.held,
+        "lanes": lanes.status(),
         "control": "listening" if control.listening else "off",
     }
 
@@ -179,10 +184,15 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
     )
     publisher_client, subscriber_client = pubsub_clients(settings, credentials)
     stack.callback(subscriber_client.close)
-    subscription = subscriber_client.subscription_path(settings.project, settings.jobs_subscription)
-    max_attempts = settings.max_delivery_attempts or await asyncio.to_thread(
-        _subscription_max_attempts, subscriber_client, subscription
-    )
+    subscriptions = {
+        lane: subscriber_client.subscription_path(settings.project, settings.lane_subscription(lane))
+        for lane in settings.lanes
+    }
+    max_attempts = {
+        lane: settings.max_delivery_attempts
+        or await asyncio.to_thread(_subscription_max_attempts, subscriber_client, subscriptions[lane], lane)
+        for lane in settings.lanes
+    }
     results = ResultPublisher(
         publisher_client,
         publisher_client.topic_path(settings.project, settings.results_topic),
@@ -196,7 +206,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
     invoker = Invoker(session, tokens, telemetry=telemetry, gate=guard)
     fan_out = BatchFanOut(
         publisher_client,
-        publisher_client.topic_path(settings.project, settings.jobs_topic),
+        publisher_client.topic_path(settings.project, settings.batch_topic),
         invoker,
         resolver,
         region=settings.region,
@@ -219,18 +229,32 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         telemetry=telemetry,
         deferrer=build_deferrer(settings, credentials, tokens.principal.email),
     )
-    consumer = Consumer(
-        subscriber_client,
-        subscription,
-        run_jobs.route(pipeline.handle),
-        results,
-        max_in_flight=settings.max_in_flight,
-        grace_s=settings.shutdown_grace_s,
-        max_delivery_attempts=max_attempts,
-        lease_extension_s=settings.lease_extension_s,
-        telemetry=telemetry,
-        max_hold_s=settings.max_hold_s,
-        max_held=settings.max_held,
+    slots = LaneSlots(settings.max_in_flight, settings.interactive_slots)
+    handle = run_jobs.route(pipeline.handle)
+    consumer = Lanes(
+        [
+            Consumer(
+                subscriber_client,
+                subscriptions[lane],
+                handle,
+                results,
+                max_in_flight=settings.max_in_flight,
+                grace_s=settings.shutdown_grace_s,
+                max_delivery_attempts=max_attempts[lane],
+                lease_extension_s=settings.lease_extension_s,
+                telemetry=telemetry,
+                max_hold_s=settings.max_hold_s,
+                max_held=settings.max_held,
+                lane=lane,
+                slots=slots.lane(lane),
+                batch_topic=(
+                    publisher_client.topic_path(settings.project, settings.batch_topic)
+                    if BATCH in settings.lanes
+                    else None
+                ),
+            )
+            for lane in settings.lanes
+        ]
     )
     control = ControlChannel(
         publisher_client,
@@ -243,15 +267,16 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
     return Worker(catalog, tokens, consumer, subscriber_client, telemetry, guard, control)
 
 
-def _subscription_max_attempts(subscriber: Any, subscription: str) -> int | None:
+def _subscription_max_attempts(subscriber: Any, subscription: str, lane: str = INTERACTIVE) -> int | None:
     from google.api_core import exceptions
 
+    variable = "WORKER_BATCH_SUBSCRIPTION" if lane == BATCH else "WORKER_JOBS_SUBSCRIPTION"
     try:
         return read_max_delivery_attempts(subscriber, subscription)
     except exceptions.NotFound:
         raise ConfigError(
-            f"subscription {subscription} does not exist; create the topics and subscriptions "
-            "with `worker setup` (or set WORKER_JOBS_SUBSCRIPTION)"
+            f"subscription {subscription} ({lane} lane) does not exist; create the topics and "
+            f"subscriptions with `worker setup` (or set {variable})"
         ) from None
     except exceptions.PermissionDenied:
         raise ConfigError(
@@ -293,7 +318,7 @@ async def run_worker(
             "worker_ready",
             identity=worker.tokens.principal.describe(),
             kinds=sorted(worker.catalog),
-            subscription=settings.jobs_subscription,
+            subscriptions={lane: settings.lane_subscription(lane) for lane in settings.lanes},
             max_delivery_attempts=worker.consumer.max_delivery_attempts,
             tracing=telemetry.tracing,
             metrics=telemetry.metrics.enabled,

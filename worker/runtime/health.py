@@ -31,7 +31,7 @@ from google.api_core import exceptions
 from worker.core.errors import ConfigError
 from worker.core.settings import Settings
 from worker.core.telemetry import Metrics
-from worker.gcp.consumer import Consumer
+from worker.gcp.consumer import Lanes
 
 log = structlog.get_logger("worker.runtime.health")
 
@@ -106,14 +106,14 @@ class Health:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
         self._clock = clock
-        self._consumer: Consumer | None = None
+        self._consumer: Lanes | None = None
         self._probe: PubSubProbe | None = None
         self._failing_reason: str | None = None
         self._status: Callable[[], dict[str, Any]] | None = None
 
     def watch(
         self,
-        consumer: Consumer,
+        consumer: Lanes,
         subscriber: Any,
         stack: AsyncExitStack,
         status: Callable[[], dict[str, Any]] | None = None,

@@ -2,7 +2,7 @@
 
 Instruments (Prometheus names in brackets, as `/metrics` shows them):
 
-    worker.jobs               counter    kind, status   [worker_jobs_total]
+    worker.jobs               counter    kind, status, lane   [worker_jobs_total]
         one per job outcome: succeeded, failed, rejected, expired, or retry (handed back)
     worker.job.attempts       histogram  kind           [worker_job_attempts]
         HTTP attempts per finished job
@@ -68,7 +68,7 @@ class SdkMetrics(Metrics):
         )
         meter = self._provider.get_meter("worker")
         self._meter = meter
-        self._jobs = meter.create_counter("worker.jobs", "{job}", "Jobs finished, by kind and status")
+        self._jobs = meter.create_counter("worker.jobs", "{job}", "Jobs finished, by kind, status and lane")
         self._attempts = meter.create_histogram(
             "worker.job.attempts", "{attempt}", "HTTP attempts per finished job"
         )
@@ -128,9 +128,9 @@ class SdkMetrics(Metrics):
     def job_left(self, kind: str) -> None:
         self._in_flight.add(-1, {"kind": kind})
 
-    def job_finished(self, kind: str | None, status: str, attempts: int) -> None:
+    def job_finished(self, kind: str | None, status: str, attempts: int, lane: str = "interactive") -> None:
         kind = kind or "unknown"
-        self._jobs.add(1, {"kind": kind, "status": status})
+        self._jobs.add(1, {"kind": kind, "status": status, "lane": lane})
         if status != "retry":
             self._attempts.record(attempts, {"kind": kind})
 

@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,6 +27,24 @@ from localcloud.ports import free_port
 # Where the reference web app (examples/webapp, `make webapp`) listens for pushes.
 DEFAULT_PUSH_ENDPOINT = "http://127.0.0.1:8090/pubsub/results"
 DEFAULT_ENV_FILE = ".worker-dev.env"
+# Accounts the dev accounts-source serves without --fire-batch, so a `{"source": true}`
+# batch from a second shell has children to fan out (with 0 it succeeded with none).
+DEFAULT_SOURCE_ACCOUNTS = 25
+# A run_job kind of `worker dev`'s own (not in jobs/, which the image ships), on a Cloud
+# Run job of the local cloud whose execution takes a while: `enqueue`, `cancel` and
+# `replay` of long work can be tried from a second shell.
+DEV_RUN_JOB = "rescore"
+DEV_RUN_JOB_SECONDS = 30.0
+DEV_RUN_JOB_KIND = f"""# Written by `worker dev`: a local Cloud Run job, {DEV_RUN_JOB_SECONDS:g} s a run.
+kind = "{DEV_RUN_JOB}"
+description = "Re-score every account on a Cloud Run job (worker dev only)"
+handler = "run_job"
+
+[run_job]
+job = "{DEV_RUN_JOB}"
+poll_initial_s = 2
+poll_max_s = 5
+"""
 
 
 def _pin_metadata_host() -> int:
@@ -36,6 +56,27 @@ def _pin_metadata_host() -> int:
 
 def push_service_account(project: str) -> str:
     return f"results-push@{project}.iam.gserviceaccount.com"
+
+
+def add_dev_services(cloud: Any, fire_batch: int) -> None:
+    """The shipped catalog's services; the accounts source serves `fire_batch` accounts
+    when a batch is fired, DEFAULT_SOURCE_ACCOUNTS otherwise."""
+    cloud.add_service("account-scoring", "account-scoring")
+    cloud.add_service("echo", "echo")
+    source = cloud.add_service("accounts-source", "accounts-source")
+    source.total_accounts = fire_batch or DEFAULT_SOURCE_ACCOUNTS
+
+
+def write_dev_catalog(directory: Path, source: Path) -> None:
+    """The catalog `worker dev` runs: the configured one's kinds, plus DEV_RUN_JOB's. It
+    stays after `worker dev` stops, so a second shell whose environment still names it
+    hears that the emulator is gone, not that its catalog is."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    for kind in sorted(source.glob("*.toml")):
+        shutil.copy(kind, directory / kind.name)
+    if not (directory / f"{DEV_RUN_JOB}.toml").exists():
+        (directory / f"{DEV_RUN_JOB}.toml").write_text(DEV_RUN_JOB_KIND)
 
 
 def webapp_env(cloud: Any, emulator_host: str, push_endpoint: str) -> dict[str, str]:
@@ -70,20 +111,23 @@ def run_dev(
     metadata_port = _pin_metadata_host()
     os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
     from localcloud import LocalCloud, PubSubEmulator
+    from worker.core.catalog import default_catalog_dir
 
     project = os.environ.get("GOOGLE_CLOUD_PROJECT") or "local-project"
+    # Beside the env file, whose stack alone writes it (worker/cli/dev.py's lock).
+    catalog = os.path.abspath(f"{env_file or DEFAULT_ENV_FILE}.jobs")
     with (
         PubSubEmulator(project=project) as emulator,
         LocalCloud(project=project, metadata_port=metadata_port) as cloud,
     ):
+        write_dev_catalog(Path(catalog), Path(os.environ.get("WORKER_CATALOG_DIR") or default_catalog_dir()))
+        cloud.add_run_job(DEV_RUN_JOB, task_seconds=DEV_RUN_JOB_SECONDS)
+        os.environ["WORKER_CATALOG_DIR"] = catalog
         os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
         os.environ.update(cloud.env)
         os.environ["WORKER_MAX_IN_FLIGHT"] = str(max_in_flight)
-        cloud.add_service("account-scoring", "account-scoring")
-        cloud.add_service("echo", "echo")
-        source = cloud.add_service("accounts-source", "accounts-source")
-        source.total_accounts = fire_batch
-        env = webapp_env(cloud, emulator.host, push_endpoint)
+        add_dev_services(cloud, fire_batch)
+        env = dict(webapp_env(cloud, emulator.host, push_endpoint), WORKER_CATALOG_DIR=catalog)
         if env_file:
             write_env_file(env_file, env)
         try:
@@ -166,33 +210,46 @@ def _sample_job(index: int) -> dict[str, Any]:
     }
 
 
-def _print_results(subscriber: Any, settings: Any, stop: asyncio.Event) -> None:
-    from worker.client import BatchProgress
-    from worker.core.messages import Result
+class ResultPrinter:
+    """One line per result, one per tenth of a batch. The subscriber calls `show` from
+    several threads at once: a batch's update and its line are one step under a lock, so
+    its progress never prints backwards (`done: true`, then an older `done: false`)."""
 
-    path = subscriber.subscription_path(settings.project, settings.results_subscription)
-    batches: dict[str, BatchProgress] = {}
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches: dict[str, Any] = {}
 
-    def show(message: Any) -> None:
+    def show(self, message: Any) -> None:
+        from worker.client import BatchProgress
+        from worker.core.messages import Result
+
         result = json.loads(message.data)
         if result.get("batch"):
-            # One line per tenth of a batch, not one per child.
-            progress = batches.setdefault(result["batch"]["id"], BatchProgress(result["batch"]["id"]))
-            step = max(1, result["batch"]["total"] // 10)
-            counted = progress.update(Result.model_validate(result))
-            if counted and (progress.finished % step == 0 or progress.done):
-                click.echo(f"    batch  {progress.batch_id}  " + json.dumps(progress.as_dict()))
+            batch = result["batch"]
+            step = max(1, batch["total"] // 10)
+            with self._lock:
+                progress = self._batches.setdefault(batch["id"], BatchProgress(batch["id"]))
+                counted = progress.update(Result.model_validate(result))
+                if counted and (progress.finished % step == 0 or progress.done):
+                    click.echo(f"    batch  {progress.batch_id}  " + json.dumps(progress.as_dict()))
             message.ack()
             return
-        colour = {"succeeded": "green", "expired": "yellow"}.get(result["status"], "red")
-        answer = result.get("response") if result["status"] == "succeeded" else result.get("error")
+        colour = {"succeeded": "green", "expired": "yellow", "running": "cyan"}.get(result["status"], "red")
+        answer = (
+            result.get("response") if result["status"] in ("succeeded", "running") else result.get("error")
+        )
+        # A rejected job may have had no readable id or kind: say so, not "None None".
+        job_id, kind = result.get("job_id") or "(no job id)", result.get("kind") or "(no kind)"
         click.echo(
             click.style(f"{result['status']:>9}", fg=colour)
-            + f"  {result['job_id']}  {result['kind']}  attempts={result['attempts']}  "
+            + f"  {job_id}  {kind}  attempts={result['attempts']}  "
             + json.dumps(answer)[:120]
         )
         message.ack()
 
-    future = subscriber.subscribe(path, show)
+
+def _print_results(subscriber: Any, settings: Any, stop: asyncio.Event) -> None:
+    path = subscriber.subscription_path(settings.project, settings.results_subscription)
+    future = subscriber.subscribe(path, ResultPrinter().show)
     with contextlib.suppress(Exception):  # the stream ends when the emulator stops
         future.result()
