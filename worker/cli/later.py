@@ -4,7 +4,7 @@ for their `not_before`; `worker cancel` (worker/cli/jobs.py) deletes one's task 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,7 +17,9 @@ from worker.cli.common import (
     operator_clients,
     table,
 )
-from worker.core.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
 
 _ROLES_FIX = (
     "listing needs roles/cloudtasks.viewer on the queue, cancelling also roles/cloudtasks.taskDeleter "
