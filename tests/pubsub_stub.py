@@ -11,7 +11,8 @@ the result publisher run unmodified in milliseconds, without the emulator:
   `pubsub_v1.types.PullResponse` from messages a test `queue`d (what operators' tools
   read); `get_subscription` answers a `pubsub_v1.types.Subscription`.
 - `StubMessage`: `data`, `attributes`, `message_id`, `ack_id`, `delivery_attempt`,
-  `publish_time`, and `ack()`, `nack()`, `modify_ack_deadline(seconds)`. Like the
+  `publish_time`, and `ack()`, `nack()`, `modify_ack_deadline(seconds)`, `drop()`
+  (recorded as `dropped`: the client's own business, it reaches no Pub/Sub). Like the
   real client, a settle sent on a closed stream goes nowhere: the stand-in records
   it as lost, so a test can tell it from one that reached Pub/Sub.
 - `StubPublisher`: `publish(topic, data, **attributes)` returns a
@@ -98,6 +99,7 @@ class StubMessage:
         self.delivery_attempt = delivery_attempt
         self.publish_time = publish_time
         self.lost: list[str] = []  # settles sent after the stream closed: never reached Pub/Sub
+        self.dropped = False  # taken out of the client's lease management (`drop()`)
 
     def ack(self) -> None:
         self._settle("ack")
@@ -107,6 +109,11 @@ class StubMessage:
 
     def modify_ack_deadline(self, seconds: int) -> None:
         self._settle("modack", seconds)
+
+    def drop(self) -> None:
+        """Like the real Message.drop(): the client stops leasing it and it no longer
+        counts against flow control; nothing reaches Pub/Sub."""
+        self.dropped = True
 
     def _settle(self, what: str, seconds: int | None = None) -> None:
         if not self._stream.open:

@@ -220,3 +220,66 @@ def test_a_job_held_too_long_on_its_last_attempt_fails_with_a_result() -> None:
     assert outcome.ack and outcome.hold is None and outcome.dead_letter is not None
     assert outcome.result is not None and outcome.result.error is not None
     assert outcome.result.status.value == "failed" and outcome.result.error.code == "held_too_long"
+
+
+async def answered(
+    g: Guard, kind: JobKind, status: int, retry_after: float | None = None, retry: bool = False
+) -> None:
+    async with g.call(kind, "r", retry=retry) as call:
+        call.answered(status, retry_after)
+
+
+@run_async
+async def test_429_and_503_with_retry_after_cut_the_limit_and_a_bare_503_does_not() -> None:
+    quiet = JobKind(kind="score", service="scoring", breaker={"failures": 1000, "min_calls": 1000})
+    g = guard(quiet, default=40)
+    limit = g.limit(("scoring", "r"))
+    await answered(g, quiet, 503)
+    assert limit.current == 40, "one bare 503 is a failure, not overload"
+    await answered(g, quiet, 503, retry_after=2.0)
+    assert limit.current == 1, "Cloud Run's overload answer (cut from the 1 call in flight)"
+    g = guard(quiet, default=40)
+    await answered(g, quiet, 429)
+    assert g.limit(("scoring", "r")).current == 1
+
+
+@run_async
+async def test_a_jobs_retries_count_once_for_the_limit() -> None:
+    quiet = JobKind(kind="score", service="scoring", breaker={"failures": 1000, "min_calls": 1000})
+    g = guard(quiet, default=40)
+    limit = g.limit(("scoring", "r"))
+    # 8 jobs in flight are refused; six retry (room for six now), three times each,
+    # and are refused each time.
+    first = [g.call(quiet, "r") for _ in range(8)]
+    for call in first:
+        await call.__aenter__()
+    for call in first:
+        call.answered(429)
+        await call.__aexit__(None, None, None)
+    assert limit.current == 6
+    for _ in range(3):
+        retries = [g.call(quiet, "r", retry=True) for _ in range(6)]
+        for call in retries:
+            await call.__aenter__()
+        for call in retries:
+            call.answered(429)
+            await call.__aexit__(None, None, None)
+    assert limit.current == 6, "retries of refused jobs cut it again"
+    await answered(g, quiet, 200, retry=True)  # a retry's success still counts
+    assert limit.in_flight == 0
+
+
+@run_async
+async def test_a_job_waiting_for_a_rate_token_holds_no_place_under_the_adaptive_limit() -> None:
+    rated = JobKind(kind="score", service="scoring", rate_per_s=20, rate_burst=1)
+    g = guard(rated, default=40)
+    limit = g.limit(("scoring", "r"))
+    first = g.call(rated, "r")
+    await first.__aenter__()  # took the one token of the burst
+    second = asyncio.ensure_future(attempt(g, rated))  # waits ~50 ms for the next token
+    await asyncio.sleep(0.01)
+    assert limit.in_flight == 1, "the job waiting for a token counts as a call in flight"
+    first.answered(200)
+    await first.__aexit__(None, None, None)
+    await asyncio.wait_for(second, 1)
+    assert limit.in_flight == 0

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tests.aio import run_async
-from worker.core.limits import DECREASE, AdaptiveLimit, TokenBucket
+from worker.core.limits import DECREASE, ERROR_RATE, MIN_CALLS, WINDOW_S, AdaptiveLimit, TokenBucket
 
 
 class Clock:
@@ -144,3 +144,40 @@ async def test_a_stalled_loop_does_not_release_a_crowd_of_waiters_at_once() -> N
     # Without the queue, all ten reservations would be overdue and start together.
     first_burst = [t for t in started if t - started[0] < 0.005]
     assert len(first_burst) <= 2, len(first_burst)
+
+
+@run_async
+async def test_isolated_failures_never_cut_the_limit_but_a_failure_rate_over_the_window_does() -> None:
+    clock = Clock()
+    limit = AdaptiveLimit("svc", 40, "test", clock=clock)
+    busy = [await limit.acquire() for _ in range(40)]
+    # A flaky service: one answer in five fails, at random, for a minute of calls.
+    for n in range(2000):
+        clock.now += 0.03
+        limit.release(busy.pop(0), "fail" if n % 5 == 0 else "ok")
+        busy.append(await limit.acquire())
+    assert limit.current == 40, "20 % random failures are noise, not overload"
+    # Then every answer fails: once failures pass half the window's answers, one cut.
+    answers = 0
+    while answers < 1000:
+        clock.now += 0.03
+        limit.release(busy.pop(0), "fail")
+        answers += 1
+        if limit.current < 40:
+            break
+        busy.append(await limit.acquire())
+    assert limit.current == int(40 * DECREASE)
+    assert 100 < answers < 160, "when failures passed half of the 10 s window (~125 answers)"
+
+
+@run_async
+async def test_failures_need_enough_answers_in_the_window_to_cut() -> None:
+    clock = Clock()
+    limit = AdaptiveLimit("svc", 10, "test", clock=clock)
+    for _ in range(MIN_CALLS - 1):
+        limit.release(await limit.acquire(), "fail")
+    assert limit.current == 10, "too few answers to be a rate"
+    clock.now += WINDOW_S + 1  # the window forgets them
+    limit.release(await limit.acquire(), "fail")
+    assert limit.current == 10
+    assert ERROR_RATE == 0.5

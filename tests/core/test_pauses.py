@@ -61,3 +61,20 @@ async def test_a_waiter_wakes_on_resume() -> None:
     assert not waiter.done()
     book.apply(PauseEntry("score", False, at=2.0))
     await asyncio.wait_for(waiter, 1)
+
+
+def test_old_orders_that_pause_nothing_are_pruned_and_not_taken_again() -> None:
+    from worker.core.pauses import FORGET_AFTER_S
+
+    now = [1_000_000_000.0]
+    book = PauseBook(clock=lambda: now[0])
+    book.apply(PauseEntry("a", True, at=now[0]))
+    book.apply(PauseEntry("a", False, at=now[0] + 1))
+    book.apply(PauseEntry("forever", True, at=now[0]))  # paused until `worker resume`
+    now[0] += FORGET_AFTER_S + 10
+    book.apply(PauseEntry("b", True, at=now[0]))
+    assert "a" not in book._entries, "a resumed kind's old entry is kept for ever"
+    assert book.is_paused("forever") and book.is_paused("b")
+    # A replica passing on the forgotten pause of "a" does not pause it again.
+    assert not book.apply(PauseEntry("a", True, at=now[0] - FORGET_AFTER_S - 10))
+    assert not book.is_paused("a")

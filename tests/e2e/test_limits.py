@@ -248,3 +248,33 @@ def _wait_for_event(worker: WorkerProcess, name: str, timeout: float = 20) -> No
             return
         time.sleep(0.1)
     raise AssertionError(f"no {name} in {timeout}s:\n{worker.logs()[-3000:]}")
+
+
+def test_an_outage_longer_than_the_hold_bound_ends_each_held_job_with_a_result(
+    local_cloud: Any, env_for: Any, tmp_path: Path
+) -> None:
+    """Holds add up over the breaker's half-open cycles: past WORKER_MAX_HOLD_SECONDS a
+    held job is nacked, and on its last delivery attempt it fails (result and dead
+    letter) instead of being held for ever, probed every `open_s`."""
+    down = local_cloud.add_service(f"down-{uid()}", "echo")
+    down.latency_s = 0.02
+    write_kind(tmp_path / "jobs", "down", down.name, attempts=2, backoff_initial_s=0.05, backoff_max_s=0.1)
+    with (tmp_path / "jobs" / "down.toml").open("a") as toml:
+        toml.write("[breaker]\nfailures = 3\nopen_s = 1\nprobes = 1\n")
+    env = env_for(WORKER_MAX_HOLD_SECONDS="3")
+    batch = jobs("down", 5, "d")
+    down.error_rate, down.error_status = 1.0, 503
+    started = time.time()
+    with WorkerProcess(env) as worker:
+        worker.wait_ready()
+        publish(env, batch)
+        results = collect_results(env, {j["job_id"] for j in batch}, timeout=150)
+        took = time.time() - started
+        assert worker.stop() == 0
+    assert statuses(results) == {"failed": 5}, results
+    codes = {entries[0]["error"]["code"] for entries in results.values()}
+    assert codes <= {"held_too_long", "http_503"}, codes
+    held_too_long = events(worker, "job_held_too_long")
+    assert held_too_long and all(e["held_s"] < 3 + 1.5 for e in held_too_long), held_too_long
+    # At most one probe a second while the breaker is open, not a call per job per cycle.
+    assert len(down.requests) <= 10 + took, (len(down.requests), took)

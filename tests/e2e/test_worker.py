@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,27 @@ def test_calls_outliving_the_grace_period_are_redelivered_to_the_next_worker(sta
         second.wait_ready()
         results = collect_results(env, {j["job_id"] for j in jobs}, timeout=90)
     assert all(r[0]["status"] == "succeeded" for r in results.values())
+
+
+def test_jobs_running_at_sigterm_keep_their_leases_through_a_grace_longer_than_the_lease_step(
+    stack: dict[str, Any],
+) -> None:
+    """The stream's leaser stops with the stream; the worker keeps the leases itself, so a
+    second worker pulling the same subscription never gets a job that is still running."""
+    env = dict(stack["env"], WORKER_SHUTDOWN_GRACE_SECONDS="40", WORKER_LEASE_EXTENSION_SECONDS="10")
+    stack["scoring"].latency_s = 22.0
+    jobs = scoring_jobs(10, prefix="kept")
+    second = WorkerProcess(env, "second")  # pulls the same subscription all along
+    try:
+        second.wait_ready()
+        code, _, first = sigterm_when_calls_started(env, stack["scoring"], jobs, 10)
+        assert code == 0, first.logs()[-2000:]
+        results = collect_results(env, {j["job_id"] for j in jobs}, timeout=60)
+    finally:
+        second.kill()
+    assert all(r[0]["status"] == "succeeded" for r in results.values())
+    calls = Counter(r.job_id for r in stack["scoring"].requests)
+    assert calls == dict.fromkeys((j["job_id"] for j in jobs), 1), f"a job ran twice: {calls}"
 
 
 @STREAMS

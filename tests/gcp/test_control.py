@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 from pathlib import Path
 from typing import Any
@@ -127,3 +129,74 @@ def test_a_bad_duration_exits_2(runner: CliRunner) -> None:
     done = runner.invoke(cli, ["pause", "score", "--for", "a while"])
     assert done.exit_code == 2
     assert "--for: 'a while' is not a duration such as 90s" in done.output
+
+
+class Stream(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A streaming pull future: fails when the test says so, cancelled at close."""
+
+
+class Subscriber:
+    """The calls ControlChannel makes of a SubscriberClient; each subscribe is a new Stream."""
+
+    def __init__(self) -> None:
+        self.streams: list[Stream] = []
+        self.created: list[str] = []
+        self.deleted: list[str] = []
+
+    @staticmethod
+    def subscription_path(project: str, name: str) -> str:
+        return f"projects/{project}/subscriptions/{name}"
+
+    def create_subscription(self, request: dict[str, Any]) -> None:
+        self.created.append(request["name"])
+
+    def subscribe(self, subscription: str, callback: Any) -> Stream:
+        self.streams.append(Stream())
+        return self.streams[-1]
+
+    def delete_subscription(self, subscription: str, **_: Any) -> None:
+        self.deleted.append(subscription)
+
+
+def test_the_channel_says_down_with_the_reason_when_its_stream_dies_and_reconnects() -> None:
+    from google.api_core import exceptions
+
+    from worker.core.backoff import Backoff
+
+    subscriber, publisher = Subscriber(), Publisher()
+    ch = ControlChannel(
+        publisher,
+        subscriber,
+        project="p",
+        topic="worker-control",
+        pauses=PauseBook(),
+        status=lambda: {},
+        replica="me",
+        reconnect=Backoff(0.02, 0.05),
+    )
+
+    async def scenario() -> None:
+        await ch.start()
+        assert ch.state == "listening" and len(subscriber.created) == 1
+        # The subscription was deleted under the worker: the stream ends with NotFound.
+        subscriber.streams[0].set_exception(exceptions.NotFound("Resource not found (resource=sub)."))
+        await until(lambda: ch.state == "down")
+        assert ch.down_reason is not None and "NotFound" in ch.down_reason
+        assert not ch.listening
+        # After the backoff: the subscription made again, a new stream, hello again.
+        await until(lambda: ch.state == "listening")
+        assert len(subscriber.streams) == 2 and len(subscriber.created) == 2
+        assert ch.reconnects == 1 and ch.down_reason is None
+        assert [sent[2]["op"] for sent in publisher.sent] == ["hello", "hello"]
+        await ch.close()
+        assert ch.state == "off" and subscriber.streams[1].cancelled()
+
+    asyncio.run(scenario())
+
+
+async def until(condition: Any, timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.005)

@@ -40,7 +40,11 @@ Handler = Callable[[web.Request, int], web.StreamResponse]
 
 
 def call(
-    handler: Handler, kind: JobKind | None = None, job: Job | None = None, telemetry: Any = NO_TELEMETRY
+    handler: Handler,
+    kind: JobKind | None = None,
+    job: Job | None = None,
+    telemetry: Any = NO_TELEMETRY,
+    gate: Any = None,
 ) -> tuple[Any, list[web.Request], list[float], Tokens]:
     kind = kind or JobKind(
         kind="k", service="svc", attempts=4, backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=0.5
@@ -69,7 +73,7 @@ def call(
 
         try:
             async with aiohttp.ClientSession() as session:
-                invoker = Invoker(session, tokens, sleep=sleep, telemetry=telemetry)
+                invoker = Invoker(session, tokens, sleep=sleep, telemetry=telemetry, gate=gate)
                 try:
                     return await invoker.invoke(kind, f"http://127.0.0.1:{port}", job, "r1")
                 except Exception as exc:
@@ -129,6 +133,39 @@ def test_a_kind_deferring_on_retry_after_does_not_sleep_past_its_backoff() -> No
     # Not opted in, 30 s is still slept through in process.
     _, seen, sleeps, _ = call(busy, kind=JobKind(kind="k", service="svc", attempts=2, backoff_max_s=10))
     assert sleeps == [30.0] and len(seen) == 2
+
+
+class RecordingGate:
+    """A gate that lets every attempt through and notes what the guard would be told."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, int, float | None]] = []
+        self._retry = False
+
+    def call(self, kind: JobKind, region: str | None = None, *, retry: bool = False) -> RecordingGate:
+        self._retry = retry
+        return self
+
+    async def __aenter__(self) -> RecordingGate:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def answered(self, status: int, retry_after: float | None = None) -> None:
+        self.seen.append((self._retry, status, retry_after))
+
+
+def test_the_gate_learns_the_retry_after_and_which_attempts_are_retries() -> None:
+    async def busy(request: web.Request, n: int) -> web.Response:
+        if n == 1:
+            return web.Response(status=503, headers={"Retry-After": "1"})
+        return web.Response(status=503) if n == 2 else web.json_response({})
+
+    gate = RecordingGate()
+    result, _, _, _ = call(busy, gate=gate)
+    assert result.http_status == 200
+    assert gate.seen == [(False, 503, 1.0), (True, 503, None), (True, 200, None)]
 
 
 def test_gives_up_after_the_attempt_budget_as_transient() -> None:

@@ -10,7 +10,7 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 
 from worker.core.errors import PermanentJobError, TransientJobError
-from worker.gcp.resolver import ServiceResolver
+from worker.gcp.resolver import RETRY_BASE_S, RETRY_MAX_S, ServiceResolver
 
 
 @dataclass
@@ -184,3 +184,68 @@ def test_a_refused_url_is_not_cached() -> None:
         with pytest.raises(PermanentJobError):
             resolve(resolver)
     assert len(client.names) == 2
+
+
+def test_cancelling_the_waiter_that_started_a_lookup_cancels_no_one_else() -> None:
+    client = Client(delay_s=0.1)
+    resolver, _ = make(client)
+
+    async def scenario() -> None:
+        leader = asyncio.ensure_future(resolver.resolve("svc", "europe-west1"))
+        await asyncio.sleep(0.01)  # the leader started the lookup
+        followers = [asyncio.ensure_future(resolver.resolve("svc", "europe-west1")) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        leader.cancel()
+        assert await asyncio.gather(*followers) == ["https://svc-abc-uc.a.run.app"] * 5
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        # The answer was kept: the next job needs no lookup.
+        assert await resolver.resolve("svc", "europe-west1") == "https://svc-abc-uc.a.run.app"
+
+    asyncio.run(scenario())
+    assert len(client.names) == 1
+
+
+def test_a_failed_refresh_keeps_the_known_url_and_backs_off_without_making_jobs_wait() -> None:
+    client = Client()
+    resolver, clock = make(client)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        assert await resolver.resolve("svc", "r") == "https://svc-abc-uc.a.run.app"
+        client.error, client.delay_s = api_exceptions.DeadlineExceeded("Admin API slow"), 0.2
+        clock.now += 61  # past the TTL: the first refresh fails, the known URL is used
+        assert await resolver.resolve("svc", "r") == "https://svc-abc-uc.a.run.app"
+        assert len(client.names) == 2
+        # Within the backoff: the known URL at once, no lookup.
+        started = loop.time()
+        for _ in range(50):
+            assert await resolver.resolve("svc", "r") == "https://svc-abc-uc.a.run.app"
+        assert len(client.names) == 2 and loop.time() - started < 0.05
+        # After it: one lookup in the background; jobs still do not wait for it.
+        clock.now += RETRY_BASE_S * 2 + 0.1
+        started = loop.time()
+        assert await resolver.resolve("svc", "r") == "https://svc-abc-uc.a.run.app"
+        assert await resolver.resolve("svc", "r") == "https://svc-abc-uc.a.run.app"
+        assert loop.time() - started < 0.05, "a job waited for the Admin API during the outage"
+        await until_calls(client, 3)
+        # The Admin API is back: the next try (after a longer backoff) takes the new URL.
+        client.error, client.delay_s = None, 0.0
+        client.uri = "https://svc-new-uc.a.run.app"
+        await asyncio.sleep(0.25)  # the failed background lookup lands
+        clock.now += RETRY_MAX_S + 1
+        await resolver.resolve("svc", "r")
+        await until_calls(client, 4)
+        await asyncio.sleep(0.01)
+        assert await resolver.resolve("svc", "r") == "https://svc-new-uc.a.run.app"
+        assert len(client.names) == 4
+
+    asyncio.run(scenario())
+
+
+async def until_calls(client: Client, n: int) -> None:
+    for _ in range(1000):
+        if len(client.names) >= n:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"{len(client.names)} lookups, not {n}")

@@ -274,3 +274,36 @@ def test_an_unreachable_otlp_endpoint_neither_blocks_a_job_nor_the_shutdown() ->
     started = time.monotonic()
     telemetry.shutdown(1.0)
     assert time.monotonic() - started < 3.0
+
+
+def test_the_processor_sink_shuts_down_within_its_timeout_even_if_a_processor_hangs() -> None:
+    import threading
+    import time
+
+    from worker.telemetry.recorder import ProcessorSink
+
+    class Hanging:
+        """A span processor whose exporter hangs: flush and shutdown block for 5 s."""
+
+        def __init__(self) -> None:
+            self.flushed_ms: list[int] = []
+            self.gate = threading.Event()
+
+        def on_end(self, span: object) -> None:
+            return None
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            self.flushed_ms.append(timeout_millis)
+            return False
+
+        def shutdown(self) -> None:
+            self.gate.wait(5)
+
+    hanging = Hanging()
+    sink = ProcessorSink([hanging])  # type: ignore[list-item]
+    started = time.monotonic()
+    sink.shutdown(0.2)
+    took = time.monotonic() - started
+    hanging.gate.set()
+    assert took < 1.0, f"shutdown(0.2) took {took:.2f}s"
+    assert hanging.flushed_ms and hanging.flushed_ms[0] <= 200

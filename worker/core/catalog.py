@@ -157,6 +157,12 @@ class JobKind(BaseModel):
             return self.rate_burst
         return max(1, int(self.rate_per_s or 1))
 
+    def longest_run_s(self, longest_wait_s: float) -> float:
+        """The longest one run of a job of this kind takes in process: every attempt
+        timing out, and between them the longest backoff or a server's Retry-After of
+        up to `longest_wait_s` (what the invoker sleeps through)."""
+        return self.attempts * self.timeout_s + (self.attempts - 1) * max(self.backoff_max_s, longest_wait_s)
+
     def model_post_init(self, __context: Any) -> None:
         # Built once per kind at load, not once per job on the hot path.
         self._validator = (
@@ -211,6 +217,10 @@ class Catalog(Mapping[str, JobKind]):
                 "unknown_kind",
                 f"unknown kind {name[:128]!r}; known kinds: {', '.join(sorted(self._kinds))}",
             ) from None
+
+    def longest_run_s(self, longest_wait_s: float) -> float:
+        """The longest run of any kind (`JobKind.longest_run_s`)."""
+        return max((k.longest_run_s(longest_wait_s) for k in self._kinds.values()), default=0.0)
 
     def services(self, default_region: str) -> set[tuple[str, str]]:
         """(service, region) of every kind that calls one."""

@@ -4,10 +4,15 @@ Before a call: is the kind paused (`PauseBook`)? is the target's circuit breaker
 open? Either way the job is held (`HoldJob`: the consumer keeps it under lease
 without using up a delivery attempt, and sends it round again when `wait()`
 returns). Then the call waits for room under the kind's `max_concurrency`, under the
-target's adaptive limit, and for a token of the kind's `rate_per_s`. After it: the
-answer feeds the adaptive limit (429/503 cut it, successes grow it) and the breaker
-(5xx, timeouts and refused connections count as failures). A call that fails while
-the breaker is (or just went) open holds its job instead of failing it.
+target's adaptive limit, and for a token of the kind's `rate_per_s` (taken before
+the place under the limit, so a job waiting for a token holds none). After it: the
+answer feeds the adaptive limit and the breaker. The limit is cut by what says
+overload (429; 503 with Retry-After) and by a failure rate over its window (other
+5xx, timeouts, refused connections), never by one random failure, and a job's
+retries in process count once: only its first attempt's refusal or failure feeds the
+limit (successes always do). The breaker counts 5xx, timeouts and refused
+connections as failures. A call that fails while the breaker is (or just went) open
+holds its job instead of failing it.
 
 A target is a Cloud Run service in a region. Its adaptive limit's ceiling is, per
 kind calling it, the kind's `max_concurrency`, else what the target's `Service` says
@@ -32,7 +37,9 @@ from worker.core.errors import HoldJob, JobError
 from worker.core.limits import AdaptiveLimit, TokenBucket
 from worker.core.pauses import PauseBook
 
-OVERLOAD_STATUSES = frozenset({429, 503})
+# 503 says overload only with a Retry-After (Cloud Run's own "no instance available"
+# answers carry one); a bare 503 is a failure, which cuts the limit only as a rate.
+OVERLOAD_WITH_RETRY_AFTER = frozenset({503})
 _FAILURE_CODES = frozenset({"timeout", "connection"})
 
 
@@ -114,9 +121,12 @@ class Guard:
         self._limits: dict[tuple[str, str], AdaptiveLimit] = {}
         self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
 
-    def call(self, kind: JobKind, region: str | None = None) -> GuardedCall:
-        """`async with guard.call(kind) as call: ...; call.answered(status)`."""
-        return GuardedCall(self, kind, (kind.service or kind.kind, region or kind.region or self._region))
+    def call(self, kind: JobKind, region: str | None = None, *, retry: bool = False) -> GuardedCall:
+        """`async with guard.call(kind) as call: ...; call.answered(status, retry_after)`.
+        `retry`: a job's second or later attempt in process, whose refusal or failure
+        its first attempt already told the adaptive limit."""
+        target = (kind.service or kind.kind, region or kind.region or self._region)
+        return GuardedCall(self, kind, target, retry=retry)
 
     def limit(self, target: tuple[str, str]) -> AdaptiveLimit:
         ceiling, source = target_ceiling(
@@ -165,18 +175,21 @@ class Guard:
 class GuardedCall:
     """One HTTP attempt under the guard (see the module docstring)."""
 
-    def __init__(self, guard: Guard, kind: JobKind, target: tuple[str, str]) -> None:
+    def __init__(self, guard: Guard, kind: JobKind, target: tuple[str, str], *, retry: bool = False) -> None:
         self._guard = guard
         self._kind = kind
         self._target = target
+        self._retry = retry
         self._status: int | None = None
+        self._retry_after: float | None = None
         self._breaker: CircuitBreaker | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._limit: AdaptiveLimit | None = None
         self._epoch = 0
 
-    def answered(self, status: int) -> None:
+    def answered(self, status: int, retry_after: float | None = None) -> None:
         self._status = status
+        self._retry_after = retry_after
 
     async def __aenter__(self) -> GuardedCall:
         guard, kind = self._guard, self._kind
@@ -191,12 +204,14 @@ class GuardedCall:
             if semaphore is not None:
                 await semaphore.acquire()
                 self._semaphore = semaphore
-            limit = guard.limit(self._target)
-            self._epoch = await limit.acquire()
-            self._limit = limit
+            # The rate token first: a job waiting for one holds no place under the
+            # adaptive limit, whose in-flight count (and the cut taken from it) is calls.
             bucket = guard._buckets.get(kind.kind)
             if bucket is not None:
                 await bucket.take()
+            limit = guard.limit(self._target)
+            self._epoch = await limit.acquire()
+            self._limit = limit
         except BaseException:
             self._let_go("none")
             raise
@@ -216,13 +231,17 @@ class GuardedCall:
         status = self._status
         if exc is None and status is not None:
             failed = status >= 500
-            overload = status in OVERLOAD_STATUSES
+            overload = status == 429 or (
+                status in OVERLOAD_WITH_RETRY_AFTER and self._retry_after is not None
+            )
             outcome = "overload" if overload else "fail" if failed else "ok"
             breaker_outcome = "none" if status == 429 else "fail" if failed else "ok"
         elif isinstance(exc, JobError) and exc.code in _FAILURE_CODES:
             outcome, breaker_outcome = "fail", "fail"
         else:  # cancelled, or no answer of the service's: tells nothing about it
             outcome, breaker_outcome = "none", "none"
+        if self._retry and outcome != "ok":
+            outcome = "none"  # the job's first attempt spoke for it
         self._let_go(outcome, breaker_outcome)
         breaker = self._breaker
         if breaker_outcome == "fail" and breaker is not None and breaker.state != CLOSED:

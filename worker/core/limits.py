@@ -6,12 +6,18 @@ waiters never race each other for the next one.
 
 `AdaptiveLimit` bounds calls in flight to one target. Its limit starts at the
 ceiling (what the catalog or the target's own Cloud Run `Service` allows) and moves
-by AIMD: an overload answer (429, 503) sets it to `DECREASE` x the smaller of the
-limit and the calls in flight when it came (once per round of calls: answers to
-calls started before the last cut do not cut it again), and each success adds
-1/limit while the limit binds (at least half of it in use), so it climbs back by
-about one per round trip. It never leaves [1, ceiling]. Waiters are served first
-come, first served within a lane, interactive jobs' before the batch's
+by AIMD, on what says overload and not on noise. It is cut, to `DECREASE` x the
+smaller of the limit and the calls in flight, by an overload answer (429, or 503
+with Retry-After: the guard decides, worker/core/guard.py), or by failures (other
+5xx, timeouts, refused connections) once more than `ERROR_RATE` of the answers of
+the last `WINDOW_S` seconds were failures, over at least `MIN_CALLS` of them. An
+isolated failure never cuts it: a service failing 20 % of calls at random is flaky,
+not overloaded (AIMD cutting on each would settle near sqrt(2/0.2), about 3 calls).
+Cuts come once per round of calls: answers to calls started before the last cut do
+not cut it again, and the failure window starts afresh. Each success adds 1/limit
+while the limit binds (at least half of it in use), so it climbs back by about one
+per round trip. It never leaves [1, ceiling]. Waiters are served first come,
+first served within a lane, interactive jobs' before the batch's
 (worker/core/lanes.py): a web-app job calling the target a batch fills waits for the
 next call to end, not for the batch.
 """
@@ -30,6 +36,10 @@ from worker.core.lanes import INTERACTIVE, LANES, current_lane
 log = structlog.get_logger("worker.core.limits")
 
 DECREASE = 0.75
+# Failures cut the limit only as a rate: over this share of the answers of the window.
+ERROR_RATE = 0.5
+WINDOW_S = 10.0
+MIN_CALLS = 20
 _INCREASE_LOG_INTERVAL_S = 1.0
 
 
@@ -83,6 +93,8 @@ class AdaptiveLimit:
         self._clock = clock
         self._epoch = 0  # bumped by each cut
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {lane: deque() for lane in LANES}
+        self._window: deque[tuple[float, bool]] = deque()  # (when, failed) of recent answers
+        self._window_failures = 0
         self._logged_limit = self.ceiling
         self._logged_at = 0.0
         log.info("target_limit_ceiling", target=name, ceiling=self.ceiling, source=source)
@@ -126,25 +138,50 @@ class AdaptiveLimit:
         return self._epoch
 
     def release(self, epoch: int, outcome: str) -> None:
-        """`outcome`: "ok" (grow), "overload" (cut, once per epoch) or anything else (no change)."""
+        """`outcome`: "ok" (grow), "overload" (cut, once per epoch), "fail" (cut once
+        failures are over `ERROR_RATE` of the window) or anything else (no change)."""
         self.in_flight -= 1
         if outcome == "overload":
             if epoch == self._epoch:
-                self._cut(self.in_flight + 1)
-        elif outcome == "ok" and self.limit < self.ceiling and 2 * (self.in_flight + 1) >= self.limit:
-            # Grown only while it binds: a limit far above what is sent proves nothing.
-            self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
-            self._log_growth()
+                self._cut(self.in_flight + 1, "overload")
+        elif outcome in ("ok", "fail"):
+            failed = outcome == "fail"
+            if self._failing(failed) and epoch == self._epoch:
+                self._cut(self.in_flight + 1, "error_rate")
+            elif not failed and self.limit < self.ceiling and 2 * (self.in_flight + 1) >= self.limit:
+                # Grown only while it binds: a limit far above what is sent proves nothing.
+                self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
+                self._log_growth()
         self._wake()
 
-    def _cut(self, in_flight: int) -> None:
+    def _failing(self, failed: bool) -> bool:
+        """Record an answer; True when failures are over ERROR_RATE of the window."""
+        now = self._clock()
+        self._window.append((now, failed))
+        self._window_failures += failed
+        while self._window and now - self._window[0][0] > WINDOW_S:
+            self._window_failures -= self._window.popleft()[1]
+        return (
+            failed
+            and len(self._window) >= MIN_CALLS
+            and self._window_failures > ERROR_RATE * len(self._window)
+        )
+
+    def _cut(self, in_flight: int, reason: str) -> None:
         # From what was in flight when the target refused, when that is below the limit.
         before = self.current
         self.limit = max(1.0, min(self.limit, float(in_flight)) * self._decrease)
         self._epoch += 1
+        self._window.clear()
+        self._window_failures = 0
         if self.current != before:
             log.warning(
-                "target_limit_lowered", target=self.name, limit=self.current, was=before, ceiling=self.ceiling
+                "target_limit_lowered",
+                target=self.name,
+                limit=self.current,
+                was=before,
+                ceiling=self.ceiling,
+                reason=reason,
             )
             self._logged_limit, self._logged_at = self.current, self._clock()
 

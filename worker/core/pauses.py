@@ -20,7 +20,9 @@ import structlog
 
 log = structlog.get_logger("worker.core.pauses")
 
-# Orders older than this are forgotten (a resumed kind's entry only matters for ordering).
+# Entries older than this are forgotten, unless they still pause their kind (a resumed
+# kind's entry only matters for ordering); an order no newer than the newest entry
+# forgotten is not taken for a kind the book no longer knows.
 FORGET_AFTER_S = 7 * 24 * 3600.0
 
 
@@ -53,13 +55,17 @@ class PauseBook:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._entries: dict[str, PauseEntry] = {}
+        self._forgotten_at = float("-inf")  # the newest `at` among the entries forgotten
         self._changed = asyncio.Event()
 
     def apply(self, entry: PauseEntry) -> bool:
         """Take an order unless a newer one for the kind is known; True if it changed anything."""
+        self._prune()
         known = self._entries.get(entry.kind)
         if known is not None and known.at >= entry.at:
             return False
+        if known is None and entry.at <= self._forgotten_at:
+            return False  # as old as an order forgotten: a newer one for its kind may have been
         was_paused = self.is_paused(entry.kind)
         self._entries[entry.kind] = entry
         now_paused = self.is_paused(entry.kind)
@@ -72,6 +78,17 @@ class PauseBook:
         self._changed.set()
         self._changed = asyncio.Event()
         return True
+
+    def _stale(self, entry: PauseEntry) -> bool:
+        """Older than FORGET_AFTER_S and no longer pausing anything."""
+        now = self._clock()
+        pausing = entry.paused and (entry.until is None or now < entry.until)
+        return entry.at < now - FORGET_AFTER_S and not pausing
+
+    def _prune(self) -> None:
+        """Forget stale entries, so the book does not grow with every kind ever ordered."""
+        for kind in [k for k, e in self._entries.items() if self._stale(e)]:
+            self._forgotten_at = max(self._forgotten_at, self._entries.pop(kind).at)
 
     def is_paused(self, kind: str) -> bool:
         entry = self._entries.get(kind)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_instances: int | None = Field(None, ge=1, le=100_000, validation_alias=_env("WORKER_MAX_INSTANCES"))
     max_hold_s: float = Field(3600.0, gt=0, le=86_400, validation_alias=_env("WORKER_MAX_HOLD_SECONDS"))
     max_held: int = Field(5000, ge=1, le=1_000_000, validation_alias=_env("WORKER_MAX_HELD"))
+    max_held_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, le=64 * 1024**3, validation_alias=_env("WORKER_MAX_HELD_BYTES")
+    )
     max_in_flight: int = Field(100, ge=1, le=10_000, validation_alias=_env("WORKER_MAX_IN_FLIGHT"))
     # In-flight slots the batch lane may never take (default: a tenth of WORKER_MAX_IN_FLIGHT).
     interactive_slots: int | None = Field(

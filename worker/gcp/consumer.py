@@ -9,8 +9,10 @@ them to the asyncio loop in batches, where each job becomes a task. The client's
 control lets through twice the slots, so a small buffer waits here.
 
 At shutdown, jobs not yet started are nacked while the pull stream is still open,
-then the stream closes and running jobs finish within the grace period (acked by
-unary RPCs, since the client's ack path closes with the stream). Jobs still running
+the running jobs' leases pass from the client to `HeldLeases` (extended by unary
+RPCs from then on: the client's leaser stops with the stream), then the stream
+closes and running jobs finish within the grace period (acked by unary RPCs, since
+the client's ack path closes with the stream). Jobs still running
 after the grace period are released: their leases lapse (within
 WORKER_LEASE_EXTENSION_SECONDS) and Pub/Sub redelivers them.
 Nacks are not sent after the stream closed: on the emulator the message would go
@@ -128,6 +130,8 @@ class Consumer:
         lane: str = INTERACTIVE,
         slots: LaneSlot | None = None,
         batch_topic: str | None = None,
+        longest_run_s: float = 0.0,
+        max_held_bytes: int | None = None,
     ) -> None:
         """`slots`: this lane's share of the slots (a lane alone gets `max_in_flight`).
         `batch_topic`: where the interactive lane moves a job marked `lane=batch`."""
@@ -145,10 +149,16 @@ class Consumer:
         self._lease_extension_s = lease_extension_s
         self._grace_s = grace_s
         self._max_hold_s = max_hold_s
-        self.leases = HeldLeases(lease_extension_s, max_held)
+        # The client library stops extending a lease after this (its default: 1 h, no
+        # more than WORKER_MAX_HOLD_SECONDS' own default): see `lease_cap`.
+        self.max_lease_s = lease_cap(max_hold_s, longest_run_s, grace_s)
+        self.leases = HeldLeases(
+            lease_extension_s, max_held, unary=self._modack_unary, max_bytes=max_held_bytes
+        )
         self.max_delivery_attempts = max_delivery_attempts
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: set[asyncio.Task[Any]] = set()
+        self._message_of: dict[asyncio.Task[None], Any] = {}  # each job's task -> its message
         self._streaming = False
         self._draining = False
         self._future: Any = None
@@ -173,6 +183,12 @@ class Consumer:
         return self._subscription.rsplit("/", 1)[-1]
 
     @property
+    def _stream_open(self) -> bool:
+        """Settles may go on the stream: it is ours and has not ended (by itself, too:
+        on a dead stream an ack or nack goes nowhere, so they take unary RPCs)."""
+        return self._streaming and (self._future is None or not self._future.done())
+
+    @property
     def stream_alive(self) -> bool:
         return self._streaming and self._future is not None and not self._future.done()
 
@@ -187,6 +203,7 @@ class Consumer:
             max_messages=2 * self._max_in_flight,
             max_bytes=1024 * 1024 * 1024,
             max_duration_per_lease_extension=self._lease_extension_s,
+            max_lease_duration=self.max_lease_s,
         )
         self._streaming = True
         self._future = self._subscriber.subscribe(
@@ -206,6 +223,8 @@ class Consumer:
         for waiter in [*waiters, summary]:
             waiter.cancel()
         error = None if stop.is_set() else self._stream_error()
+        if error is not None:  # the keeper's modacks would go nowhere on the dead stream
+            self.leases.streaming = False
         await self._drain()
         keeper.cancel()
         if error is not None:
@@ -227,7 +246,13 @@ class Consumer:
         for task in list(self._waiting):
             task.cancel()
         await asyncio.sleep(_NACK_FLUSH_S)
+        # The stream's leaser stops with it: the jobs still running keep their leases
+        # through the grace period by the worker's own unary modacks (worker/gcp/lease.py).
+        for task, message in list(self._message_of.items()):
+            if not task.done():
+                self.leases.keep(message)
         self._streaming = False
+        self.leases.streaming = False
         self._future.cancel()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self._future.result, 30)
@@ -267,9 +292,23 @@ class Consumer:
             return
         task = asyncio.ensure_future(self._process(message))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._message_of[task] = message
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._message_of.pop(task, None)
 
     async def _process(self, message: Any) -> None:
+        if self._draining:
+            # Spawned before the drain began but first run after it gave back the jobs
+            # waiting: given back the same way, not run during the shutdown.
+            if self._stream_open:
+                self.stats.nacked += 1
+                message.nack()
+            else:
+                self.stats.released += 1
+            return
         task = asyncio.current_task()
         enter_lane(self.lane)
         received = time.monotonic()
@@ -289,15 +328,16 @@ class Consumer:
             async with self.slots:
                 self._waiting.discard(task)  # type: ignore[arg-type]
                 outcome = await self._handle(delivery)
+            held_s = 0.0  # spent held in this delivery, summed over its hold cycles
             while outcome.is_held:
                 assert outcome.hold is not None
                 outcome.span.end("held", None)  # the run after the hold gets a span of its own
-                outcome = await self._hold(message, delivery, outcome.hold)
+                outcome, held_s = await self._hold(message, delivery, outcome.hold, held_s)
             await self._conclude(message, outcome)
             lease = time.monotonic() - received
             self.stats.longest_lease_s = max(self.stats.longest_lease_s, lease)
         except asyncio.CancelledError:
-            if self._streaming:
+            if self._stream_open:
                 self.stats.nacked += 1
                 message.nack()
             else:
@@ -306,31 +346,48 @@ class Consumer:
         finally:
             self.leases.give_back(message)
 
-    async def _hold(self, message: Any, delivery: Delivery, wait: Callable[[], Awaitable[None]]) -> Outcome:
+    async def _hold(
+        self, message: Any, delivery: Delivery, wait: Callable[[], Awaitable[None]], held_s: float
+    ) -> tuple[Outcome, float]:
         """Hold a job out of the call slots, leased and not nacked, until `wait()` returns;
-        then run it again. After WORKER_MAX_HOLD_SECONDS it is nacked (which uses up a
-        delivery attempt); on its last attempt it runs once more and, if it would be
-        held again, fails (a nack there would dead-letter it without a result)."""
+        then run it again. Returns its outcome and the seconds it has now been held in
+        this delivery, `held_s` included: holds add up over the cycles of one delivery
+        (a breaker that goes half-open and opens again, a pause after a breaker), and
+        once they reach WORKER_MAX_HOLD_SECONDS it is nacked (which uses up a delivery
+        attempt); on its last attempt it runs once more and, if it would be held again,
+        fails (a nack there would dead-letter it without a result)."""
         task = asyncio.current_task()
         self.leases.take(message)
         self.stats.held += 1
         self._waiting.add(task)  # type: ignore[arg-type]  # drained like a job not started
+        started = time.monotonic()
         try:
-            await asyncio.wait_for(wait(), self._max_hold_s)
+            remaining = self._max_hold_s - held_s
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(wait(), remaining)
         except TimeoutError:
-            log.warning("job_held_too_long", held_s=self._max_hold_s, final_attempt=delivery.final_attempt)
+            held_s += time.monotonic() - started
+            log.warning(
+                "job_held_too_long",
+                held_s=round(held_s, 3),
+                max_hold_s=self._max_hold_s,
+                final_attempt=delivery.final_attempt,
+            )
             if not delivery.final_attempt:
-                return Outcome.retry("held_too_long")
+                return Outcome.retry("held_too_long"), held_s
             # A nack now would dead-letter it without a result: run it once more, and
             # if it would be held again, fail it (result and dead letter).
             delivery = dataclasses.replace(delivery, may_hold=False)
+        else:
+            held_s += time.monotonic() - started
         finally:
             self.stats.held -= 1
             self._waiting.discard(task)  # type: ignore[arg-type]
         self._waiting.add(task)  # type: ignore[arg-type]
         async with self.slots:
             self._waiting.discard(task)  # type: ignore[arg-type]
-            return await self._handle(delivery)
+            return await self._handle(delivery), held_s
 
     async def _move_to_batch(self, message: Any, delivery: Delivery) -> None:
         """A job its publisher marked `lane=batch` but sent to the interactive topic:
@@ -405,12 +462,17 @@ class Consumer:
         await self._settle(message, ack=False)
         return False
 
+    def _modack_unary(self, ack_ids: list[str], seconds: int) -> None:
+        self._subscriber.modify_ack_deadline(
+            subscription=self._subscription, ack_ids=ack_ids, ack_deadline_seconds=seconds
+        )
+
     async def _settle(self, message: Any, *, ack: bool) -> None:
         if ack:
             self.stats.acked += 1
         else:
             self.stats.nacked += 1
-        if self._streaming:
+        if self._stream_open:
             message.ack() if ack else message.nack()
             return
         # The stream is closed, and with it the client's ack path: use unary RPCs.
@@ -515,6 +577,15 @@ def stopped_fields(stats: ConsumerStats) -> dict[str, Any]:
         "longest_lease_s": round(stats.longest_lease_s, 2),
         **stats.finished,
     }
+
+
+def lease_cap(max_hold_s: float, longest_run_s: float, grace_s: float) -> float:
+    """The longest the worker means to keep one delivery, for the client library's
+    `max_lease_duration` (past it the library stops extending a lease, and Pub/Sub
+    redelivers a job this worker still has): a run of the catalog's longest kind
+    before its first hold, WORKER_MAX_HOLD_SECONDS of holds, a last run after them,
+    the hold before a nack, and the shutdown grace period."""
+    return max_hold_s + 2 * longest_run_s + NACK_DELAY_MAX_S + grace_s
 
 
 def nack_delay(delivery_attempt: int | None) -> float:

@@ -17,6 +17,13 @@ with an `op` (also an attribute):
 - `status-reply` {request_id, replica, status}: its paused kinds, breaker states and
   current limits. `worker status` reads replies on a subscription of its own, made
   for the question and deleted after it.
+
+The channel's state follows its stream: `listening` while the pull stream is open,
+`down` (with the reason, for /readyz and `worker status`) once it ended by itself,
+`off` when it never started (no topic, no permission). A stream that ends is
+reopened after a backoff (`RECONNECT_BASE_S` doubling to `RECONNECT_MAX_S`, equal
+jitter), its subscription made again if it is gone, and the instance says hello
+again so it learns the orders it missed.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from typing import Any
 import structlog
 from google.api_core import exceptions
 
+from worker.core.backoff import Backoff
+from worker.core.errors import shorten
 from worker.core.pauses import PauseBook, PauseEntry
 
 log = structlog.get_logger("worker.gcp.control")
@@ -39,6 +48,8 @@ log = structlog.get_logger("worker.gcp.control")
 SUBSCRIPTION_TTL_S = 24 * 3600  # Pub/Sub's minimum expiration_policy ttl
 RETENTION_S = 600  # orders older than this are of no use to anyone
 MAX_MESSAGE_BYTES = 256 * 1024
+RECONNECT_BASE_S = 1.0
+RECONNECT_MAX_S = 60.0
 
 
 def replica_id() -> str:
@@ -93,6 +104,7 @@ class ControlChannel:
         pauses: PauseBook,
         status: Callable[[], dict[str, Any]],
         replica: str | None = None,
+        reconnect: Backoff | None = None,
     ) -> None:
         self._publisher = publisher
         self._subscriber = subscriber
@@ -106,6 +118,18 @@ class ControlChannel:
         self._future: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.listening = False
+        self.down_reason: str | None = None  # why the stream ended, while it is down
+        self.reconnects = 0
+        self._reconnect = reconnect or Backoff(RECONNECT_BASE_S, RECONNECT_MAX_S)
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def state(self) -> str:
+        """`listening`, `down` (the stream ended; see `down_reason`) or `off`."""
+        if self.listening:
+            return "listening"
+        return "down" if self.down_reason is not None else "off"
 
     async def start(self) -> None:
         """Subscribe and say hello; without the topic, log why and go on without control."""
@@ -129,13 +153,61 @@ class ControlChannel:
                 + "; grant the worker roles/pubsub.editor (see `worker setup --print-gcloud`)",
             )
             return
-        self._future = self._subscriber.subscribe(self._subscription, self._on_message)
-        self.listening = True
-        self._publish("hello", replica=self.replica)
+        self._listen()
         log.info("control_channel_listening", subscription=self._subscription, replica=self.replica)
 
-    async def close(self) -> None:
+    def _listen(self) -> None:
+        assert self._subscription is not None and self._loop is not None
+        future = self._subscriber.subscribe(self._subscription, self._on_message)
+        self._future = future
+        self.listening, self.down_reason = True, None
+        loop = self._loop
+        future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._ended, done))
+        self._publish("hello", replica=self.replica)
+
+    def _ended(self, future: Any) -> None:
+        """The stream's future resolved (on the loop): down, and reconnect, unless closing."""
+        if self._closing or future is not self._future:
+            return
+        try:
+            error = future.exception(timeout=0)
+        except BaseException as exc:  # cancelled
+            error = exc
         self.listening = False
+        self.down_reason = shorten(error) if error is not None else "the pull stream ended"
+        log.warning("control_channel_down", error=self.down_reason, reconnects=self.reconnects)
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.ensure_future(self._reopen(error))
+
+    async def _reopen(self, error: BaseException | None) -> None:
+        failures = 0
+        while not self._closing:
+            failures += 1
+            await asyncio.sleep(self._reconnect.equal_jitter(failures))
+            if self._closing:
+                return
+            try:
+                if isinstance(error, exceptions.NotFound):  # the subscription is gone
+                    assert self._subscription is not None
+                    name = self._subscription.rsplit("/", 1)[-1]
+                    await asyncio.to_thread(
+                        create_subscription, self._subscriber, self._project, self._topic, name
+                    )
+                self._listen()
+            except Exception as exc:
+                error = exc
+                self.down_reason = shorten(exc)
+                log.warning("control_channel_reconnect_failed", error=self.down_reason, failures=failures)
+                continue
+            self.reconnects += 1
+            log.info("control_channel_listening", subscription=self._subscription, reconnects=self.reconnects)
+            return
+
+    async def close(self) -> None:
+        self._closing = True
+        self.listening = False
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         if self._future is not None:
             self._future.cancel()
         if self._subscription is not None:

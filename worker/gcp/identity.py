@@ -35,6 +35,7 @@ from worker.core.roles import TOKEN_CREATOR
 from worker.core.telemetry import NO_TELEMETRY, Telemetry
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+METADATA_PING_S = 2
 _IMPERSONATION_URL_RE = re.compile(r"/serviceAccounts/([^/:]+):generateAccessToken")
 
 # What gcloud's application-default login writes, and how to log in as the worker instead.
@@ -112,11 +113,14 @@ def _utc_naive(exp: int) -> datetime:
 
 
 class _Slot:
-    __slots__ = ("credentials", "lock")
+    __slots__ = ("credentials", "refreshing")
 
     def __init__(self, credentials: auth_credentials.Credentials) -> None:
         self.credentials = credentials
-        self.lock = asyncio.Lock()
+        # The refresh in flight, in a task of its own: a waiter cancelled mid-refresh
+        # neither cancels it nor lets a second, concurrent refresh start (google-auth's
+        # refresh is not thread-safe, and its thread would run on regardless).
+        self.refreshing: asyncio.Task[None] | None = None
 
 
 class IdentityTokenSource:
@@ -137,12 +141,16 @@ class IdentityTokenSource:
         creds = slot.credentials
         if creds.valid:
             return str(creds.token)
-        async with slot.lock:
-            if not creds.valid:
-                with self.telemetry.step("token", **{"worker.token.audience": audience}):
-                    self.telemetry.metrics.token_refreshed(audience)
-                    await self._refresh(audience, creds)
-            return str(creds.token)
+        if slot.refreshing is None or slot.refreshing.done():
+            slot.refreshing = asyncio.ensure_future(self._traced_refresh(audience, creds))
+            slot.refreshing.add_done_callback(_retrieve)
+        await asyncio.shield(slot.refreshing)
+        return str(creds.token)
+
+    async def _traced_refresh(self, audience: str, creds: auth_credentials.Credentials) -> None:
+        with self.telemetry.step("token", **{"worker.token.audience": audience}):
+            self.telemetry.metrics.token_refreshed(audience)
+            await self._refresh(audience, creds)
 
     def invalidate(self, audience: str, token: str) -> None:
         """Forget a token the service refused, so the next `token()` mints a fresh one."""
@@ -172,6 +180,12 @@ class IdentityTokenSource:
             ) from None
 
 
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # Waiters re-raise a failed refresh; retrieved so one nobody awaited is not logged.
+    if not task.cancelled():
+        task.exception()
+
+
 def credentials_refused(exc: BaseException) -> bool:
     """True when refreshing credentials failed for lack of a permission (not an outage)."""
     text = str(exc)
@@ -194,11 +208,9 @@ def build_token_source(
     key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if key_file:
         return _from_file(Path(key_file), "GOOGLE_APPLICATION_CREDENTIALS", iam_endpoint)
+    # The metadata server before gcloud's file: on a VM where someone once ran
+    # `gcloud auth application-default login`, the VM's service account is the worker.
     # An explicit GCE_METADATA_HOST is the operator saying where the metadata server is.
-    if not os.environ.get("GCE_METADATA_HOST"):
-        well_known = _gcloud_adc_path()
-        if well_known.is_file():
-            return _from_file(well_known, "gcloud application-default credentials", iam_endpoint)
     if os.environ.get("GCE_METADATA_HOST") or _on_google_compute():
         request = google.auth.transport.requests.Request()
         try:
@@ -209,6 +221,9 @@ def build_token_source(
             base.with_target_audience,
             Principal(base.service_account_email, "metadata server"),
         )
+    well_known = _gcloud_adc_path()
+    if well_known.is_file():
+        return _from_file(well_known, "gcloud application-default credentials", iam_endpoint)
     raise ConfigError(
         "no credentials that can mint ID tokens: not on Cloud Run (no metadata server), "
         "GOOGLE_APPLICATION_CREDENTIALS is not set and gcloud has no application-default "
@@ -276,13 +291,15 @@ def _default_credentials() -> tuple[auth_credentials.Credentials, str | None]:
 
 
 def _on_google_compute() -> bool:
-    from google.auth import compute_engine
+    """Is a metadata server there (Cloud Run, GCE, GKE)? Asked of it directly, not
+    through `google.auth.default()`, which would answer with gcloud's file first."""
+    from google.auth.compute_engine import _metadata  # google.auth.default's own probe
 
-    try:
-        creds, _ = google.auth.default()
-    except auth_exceptions.DefaultCredentialsError:
-        return False
-    return isinstance(creds, compute_engine.Credentials)
+    request = google.auth.transport.requests.Request()
+    # One short try: off Google Cloud this costs start-up at most METADATA_PING_S.
+    if _metadata.ping(request, timeout=METADATA_PING_S, retry_count=1):
+        return True
+    return bool(_metadata.detect_gce_residency_linux())
 
 
 def _gcloud_adc_path() -> Path:

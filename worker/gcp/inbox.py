@@ -15,6 +15,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
+log = structlog.get_logger("worker.gcp.inbox")
+
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
@@ -42,7 +46,12 @@ class Inbox:
         with self._lock:
             batch, self._pending = self._pending, []
         for callback, args in batch:
-            callback(*args)
+            try:
+                callback(*args)
+            except Exception:  # one bad callback must not drop the rest of its batch
+                log.exception(
+                    "inbox_callback_failed", callback=getattr(callback, "__qualname__", repr(callback))
+                )
 
     def close(self) -> list[Call]:
         """Stop taking calls; return those queued and never run."""

@@ -48,13 +48,13 @@ def _host(url: str) -> str:
 class Gate(Protocol):
     """Around each HTTP attempt (worker/core/guard.py): may hold the job, wait, and learn the status."""
 
-    def call(self, kind: JobKind, region: str | None = None) -> Any: ...
+    def call(self, kind: JobKind, region: str | None = None, *, retry: bool = False) -> Any: ...
 
 
 class _Open:
     """The gate of an invoker without protections: every attempt goes at once."""
 
-    def call(self, kind: JobKind, region: str | None = None) -> _Open:
+    def call(self, kind: JobKind, region: str | None = None, *, retry: bool = False) -> _Open:
         return self
 
     async def __aenter__(self) -> _Open:
@@ -63,7 +63,7 @@ class _Open:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    def answered(self, status: int) -> None:
+    def answered(self, status: int, retry_after: float | None = None) -> None:
         return None
 
 
@@ -145,9 +145,9 @@ class Invoker:
             while True:
                 attempts += 1
                 token = await self._tokens.token(url)
-                async with self._gate.call(kind, region) as call:
+                async with self._gate.call(kind, region, retry=attempts > 1) as call:
                     status, body, retry_after = await self._attempt(kind, url, job, token, attempts)
-                    call.answered(status)
+                    call.answered(status, retry_after)
                 verdict = classify(status, kind)
                 if verdict == "ok":
                     return CallResult(status, body, attempts)

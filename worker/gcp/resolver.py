@@ -2,12 +2,19 @@
 
 Jobs never carry URLs: the catalog names a service, and this asks the Admin API
 (`GetService`) for its `uri`. One call per service per TTL however many jobs wait
-for it (single flight), and while the Admin API is away the last known URL is used.
+for it (single flight): the lookup runs in a task of its own, which waiters await
+shielded, so a waiter cancelled (its job's shutdown, a timeout) never cancels the
+lookup the others wait for. While the Admin API is away the last known URL is used:
+a failed refresh keeps it and backs off (`RETRY_BASE_S` doubling up to
+`RETRY_MAX_S`, equal jitter); until the next try jobs get the known URL at once, and
+that try runs in the background, so no wave of jobs waits out the Admin API's
+timeout again during an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +23,7 @@ from urllib.parse import urlparse
 
 from google.api_core import exceptions as api_exceptions
 
+from worker.core.backoff import Backoff
 from worker.core.errors import PermanentJobError, TransientJobError, shorten
 from worker.core.gcloud_command import grant
 from worker.core.guard import Capacity
@@ -26,6 +34,8 @@ from worker.core.telemetry import NO_TELEMETRY, Telemetry
 from worker.gcp.identity import TOKEN_CREATOR, credentials_refused
 
 _ADMIN_API_TIMEOUT_S = 10.0
+RETRY_BASE_S = 1.0
+RETRY_MAX_S = 60.0
 
 
 @dataclass
@@ -33,6 +43,8 @@ class _Entry:
     url: str
     fetched_at: float
     capacity: Capacity | None = None
+    failures: int = 0  # refreshes failed in a row since it was fetched
+    retry_at: float = 0.0  # no refresh before this, after a failed one
 
 
 def service_capacity(found: Any, name: str) -> Capacity | None:
@@ -84,7 +96,7 @@ class ServiceResolver:
         self._allow_insecure_loopback = allow_insecure_loopback
         self._clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
-        self._in_flight: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self._in_flight: dict[tuple[str, str], asyncio.Task[str]] = {}
 
     def capacity(self, service: str, region: str) -> Capacity | None:
         """What the service's `Service` said it can hold, as of its last lookup."""
@@ -97,23 +109,38 @@ class ServiceResolver:
     async def resolve(self, service: str, region: str) -> str:
         key = (service, region)
         entry = self._cache.get(key)
-        if entry and self._clock() - entry.fetched_at < self._ttl_s:
-            return entry.url
-        pending = self._in_flight.get(key)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._in_flight[key] = pending
-            try:
-                # A span only for a real lookup: a cache hit costs nothing worth tracing.
-                with self._telemetry.step("resolve", **{"worker.service": service, "cloud.region": region}):
-                    pending.set_result(await self._refresh(service, region))
-            except BaseException as exc:
-                pending.set_exception(exc)
-                # Waiters re-raise it; retrieve it here so an unwaited future is not logged.
-                pending.exception()
-            finally:
-                del self._in_flight[key]
-        return await asyncio.shield(pending)
+        if entry is not None:
+            now = self._clock()
+            if now - entry.fetched_at < self._ttl_s:
+                return entry.url
+            if entry.failures:
+                # The Admin API failed the last refresh: the known URL, at once; the next
+                # refresh, once its backoff is over, runs without anyone waiting for it.
+                if now >= entry.retry_at:
+                    self._lookup(service, region)
+                return entry.url
+        return await asyncio.shield(self._lookup(service, region))
+
+    def _lookup(self, service: str, region: str) -> asyncio.Task[str]:
+        """The refresh in flight for a service, started if there is none."""
+        key = (service, region)
+        task = self._in_flight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._traced_refresh(service, region))
+            self._in_flight[key] = task
+            task.add_done_callback(functools.partial(self._landed, key))
+        return task
+
+    def _landed(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+        if self._in_flight.get(key) is task:
+            del self._in_flight[key]
+        if not task.cancelled():
+            task.exception()  # waiters re-raise it; retrieved so an unwaited one is not logged
+
+    async def _traced_refresh(self, service: str, region: str) -> str:
+        # A span only for a real lookup: a cache hit costs nothing worth tracing.
+        with self._telemetry.step("resolve", **{"worker.service": service, "cloud.region": region}):
+            return await self._refresh(service, region)
 
     async def _refresh(self, service: str, region: str) -> str:
         name = self.name(service, region)
@@ -144,10 +171,15 @@ class ServiceResolver:
                 ) from None
             stale = self._cache.get((service, region))
             if stale is not None:
+                stale.failures += 1
+                wait = Backoff(RETRY_BASE_S, RETRY_MAX_S).equal_jitter(stale.failures)
+                stale.retry_at = self._clock() + wait
                 log.warning(
                     "admin_api_unavailable_using_cached_url",
                     service=service,
                     error=shorten(exc),
+                    failures=stale.failures,
+                    retry_in_s=round(wait, 1),
                 )
                 return stale.url
             raise TransientJobError(

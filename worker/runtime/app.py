@@ -30,7 +30,7 @@ from worker.gcp.consumer import Consumer, Lanes, read_max_delivery_attempts
 from worker.gcp.control import ControlChannel
 from worker.gcp.delay import TaskDeferrer
 from worker.gcp.identity import IdentityTokenSource, build_token_source
-from worker.gcp.invoker import Invoker
+from worker.gcp.invoker import MAX_IN_PROCESS_RETRY_AFTER_S, Invoker
 from worker.gcp.resolver import ServiceResolver
 from worker.gcp.results import ResultPublisher
 from worker.gcp.runjobs import RunJobs
@@ -148,7 +148,8 @@ def instance_status(guard: Guard, lanes: Lanes, control: ControlChannel) -> dict
         "in_flight": lanes.in_flight,
         "held": lanes.stats.held,
         "lanes": lanes.status(),
-        "control": "listening" if control.listening else "off",
+        "control": control.state,
+        **({"control_error": control.down_reason} if control.down_reason else {}),
     }
 
 
@@ -245,6 +246,8 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
                 telemetry=telemetry,
                 max_hold_s=settings.max_hold_s,
                 max_held=settings.max_held,
+                longest_run_s=catalog.longest_run_s(MAX_IN_PROCESS_RETRY_AFTER_S),
+                max_held_bytes=settings.max_held_bytes,
                 lane=lane,
                 slots=slots.lane(lane),
                 batch_topic=(

@@ -28,6 +28,7 @@ import contextvars
 import functools
 import random
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -401,8 +402,15 @@ class ProcessorSink(SpanSink):
         )
 
     def shutdown(self, timeout_s: float) -> None:
+        """Flush and shut down every processor within `timeout_s` in all: the SDK's own
+        `shutdown()` takes no timeout (a batch processor joins its export thread, which
+        waits on its exporter), so it runs on a daemon thread waited for no longer."""
+        deadline = time.monotonic() + timeout_s
         for processor in self.processors:
-            processor.shutdown()
+            processor.force_flush(int(max(0.0, deadline - time.monotonic()) * 1000))
+            closing = threading.Thread(target=processor.shutdown, name="span-processor-shutdown", daemon=True)
+            closing.start()
+            closing.join(max(0.0, deadline - time.monotonic()))
 
 
 def _hashed_once(resource: Resource) -> Resource:
