@@ -15,6 +15,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from worker.client import (
 STATIC = Path(__file__).parent / "static"
 PUSH_PATH = "/pubsub/results"
 MAX_BATCH = 1000
+MAX_IN_S = 30 * 86400  # "score later": at most 30 days ahead
 _ACCOUNT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # the catalog's maxLength (jobs/account-scoring.toml)
 
 
@@ -82,8 +84,8 @@ def create_app(
     app = Flask(__name__, static_folder=None)
     app.config["store"] = store
 
-    def publish(kind: str, payload: Any, job_id: str | None = None) -> str:
-        return enqueue(kind, payload, job_id, settings=settings, publisher=publisher)
+    def publish(kind: str, payload: Any, job_id: str | None = None, later: timedelta | None = None) -> str:
+        return enqueue(kind, payload, job_id, settings=settings, publisher=publisher, not_before=later)
 
     @app.get("/")
     def index() -> Any:
@@ -95,8 +97,15 @@ def create_app(
         account_id = str(body.get("account_id", "")).strip()
         if not _ACCOUNT_ID.match(account_id):
             return jsonify(error="account_id: 1 to 128 letters, digits, '.', '_' or '-'"), 400
+        # "Score in 1 minute": the job waits on Cloud Tasks (its result says `scheduled`).
+        in_s = body.get("in_s")
+        if in_s is not None and (
+            isinstance(in_s, bool) or not isinstance(in_s, int) or not 1 <= in_s <= MAX_IN_S
+        ):
+            return jsonify(error=f"in_s: a whole number of seconds from 1 to {MAX_IN_S}"), 400
+        later = timedelta(seconds=in_s) if in_s else None
         try:
-            job_id = publish("account-scoring", {"account_id": account_id})
+            job_id = publish("account-scoring", {"account_id": account_id}, later=later)
         except InvalidJobError as exc:
             return jsonify(error=str(exc)), 400
         return jsonify(job_id=job_id), 202

@@ -3,7 +3,8 @@
 One upsert decides, inside SQLite, whether a result replaces the stored one, by the
 same rule as worker.client.supersedes: a job's first result is kept, a later one
 replaces it only if the stored one did not succeed, the new status differs and is not
-`running` (a Cloud Run job execution's start never replaces a final result). So
+`running` or `scheduled` (a Cloud Run job execution's start, or a job put off to its
+`not_before`, never replaces a final result; one replaces the other). So
 Pub/Sub's redeliveries, and pushes racing on several instances, change nothing.
 """
 
@@ -40,7 +41,7 @@ ON CONFLICT (job_id) DO UPDATE SET
     batch_index = excluded.batch_index, batch_total = excluded.batch_total,
     result = excluded.result, updated_at = excluded.updated_at
 WHERE results.status != 'succeeded' AND results.status != excluded.status
-    AND excluded.status != 'running'
+    AND (excluded.status NOT IN ('running', 'scheduled') OR results.status IN ('running', 'scheduled'))
 """
 
 FINAL_STATUSES = ("succeeded", "failed", "rejected", "expired", "cancelled")
@@ -110,12 +111,12 @@ class SqliteResultStore:
                 (batch_id,),
             ).fetchall()
             parent = db.execute("SELECT status FROM results WHERE job_id = ?", (batch_id,)).fetchone()
-        counts = {status: 0 for status in (*FINAL_STATUSES, "running")}
+        counts = {status: 0 for status in (*FINAL_STATUSES, "running", "scheduled")}
         total = None
         for row in rows:
             counts[row["status"]] = row["n"]
             total = row["total"] if total is None else max(total, row["total"])
-        finished = sum(counts[status] for status in FINAL_STATUSES)  # `running` is not finished
+        finished = sum(counts[status] for status in FINAL_STATUSES)  # `running`, `scheduled` are not finished
         return {
             "batch_id": batch_id,
             "total": total,

@@ -23,6 +23,7 @@ def test_every_verb_is_registered_once() -> None:
         "setup",
         "enqueue",
         "cancel",
+        "scheduled",
         "dead-letters",
         "replay",
         "doctor",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,27 @@ def test_score_and_batch_publish_jobs_and_refuse_bad_input(app: Any) -> None:
         assert client.post("/api/score", json=bad).status_code == 400
     for size in (0, 1001, "3", True, None):
         assert client.post("/api/batches", json={"size": size}).status_code == 400
+
+
+def test_score_in_1_minute_publishes_a_job_with_not_before_and_refuses_a_bad_delay(app: Any) -> None:
+    client = app.test_client()
+    before = datetime.now(UTC)
+    assert client.post("/api/score", json={"account_id": "acme", "in_s": 60}).status_code == 202
+    ((_, job, _),) = app.config["publisher"].published
+    ahead = (datetime.fromisoformat(job["not_before"]) - before).total_seconds()
+    assert 59 <= ahead <= 62
+    for bad in (0, -5, "60", True, 31 * 86400, 1.5):
+        answer = client.post("/api/score", json={"account_id": "acme", "in_s": bad})
+        assert answer.status_code == 400 and "in_s" in answer.get_json()["error"]
+
+
+def test_the_store_shows_scheduled_until_the_end_replaces_it(tmp_path: Path) -> None:
+    store = SqliteResultStore(tmp_path / "s.sqlite3")
+    assert store.record(result("s", "scheduled"))
+    assert store.result("s")["status"] == "scheduled"
+    assert store.record(result("s", "succeeded"))
+    assert not store.record(result("s", "scheduled"))  # a late duplicate never hides the end
+    assert store.result("s")["status"] == "succeeded"
 
 
 def test_a_pushed_result_shows_up_in_the_api(app: Any) -> None:

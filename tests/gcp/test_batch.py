@@ -174,6 +174,7 @@ def test_batch_status_counts_a_results_file(tmp_path: Path) -> None:
         "expired": 0,
         "cancelled": 0,
         "running": 0,
+        "scheduled": 0,
         "outstanding": 1,
         "done": False,
         "unreadable_lines": 1,

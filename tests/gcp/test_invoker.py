@@ -120,6 +120,22 @@ def test_honours_retry_after() -> None:
     assert result.http_status == 200 and sleeps == [2.0]
 
 
+def test_a_kind_deferring_on_retry_after_does_not_sleep_past_its_backoff() -> None:
+    # Opted in (defer_on_retry_after), a Retry-After beyond backoff_max_s ends the call at
+    # once with the server's figure, for the pipeline to put the job off on Cloud Tasks.
+    async def busy(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=503, headers={"Retry-After": "30"})
+
+    kind = JobKind(kind="k", service="svc", attempts=4, backoff_max_s=10, defer_on_retry_after=True)
+    exc, seen, sleeps, _ = call(busy, kind=kind)
+    assert isinstance(exc, TransientJobError) and exc.code == "retry_later"
+    assert exc.retry_after_s == 30 and exc.http_status == 503 and exc.attempts == 1
+    assert len(seen) == 1 and sleeps == []
+    # Not opted in, 30 s is still slept through in process.
+    _, seen, sleeps, _ = call(busy, kind=JobKind(kind="k", service="svc", attempts=2, backoff_max_s=10))
+    assert sleeps == [30.0] and len(seen) == 2
+
+
 class RecordingGate:
     """A gate that lets every attempt through and notes what the guard would be told."""
 

@@ -60,6 +60,11 @@ def test_each_principal_gets_only_what_it_uses() -> None:
         ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
         ("roles/pubsub.subscriber", "projects/acme/topics/worker-control"),
         ("projects/acme/roles/workerControlChannel", "projects/acme"),
+        # Jobs at a time: create tasks on the queue, name itself as their OAuth account,
+        # and (as that account, the default) publish the jobs back.
+        ("roles/cloudtasks.enqueuer", "projects/acme/locations/us-central1/queues/jobs-delayed"),
+        ("roles/iam.serviceAccountUser", f"projects/acme/serviceAccounts/{WORKER}"),
+        ("roles/pubsub.publisher", "projects/acme/topics/jobs"),
     }
     # Nothing on the whole project but the control channel's custom role: Cloud Run roles
     # are granted per service, and creating a subscription is checked on the project.
@@ -166,8 +171,11 @@ def test_operators_get_what_the_dead_letter_tools_and_doctor_need_and_no_more() 
             ("roles/pubsub.publisher", "projects/acme/topics/worker-control"),
             ("roles/pubsub.subscriber", "projects/acme/topics/worker-control"),
             ("projects/acme/roles/workerControlChannel", "projects/acme"),
+            ("roles/cloudtasks.viewer", "projects/acme/locations/us-central1/queues/jobs-delayed"),
+            ("roles/cloudtasks.taskDeleter", "projects/acme/locations/us-central1/queues/jobs-delayed"),
+            ("roles/pubsub.publisher", "projects/acme/topics/job-results"),
         }
-    assert len(with_ops) == len(base) + 12
+    assert len(with_ops) == len(base) + 2 * len(roles_of(with_ops, "user:alice@acme.com"))
     # acting as the worker reaches all it may do: only when asked for, by name
     trusted = iam_bindings(
         settings(),
@@ -288,6 +296,15 @@ def test_setup_print_gcloud_grants_operators() -> None:
         "# alice@acme.com roles/pubsub.publisher: republish dead-lettered jobs (worker replay, batch lane)"
     )
     assert reason in done.stdout
+    assert "gcloud tasks queues create jobs-delayed --location=us-central1 --project=acme" in done.stdout
+    assert (
+        "gcloud tasks queues add-iam-policy-binding jobs-delayed --location=us-central1 --project=acme "
+        f"--member=serviceAccount:{WORKER} --role=roles/cloudtasks.enqueuer"
+    ) in done.stdout
+    assert (
+        f"gcloud iam service-accounts add-iam-policy-binding {WORKER} --project=acme "
+        f"--member=serviceAccount:{WORKER} --role=roles/iam.serviceAccountUser"
+    ) in done.stdout
 
 
 def test_setup_refuses_an_operator_it_cannot_grant() -> None:

@@ -85,6 +85,24 @@ def test_replay_republishes_the_original_job_then_acks_and_leaves_the_rest() -> 
     assert [e.job_id for e in entries] == ["b1"], "the skipped one was given back"
 
 
+def test_replay_at_a_time_republishes_each_job_with_that_not_before() -> None:
+    pubsub = StubPubSub()
+    dead_letter(pubsub, "a1")
+    pubsub.subscriber.queue(DEAD_LETTERS, b"not json", {"job_id": "junk"})
+    at = datetime.now(UTC) + timedelta(hours=3)
+    report = replay_dead_letters(
+        pubsub.subscriber, pubsub.publisher, DEAD_LETTERS, JOBS, not_before=at, pull_timeout_s=0.1
+    )
+    (published,) = pubsub.published(JOBS)
+    body = json.loads(published.data)
+    assert body["job_id"] == "a1" and datetime.fromisoformat(body["not_before"]) == at
+    assert [e.job_id for e in report.replayed] == ["a1"]
+    ((entry, why),) = report.failed
+    assert entry.job_id == "junk" and "not a job object" in why and "without --at/--in" in why
+    (left,) = pubsub.subscriber.waiting(DEAD_LETTERS)
+    assert left.data == b"not json", "the one that cannot wait stays dead-lettered"
+
+
 def test_a_failed_republish_leaves_the_dead_letter_in_place() -> None:
     pubsub = StubPubSub()
     dead_letter(pubsub, "a1")

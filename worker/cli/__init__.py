@@ -5,6 +5,7 @@
 | `run.py` | `run` |
 | `setup.py` | `setup` (and `--print-gcloud`) |
 | `jobs.py` | `enqueue`, `cancel` |
+| `later.py` | `scheduled` (jobs waiting for their `not_before`) |
 | `ops.py` | `dead-letters`, `replay`, `doctor` |
 | `batch.py` | `batch-status` |
 | `control.py` | `pause`, `resume`, `status` |
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import batch, console, control, dev, jobs, ops, run, setup
+from worker.cli import batch, console, control, dev, jobs, later, ops, run, setup
 from worker.cli.common import Verbs
 
 
@@ -33,7 +34,7 @@ def cli(debug: bool) -> None:
     """Run Pub/Sub jobs against private Cloud Run services with proper ID tokens."""
 
 
-for module in (run, setup, jobs, ops, control, batch, console, dev):
+for module in (run, setup, jobs, later, ops, control, batch, console, dev):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -89,6 +89,7 @@ def _render(progress: BatchProgress, unreadable: int) -> None:
             ("cancelled", progress.cancelled, "yellow"),
             ("outstanding", progress.outstanding, "cyan"),
             ("  of which running", progress.running, "cyan"),
+            ("  of which scheduled", progress.scheduled, "cyan"),
         ):
             table.add_row(f"[{style}]{label}[/]", str(value))
         console.print(table)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -51,11 +52,32 @@ def dead_letters(as_json: bool, limit: int | None) -> int:
     type=click.Choice(LANES),
     help="Replay down this lane [the lane each came from]; batch for a large backlog.",
 )
+@click.option(
+    "--at", "at", metavar="TIME", help="Run them not before this time (RFC 3339 with a zone), off-peak."
+)
+@click.option(
+    "--in", "in_", metavar="DURATION", help="Run them not before this long from now: 90s, 15m, 2h, 3d."
+)
 @exits_with_code
-def replay(kind: str | None, job_id: str | None, limit: int | None, dry_run: bool, lane: str | None) -> int:
+def replay(
+    kind: str | None,
+    job_id: str | None,
+    limit: int | None,
+    dry_run: bool,
+    lane: str | None,
+    at: str | None,
+    in_: str | None,
+) -> int:
     """Move dead-lettered jobs back to their lane's topic (each acked only once republished)."""
+    from worker.cli.jobs import not_before_option
+    from worker.core.messages import now
+
     settings = load_settings_or_fail()
-    return replay_dead_letters(settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run, lane=lane)
+    later = not_before_option(at, in_)
+    not_before = now() + later if isinstance(later, timedelta) else later
+    return replay_dead_letters(
+        settings, kind=kind, job_id=job_id, limit=limit, dry_run=dry_run, lane=lane, not_before=not_before
+    )
 
 
 @click.command()
@@ -115,6 +137,7 @@ def replay_dead_letters(
     limit: int | None,
     dry_run: bool,
     lane: str | None = None,
+    not_before: datetime | None = None,
 ) -> int:
     from worker.ops import operations
 
@@ -144,6 +167,7 @@ def replay_dead_letters(
             lane=lane,
             on_selected=lambda chosen: progress.start(len(chosen)),
             on_settled=settled,
+            not_before=not_before,
         )
     publisher.stop()
     if dry_run:
@@ -215,7 +239,7 @@ class _Progress:
 def diagnose(settings: Settings, service: str | None, *, audience: str | None, worker_sa: str | None) -> int:
     from worker.ops import doctor as chain
     from worker.ops.iam import default_worker_sa
-    from worker.runtime.app import access_credentials, run_client
+    from worker.runtime.app import access_credentials, run_client, tasks_client
 
     catalog = load_catalog_or_fail(settings)
     known = sorted(catalog.services(settings.region))
@@ -245,6 +269,10 @@ def diagnose(settings: Settings, service: str | None, *, audience: str | None, w
             catalog=catalog,
             run_jobs=jobs,
             jobs_client=lambda: run_client(settings, access_credentials(settings), "JobsClient"),
+            # The queue of jobs at a time, when the whole chain is asked about (no SERVICE).
+            tasks_client=(lambda: tasks_client(settings, access_credentials(settings)))
+            if service is None
+            else None,
         )
     )
     colours = {"ok": "green", "fail": "red", "fix": "cyan"}

@@ -21,7 +21,7 @@ from worker.cli.common import (
 if TYPE_CHECKING:
     from worker.core.settings import Settings
     from worker.ops.iam import PushTarget
-    from worker.ops.provision import SetupOptions
+    from worker.ops.provision import Change, SetupOptions
 
 
 @click.command()
@@ -164,6 +164,7 @@ def apply(settings: Settings, options: SetupOptions) -> int:
     if not options.retry_policy:
         click.echo("Pub/Sub emulator: the jobs subscription gets no retry policy (nacks redeliver at once).")
     changes = apply_setup(publisher, subscriber, settings, options)
+    changes.append(delay_queue_change(settings))
     for change in changes:
         click.echo(
             f"{change.action:>9}  {change.resource}" + (f"  ({change.detail})" if change.detail else "")
@@ -171,6 +172,19 @@ def apply(settings: Settings, options: SetupOptions) -> int:
     if all(c.action == "unchanged" for c in changes):
         click.echo("No change: everything already exists as configured.")
     return EXIT_FAILED if any(c.action == "differs" for c in changes) else EXIT_OK
+
+
+def delay_queue_change(settings: Settings) -> Change:
+    """The Cloud Tasks queue of jobs with a not_before, created if missing."""
+    from worker.ops.delay import apply_queue
+    from worker.ops.provision import Change
+    from worker.runtime.app import access_credentials, tasks_client
+
+    try:
+        return apply_queue(tasks_client(settings, access_credentials(settings)), settings)
+    except Exception as exc:  # unreachable: the topics are made all the same
+        name = f"Cloud Tasks queue {settings.delay_queue}"
+        return Change(name, "differs", f"Cloud Tasks did not answer ({type(exc).__name__}); run setup again")
 
 
 def telemetry_exporters() -> tuple[str, ...]:

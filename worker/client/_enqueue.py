@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -46,11 +47,25 @@ def build_job(
     *,
     catalog: Catalog | None = None,
     traceparent: str | None = None,
+    not_before: datetime | timedelta | None = None,
 ) -> Job:
-    """A valid job, or InvalidJobError saying what is wrong (checked against `catalog` if given)."""
-    fields = {"job_id": job_id or new_job_id(), "kind": kind, "payload": payload, "created_at": now()}
+    """A valid job, or InvalidJobError saying what is wrong (checked against `catalog` if given).
+
+    `not_before`: not run before this time (a datetime with a time zone), or this long
+    from now (a timedelta); the worker puts it off on Cloud Tasks until then."""
+    created = now()
+    fields: dict[str, Any] = {
+        "job_id": job_id or new_job_id(),
+        "kind": kind,
+        "payload": payload,
+        "created_at": created,
+    }
     if traceparent:
         fields["traceparent"] = traceparent
+    if isinstance(not_before, timedelta):
+        fields["not_before"] = created + not_before
+    elif not_before is not None:
+        fields["not_before"] = not_before
     try:
         job = Job.model_validate(fields)
     except ValidationError as exc:
@@ -74,12 +89,16 @@ def enqueue(
     publisher: Any = None,
     settings: Settings | None = None,
     catalog: Catalog | None = None,
+    not_before: datetime | timedelta | None = None,
     lane: str = INTERACTIVE,
 ) -> str:
     """Publish one job to its lane's topic and return its id once Pub/Sub has it.
 
     `lane`: "interactive" (the jobs topic: a person waits for it) or "batch" (the batch
     lane's topic, marked `lane=batch`: bulk work that must not delay interactive jobs).
+
+    With `not_before` (a datetime with a time zone, or a timedelta from now) the job
+    runs at that time, not before: its first result is `scheduled`, not final.
 
     Raises InvalidJobError for a job the worker would reject, and google-api-core's
     errors when Pub/Sub refuses the publish (for example PermissionDenied without
@@ -104,7 +123,9 @@ def enqueue(
             if context.is_valid
             else None
         )
-        job = build_job(kind, payload, job_id, catalog=catalog, traceparent=traceparent)
+        job = build_job(
+            kind, payload, job_id, catalog=catalog, traceparent=traceparent, not_before=not_before
+        )
         span.set_attribute("worker.job.id", job.job_id)
         publisher = publisher or _default_publisher()
         topic = publisher.topic_path(settings.project, topic_name)

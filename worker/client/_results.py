@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -70,6 +70,7 @@ _STATUS_CODES = {
     JobStatus.EXPIRED: 4,
     JobStatus.RUNNING: 5,
     JobStatus.CANCELLED: 6,
+    JobStatus.SCHEDULED: 7,
 }
 _FINAL_CODES = (1, 2, 3, 4, 6)
 _STATUSES: dict[int, JobStatus | None] = {0: None, **{code: status for status, code in _STATUS_CODES.items()}}
@@ -83,14 +84,14 @@ class BatchProgress:
     status counts, except that `succeeded` is final: a replayed child that failed
     and then succeeds moves from failed to succeeded, and a stale failure delivered
     after its success changes nothing. `running` (a Cloud Run job execution) is
-    outstanding, and never replaces a final status.
+    outstanding, and never replaces a final status; so is `scheduled` (put off to its `not_before`).
     """
 
     def __init__(self, batch_id: str, total: int | None = None) -> None:
         self.batch_id = batch_id
         self.total = total
         self._states = bytearray(total or 0)
-        self._counts = [0] * 7
+        self._counts = [0] * 8
         self.parent: Result | None = None  # the batch job's own result, once it arrives
 
     def update(self, result: Result) -> bool:
@@ -140,6 +141,11 @@ class BatchProgress:
         return self._counts[6]
 
     @property
+    def scheduled(self) -> int:
+        """Children put off to their `not_before` (not final)."""
+        return self._counts[7]
+
+    @property
     def finished(self) -> int:
         return sum(self._counts[code] for code in _FINAL_CODES)
 
@@ -161,6 +167,7 @@ class BatchProgress:
             "expired": self.expired,
             "cancelled": self.cancelled,
             "running": self.running,
+            "scheduled": self.scheduled,
             "outstanding": self.outstanding,
             "done": self.done,
         }
@@ -310,8 +317,9 @@ class ResultWaiter:
         except exceptions.GoogleAPICallError as error:
             log.warning("wait_subscription_not_deleted", subscription=self.subscription, error=str(error))
 
-    def wait(self, timeout_s: float) -> Result | None:
-        """The job's final result, or None if none arrived within `timeout_s`."""
+    def wait(self, timeout_s: float, on_progress: Callable[[Result], None] | None = None) -> Result | None:
+        """The job's final result, or None if none arrived within `timeout_s`; each result
+        that is not final (`scheduled`, `running`) is given to `on_progress` on the way."""
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -328,6 +336,10 @@ class ResultWaiter:
             for received in response.received_messages:
                 result = _parse(received.message.data)
                 # A Cloud Run job's `running` result is not the answer: wait for its end.
-                if result is not None and result.job_id == self.job_id and result.status.final:
+                if result is None or result.job_id != self.job_id:
+                    continue
+                if result.status.final:
                     return result
+                if on_progress is not None:
+                    on_progress(result)
         return None

@@ -94,6 +94,10 @@ class JobKind(BaseModel):
     rate_burst: int | None = Field(None, gt=0, le=100_000)
     breaker: BreakerSpec = Field(default_factory=BreakerSpec)
     run_job: RunJobSpec | None = None  # worker/core/runjob.py
+    # Jobs at a time: a 429/503 whose Retry-After is beyond backoff_max_s puts the job off
+    # (Cloud Tasks) until then, at most defer_max_s ahead, instead of using attempts.
+    defer_on_retry_after: bool = False
+    defer_max_s: float = Field(86_400.0, gt=0, le=30 * 86_400)
     _validator: Any = PrivateAttr(None)
 
     @field_validator("kind")

@@ -25,6 +25,8 @@ class JobError(Exception):
         self.http_status = http_status
         # HTTP calls made before giving up, when the error came from the invoker.
         self.attempts: int | None = None
+        # The function's Retry-After (seconds), when it sent one (a 429 or 503).
+        self.retry_after_s: float | None = None
 
 
 class PermanentJobError(JobError):

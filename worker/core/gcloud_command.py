@@ -39,8 +39,8 @@ def gcloud(*words: str, **flags: str | int | None) -> str:
 def grant(member: str, role: str, resource: str) -> str:
     """The gcloud command that gives `member` `role` on `resource`, a full resource name:
     projects/P, projects/P/topics/T, projects/P/subscriptions/S,
-    projects/P/locations/R/services/S, projects/P/locations/R/jobs/J or
-    projects/P/serviceAccounts/EMAIL."""
+    projects/P/locations/R/services/S, projects/P/locations/R/jobs/J,
+    projects/P/locations/R/queues/Q or projects/P/serviceAccounts/EMAIL."""
     parts = resource.split("/")
     project = parts[1]
     if len(parts) == 2:
@@ -80,6 +80,17 @@ def grant(member: str, role: str, resource: str) -> str:
             "add-iam-policy-binding",
             parts[5],
             region=parts[3],
+            project=project,
+            member=member,
+            role=role,
+        )
+    if parts[2] == "locations" and parts[4] == "queues":
+        return gcloud(
+            "tasks",
+            "queues",
+            "add-iam-policy-binding",
+            parts[5],
+            location=parts[3],
             project=project,
             member=member,
             role=role,

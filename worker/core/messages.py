@@ -13,7 +13,15 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from worker.core.errors import InvalidJobError
 
@@ -26,6 +34,9 @@ _TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2
 # Pub/Sub rejects a message over 10 MB; keep headroom for attributes and framing.
 MAX_PUBLISH_BYTES = 9_500_000
 MAX_ATTRIBUTE_BYTES = 1024
+# How far ahead a job's `not_before` may be (Cloud Tasks holds 30 days; the worker
+# schedules again past that): further is a mistake, refused naming the field.
+MAX_NOT_BEFORE_DAYS = 365
 
 
 class JobStatus(StrEnum):
@@ -35,10 +46,11 @@ class JobStatus(StrEnum):
     EXPIRED = "expired"
     RUNNING = "running"  # not final: a Cloud Run job execution started (worker/gcp/runjobs.py)
     CANCELLED = "cancelled"
+    SCHEDULED = "scheduled"  # not final: put off to its not_before on Cloud Tasks (worker/gcp/delay.py)
 
     @property
     def final(self) -> bool:
-        return self is not JobStatus.RUNNING
+        return self not in (JobStatus.RUNNING, JobStatus.SCHEDULED)
 
 
 def supersedes(stored: JobStatus | str | None, new: JobStatus | str, *, new_execution: bool = False) -> bool:
@@ -84,15 +96,39 @@ class Job(BaseModel):
     kind: str = Field(min_length=1, max_length=128)
     payload: Any = None
     created_at: datetime | None = Field(None, strict=False)
+    not_before: datetime | None = Field(None, strict=False)
     not_after: datetime | None = Field(None, strict=False)
     batch: BatchRef | None = None
     traceparent: str | None = None
 
-    @field_validator("created_at", "not_after")
+    @field_validator("created_at", "not_before", "not_after")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("must be RFC 3339 with a time zone offset, e.g. 2026-01-01T00:00:00Z")
+        return value
+
+    @field_validator("not_before", mode="before")
+    @classmethod
+    def _a_time_string(cls, value: Any) -> Any:
+        # Not a number: pydantic would read 7 as 1970-01-01T00:00:07Z and run the job at once.
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("must be an RFC 3339 string with a time zone offset, e.g. 2026-01-01T02:00:00Z")
+        return value
+
+    @field_validator("not_before")
+    @classmethod
+    def _within_horizon(cls, value: datetime | None) -> datetime | None:
+        if value is not None and (value - now()).days >= MAX_NOT_BEFORE_DAYS:
+            raise ValueError(f"more than {MAX_NOT_BEFORE_DAYS} days ahead; a job can wait that long at most")
+        return value
+
+    @field_validator("not_after")
+    @classmethod
+    def _after_not_before(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        start = info.data.get("not_before")
+        if value is not None and start is not None and value <= start:
+            raise ValueError("must be later than not_before, or the job could never run")
         return value
 
     @field_validator("traceparent")
@@ -145,6 +181,8 @@ class Result(BaseModel):
     truncated: bool = False  # response cut to fit Pub/Sub's message limit
     execution: ExecutionInfo | None = None  # run_job kinds only
     trace_id: str | None = None  # the job's trace (32 hex), for a link to Cloud Trace
+    not_before: datetime | None = None  # `scheduled` only: when the job will run
+    task: str | None = None  # `scheduled` only: the Cloud Tasks task that will publish it again
 
     def to_bytes(self) -> bytes:
         try:
@@ -168,6 +206,16 @@ class Result(BaseModel):
         if self.batch:
             attrs["batch_id"] = self.batch.id
         return attrs
+
+
+# Set by the Cloud Tasks task that publishes a put-off job back: how many times it was put off.
+SCHEDULED_ATTRIBUTE = "scheduled"
+
+
+def times_put_off(attributes: dict[str, str]) -> int:
+    """How many times this delivery's job was put off already (its `scheduled` attribute)."""
+    value = attributes.get(SCHEDULED_ATTRIBUTE, "0")
+    return int(value) if value.isdigit() and len(value) < 6 else 0
 
 
 def now() -> datetime:
@@ -264,7 +312,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parts.append(
                 f"unexpected field {where!r}: a job carries only job_id, kind, payload, "
-                "created_at, not_after, batch, traceparent (never a URL, host or header)"
+                "created_at, not_before, not_after, batch, traceparent (never a URL, host or header)"
             )
         elif err["type"] == "missing":
             parts.append(f"missing required field {where!r}")

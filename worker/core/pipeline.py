@@ -7,8 +7,11 @@ whether to ack. It never raises: whatever goes wrong becomes a result or a nack.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
+import asyncio
+import functools
+import random
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -24,11 +27,30 @@ from worker.core.messages import (
     decode_job,
     now,
     salvage_identity,
+    times_put_off,
 )
-from worker.core.shapes import BatchHandler, Caller, CallResult, Delivery, Outcome, Resolver, RunJobHandler
+from worker.core.shapes import (
+    BatchHandler,
+    Caller,
+    CallResult,
+    Deferrer,
+    Delivery,
+    Outcome,
+    Resolver,
+    RunJobHandler,
+)
 from worker.core.telemetry import NO_TELEMETRY, JobSpan, Telemetry, trace_id_of
 
 log = structlog.get_logger("worker.core.pipeline")
+
+# A job due sooner than this is waited for in process; later, it is put off on the timer.
+DEFER_AFTER_S = 1.0
+# While Cloud Tasks cannot take a job's task, the job is held and tried again after a
+# backoff doubling from 1 s to this (consecutive failures of this worker).
+DEFER_RETRY_MAX_S = 10.0
+# A job a function keeps answering Retry-After is put off this many times at most, then
+# its errors take their usual course (redelivery, then the dead letter).
+MAX_RETRY_AFTER_DEFERRALS = 20
 
 
 class Pipeline:
@@ -48,6 +70,8 @@ class Pipeline:
         run_job_handler: RunJobHandler | None = None,
         clock: Callable[[], datetime] = now,
         telemetry: Telemetry = NO_TELEMETRY,
+        deferrer: Deferrer | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.catalog = catalog
         self._resolver = resolver
@@ -59,6 +83,9 @@ class Pipeline:
         self._clock = clock
         self._telemetry = telemetry
         self._metrics = telemetry.metrics
+        self._deferrer = deferrer
+        self._sleep = sleep
+        self._defer_failures = 0
 
     async def handle(self, delivery: Delivery) -> Outcome:
         """The outcome of one delivery; never raises. An invalid job is `rejected`, a
@@ -79,10 +106,41 @@ class Pipeline:
             kind.check_payload(job.payload)
             if job.not_after is not None and started > job.not_after:
                 return self._finish(delivery, job, started, JobStatus.EXPIRED, span, known, ack_only=True)
+            if job.not_before is not None:
+                wait_s = (job.not_before - self._clock()).total_seconds()
+                if wait_s > DEFER_AFTER_S or self._was_put_off(job.not_before, delivery):
+                    task = await self._defer(job, delivery, job.not_before)
+                    return self._finish(
+                        delivery,
+                        job,
+                        started,
+                        JobStatus.SCHEDULED,
+                        span,
+                        known,
+                        scheduled=(job.not_before, task),
+                    )
+                if wait_s > 0:
+                    await self._sleep(wait_s)  # never early: the last second is waited here
             # Log lines carry the trace: the worker's own span when tracing, else the sender's.
             bind_job_fields(traceparent=span.traceparent or job.traceparent)
             with span.active():
-                call = await self._run(job, kind, delivery)
+                try:
+                    call = await self._run(job, kind, delivery)
+                except TransientJobError as exc:
+                    deferred = await self._defer_retry_after(job, kind, delivery, exc)
+                    if deferred is None:
+                        raise
+                    call = CallResult(exc.http_status, None, exc.attempts or 0, status=JobStatus.SCHEDULED)
+                    return self._finish(
+                        delivery,
+                        job,
+                        started,
+                        JobStatus.SCHEDULED,
+                        span,
+                        known,
+                        call=call,
+                        scheduled=deferred,
+                    )
             return self._finish(delivery, job, started, call.status, span, known, call=call)
         except HoldJob as exc:
             if delivery.may_hold:
@@ -113,6 +171,58 @@ class Pipeline:
         finally:
             if known is not None and self._metrics.enabled:
                 self._metrics.job_left(known)
+
+    @staticmethod
+    def _was_put_off(not_before: datetime, delivery: Delivery) -> bool:
+        """Whether this message was due later when published, so a worker may have put it
+        off already (then killed before its ack): if it is due now, it goes through the
+        timer all the same, whose task name is taken if it was, so it runs once. The
+        message the timer publishes is published at not_before, so this is false for it."""
+        if delivery.publish_time is None:
+            return False
+        return (not_before - delivery.publish_time).total_seconds() > DEFER_AFTER_S
+
+    async def _defer_retry_after(
+        self, job: Job, kind: JobKind, delivery: Delivery, exc: TransientJobError
+    ) -> tuple[datetime, str] | None:
+        """A kind that opted in (`defer_on_retry_after`) and a function that asked to be
+        called again later: put the job off until then (at most `defer_max_s`) instead of
+        using delivery attempts. None when it does not apply or the timer cannot be set
+        (then the error takes its usual course)."""
+        if exc.retry_after_s is None or not kind.defer_on_retry_after or self._deferrer is None:
+            return None
+        if times_put_off(delivery.attributes) >= MAX_RETRY_AFTER_DEFERRALS:
+            return None
+        at = self._clock() + timedelta(seconds=min(exc.retry_after_s, kind.defer_max_s))
+        try:
+            task = await self._deferrer.defer(job, delivery, at)
+        except TransientJobError as failed:
+            log.warning("job_schedule_retry", code=failed.code, error=failed.message, retry_in_s=None)
+            return None
+        log.info("job_retry_after_deferred", retry_after_s=exc.retry_after_s, not_before=at.isoformat())
+        return at, task
+
+    async def _defer(self, job: Job, delivery: Delivery, at: datetime) -> str:
+        try:
+            if self._deferrer is None:
+                raise TransientJobError(
+                    "delay_unavailable",
+                    f"job is due at {at.isoformat()} but this worker has no Cloud Tasks queue to wait in; "
+                    "set WORKER_DELAY_QUEUE and create it with `worker setup`",
+                )
+            task = await self._deferrer.defer(job, delivery, at)
+        except TransientJobError as exc:
+            if not delivery.may_hold:
+                raise  # held for WORKER_MAX_HOLD_SECONDS already: nacked, or failed on the last attempt
+            # Held, not nacked: an outage of Cloud Tasks must not use up delivery attempts.
+            self._defer_failures += 1
+            wait_s = min(DEFER_RETRY_MAX_S, 0.5 * 2 ** min(self._defer_failures, 8)) * random.uniform(
+                0.5, 1.0
+            )
+            log.warning("job_schedule_retry", code=exc.code, error=exc.message, retry_in_s=round(wait_s, 2))
+            raise HoldJob(exc.code, functools.partial(self._sleep, wait_s)) from None
+        self._defer_failures = 0
+        return task
 
     async def _run(self, job: Job, kind: JobKind, delivery: Delivery) -> CallResult:
         if kind.handler == "batch":
@@ -158,6 +268,7 @@ class Pipeline:
         call: CallResult | None = None,
         error: JobError | None = None,
         ack_only: bool = False,
+        scheduled: tuple[datetime, str] | None = None,
     ) -> Outcome:
         finished = self._clock()
         span = self._span(span, delivery, job, started)
@@ -181,11 +292,15 @@ class Pipeline:
             batch=job.batch if job else None,
             execution=call.execution if call else None,
             trace_id=span.trace_id or trace_id_of(job.traceparent if job else None),
+            not_before=scheduled[0] if scheduled else None,
+            task=scheduled[1] if scheduled else None,
         )
         dead_letter = None
         if status in (JobStatus.FAILED, JobStatus.REJECTED) and error is not None:
             dead_letter = dead_letter_for(delivery, result, error)
             log.warning("job_" + status.value, code=error.code, error=error.message)
+        elif status == JobStatus.SCHEDULED:
+            log.info("job_scheduled", not_before=str(result.not_before), task=result.task)
         elif status == JobStatus.RUNNING:
             log.info("job_running", execution=result.execution.name if result.execution else None)
         elif not ack_only:

@@ -19,3 +19,10 @@ RUN_JOBS_EXECUTOR = "roles/run.jobsExecutor"
 # run.executions.cancel); roles/run.invoker and roles/run.jobsExecutor lack it.
 RUN_JOB_EXECUTOR_WITH_OVERRIDES = "roles/run.jobsExecutorWithOverrides"
 TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
+# Cloud Tasks, for jobs with a not_before (worker/gcp/delay.py): create tasks on the
+# queue; read them (worker scheduled); delete them (worker cancel).
+CLOUDTASKS_ENQUEUER = "roles/cloudtasks.enqueuer"
+CLOUDTASKS_VIEWER = "roles/cloudtasks.viewer"
+CLOUDTASKS_TASK_DELETER = "roles/cloudtasks.taskDeleter"
+# iam.serviceAccounts.actAs: name a service account as a task's OAuth token account.
+SERVICE_ACCOUNT_USER = "roles/iam.serviceAccountUser"

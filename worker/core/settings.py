@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     )
     run_api_endpoint: str | None = Field(None, validation_alias=_env("WORKER_RUN_API_ENDPOINT"))
     iam_api_endpoint: str | None = Field(None, validation_alias=_env("WORKER_IAM_API_ENDPOINT"))
+    # Jobs with a `not_before` wait in this Cloud Tasks queue (worker/gcp/delay.py), in
+    # WORKER_REGION; the tasks publish as WORKER_DELAY_SERVICE_ACCOUNT (else the worker's own).
+    tasks_api_endpoint: str | None = Field(None, validation_alias=_env("WORKER_TASKS_API_ENDPOINT"))
+    delay_queue: str = Field(
+        "jobs-delayed", pattern=r"^[A-Za-z0-9-]{1,100}$", validation_alias=_env("WORKER_DELAY_QUEUE")
+    )
+    delay_service_account: str | None = Field(None, validation_alias=_env("WORKER_DELAY_SERVICE_ACCOUNT"))
     catalog_dir: Path | None = Field(None, validation_alias=_env("WORKER_CATALOG_DIR"))
     log_format: str = Field("auto", validation_alias=_env("WORKER_LOG_FORMAT"))
     log_level: str = Field("info", validation_alias=_env("WORKER_LOG_LEVEL"))
@@ -86,14 +93,14 @@ class Settings(BaseSettings):
     # (worker/gcp/emulator.py); tests use it to cover that path.
     emulator_plain_streams: bool = Field(False, validation_alias=_env("WORKER_EMULATOR_PLAIN_STREAMS"))
 
-    @field_validator("impersonate_service_account")
+    @field_validator("impersonate_service_account", "delay_service_account")
     @classmethod
     def _service_account_email(cls, value: str | None) -> str | None:
         if value is not None and ("@" not in value or not value.endswith(".gserviceaccount.com")):
             raise ValueError("must be a service account email such as worker@PROJECT.iam.gserviceaccount.com")
         return value
 
-    @field_validator("run_api_endpoint", "iam_api_endpoint")
+    @field_validator("run_api_endpoint", "iam_api_endpoint", "tasks_api_endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
         if value is None:

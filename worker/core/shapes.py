@@ -148,6 +148,14 @@ class Caller(Protocol):
     async def invoke(self, kind: JobKind, url: str, job: Job, region: str = ...) -> CallResult: ...
 
 
+class Deferrer(Protocol):
+    """Puts a job off until `at` on a durable timer (worker/gcp/delay.py: a Cloud Tasks task
+    that publishes the delivery again); returns the task's name. A duplicate of the same
+    delivery is put off once. Raises TransientJobError when the timer cannot be set."""
+
+    async def defer(self, job: Job, delivery: Delivery, at: datetime) -> str: ...
+
+
 # A batch handler fans a job out (given the job, its kind and when the message was
 # published); it returns the parent's response and child count.
 BatchHandler = Callable[[Job, JobKind, Delivery], Awaitable[CallResult]]

@@ -235,6 +235,7 @@ class BatchFanOut:
                 kind=child_kind,
                 payload={"account_id": account_id},
                 created_at=created,
+                not_before=None,
                 not_after=None,
                 batch=BatchRef(id=batch_id, index=index, total=total),
                 traceparent=parent.traceparent,

@@ -283,12 +283,17 @@ class Invoker:
     ) -> JobError:
         detail = _snippet(body)
         if verdict == "retry":
-            if retry_after is not None and retry_after > MAX_IN_PROCESS_RETRY_AFTER_S:
-                return TransientJobError(
+            # Longer than is slept in process (for a kind that puts jobs off on a
+            # Retry-After, longer than its backoff): left to redelivery, or to the timer.
+            limit = kind.backoff_max_s if kind.defer_on_retry_after else MAX_IN_PROCESS_RETRY_AFTER_S
+            if retry_after is not None and retry_after > limit:
+                error = TransientJobError(
                     "retry_later",
                     f"{kind.service} answered {status} with Retry-After {retry_after:g}s",
                     http_status=status,
                 )
+                error.retry_after_s = retry_after
+                return error
             return CallFailed(
                 f"http_{status}",
                 f"{kind.service} answered {status}: {detail}",

@@ -1,4 +1,5 @@
-"""`worker cancel JOB_ID`: cancel the running Cloud Run job execution of a job, record `cancelled`.
+"""`worker cancel JOB_ID`: cancel the running Cloud Run job execution of a job, record `cancelled`;
+or, for a job put off to its `not_before`, delete its Cloud Tasks task before it runs.
 
 The execution is found the way the worker finds it before starting one: by the
 `WORKER_JOB_ID` env in its template, among the executions of every `run_job` kind's
@@ -17,7 +18,8 @@ from typing import Any
 from google.api_core import exceptions
 
 from worker.core.catalog import Catalog, JobKind
-from worker.core.messages import ErrorInfo, JobStatus, Result, now
+from worker.core.messages import ErrorInfo, Job, JobStatus, Result, now
+from worker.gcp.delay import find_job_tasks, job_of
 from worker.gcp.runjobs import execution_info, execution_state, find_executions, job_path
 
 _API_TIMEOUT_S = 30.0
@@ -114,4 +116,43 @@ def cancelled_result(job_id: str, kind: JobKind, execution: Any) -> Result:
         finished_at=finished,
         duration_ms=max(0, int((finished - started).total_seconds() * 1000)),
         execution=execution_info(execution),
+    )
+
+
+# -- jobs put off to their not_before (worker/gcp/delay.py) ----------------------------
+
+
+def cancel_scheduled(tasks_client: Any, queue: str, job_id: str) -> list[tuple[Any, Job]]:
+    """Delete the Cloud Tasks task(s) that would publish `job_id` again; (task, job) of each
+    deleted. A task that ran (or was deleted) in the meantime is not counted."""
+    cancelled = []
+    for task in find_job_tasks(tasks_client, queue, job_id):
+        try:
+            tasks_client.delete_task(name=task.name, timeout=_API_TIMEOUT_S)
+        except exceptions.NotFound:
+            continue  # dispatched meanwhile: the job runs, its result says so
+        job, _ = job_of(task)
+        if job is not None:
+            cancelled.append((task, job))
+    return cancelled
+
+
+def scheduled_cancelled_result(job: Job, task: Any) -> Result:
+    """The `cancelled` result of a job whose task was deleted before it ran."""
+    at = now()
+    return Result(
+        job_id=job.job_id,
+        kind=job.kind,
+        status=JobStatus.CANCELLED,
+        attempts=0,
+        error=ErrorInfo(
+            code="scheduled_cancelled",
+            message=f"cancelled before its not_before ({job.not_before}): task {task.name} deleted",
+        ),
+        started_at=at,
+        finished_at=at,
+        duration_ms=0,
+        batch=job.batch,
+        not_before=job.not_before,
+        task=task.name,
     )

@@ -58,6 +58,7 @@ async def diagnose(
     catalog: Any = None,
     run_jobs: list[tuple[str, str]] = (),  # type: ignore[assignment]
     jobs_client: Any = None,
+    tasks_client: Any = None,
 ) -> Diagnosis:
     """Check the chain for each (service, region); `audience` overrides the token's audience.
 
@@ -108,6 +109,13 @@ async def diagnose(
         client = jobs_client()
         for job, region in run_jobs:
             diagnosis.services.append(await check_run_job(client, settings, _member(principal), job, region))
+    if tasks_client is not None:  # jobs at a time: may the worker put jobs off on its queue
+        from worker.ops.delay import check_delay_queue
+
+        member = _member(principal)
+        diagnosis.services.append(
+            await check_delay_queue(tasks_client(), settings, member, principal.email or worker_sa)
+        )
     return diagnosis
 
 

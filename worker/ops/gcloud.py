@@ -14,6 +14,7 @@ from collections.abc import Collection, Sequence
 from worker.core.catalog import Catalog
 from worker.core.gcloud_command import gcloud, grant
 from worker.core.settings import Settings
+from worker.ops.delay import queue_command
 from worker.ops.iam import (
     CONTROL_PERMISSIONS,
     CONTROL_ROLE_ID,
@@ -119,6 +120,7 @@ def resource_commands(settings: Settings, options: SetupOptions, push: PushTarge
             topic=settings.dead_letter_topic,
             **common,
         ),
+        queue_command(settings),  # jobs at a time: where jobs with a not_before wait
     ]
     return commands
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from worker.core.catalog import Catalog
 from worker.core.roles import (
     CLOUD_TRACE_AGENT,
+    CLOUDTASKS_ENQUEUER,
+    CLOUDTASKS_TASK_DELETER,
+    CLOUDTASKS_VIEWER,
     METRIC_WRITER,
     PUBSUB_PUBLISHER,
     PUBSUB_SUBSCRIBER,
@@ -22,6 +25,7 @@ from worker.core.roles import (
     RUN_JOB_EXECUTOR_WITH_OVERRIDES,
     RUN_JOBS_EXECUTOR,
     RUN_VIEWER,
+    SERVICE_ACCOUNT_USER,
     TOKEN_CREATOR,
 )
 from worker.core.settings import Settings
@@ -250,6 +254,11 @@ def iam_bindings(
                 "start executions with overrides (run.jobs.runWithOverrides), cancel a duplicate one",
             ),
         ]
+    # Jobs at a time (the Cloud Tasks queue); a grant the worker already has is not repeated.
+    granted = {(b.member, b.role, b.resource) for b in bindings}
+    bindings += [
+        b for b in delay_bindings(settings, worker_sa) if (b.member, b.role, b.resource) not in granted
+    ]
     bindings += [
         Binding(
             agent,
@@ -385,6 +394,7 @@ def operator_bindings(
         ]
     return [
         *cancelling,
+        *operator_delay_bindings(settings, member),
         Binding(
             member,
             PUBSUB_SUBSCRIBER,
@@ -433,3 +443,55 @@ def operator_bindings(
         if can_impersonate
         else []
     )
+
+
+# -- jobs at a time: the Cloud Tasks queue (worker/gcp/delay.py, worker/ops/delay.py) ------
+
+
+def delay_queue(settings: Settings) -> str:
+    return f"projects/{settings.project}/locations/{settings.region}/queues/{settings.delay_queue}"
+
+
+def delay_account(settings: Settings, worker_sa: str) -> str:
+    return settings.delay_service_account or worker_sa
+
+
+def delay_bindings(settings: Settings, worker_sa: str) -> list[Binding]:
+    """The worker's and the publishing account's bindings for jobs at a time."""
+    account = delay_account(settings, worker_sa)
+    worker = f"serviceAccount:{worker_sa}"
+    return [
+        Binding(
+            worker, CLOUDTASKS_ENQUEUER, delay_queue(settings), "put off jobs with a not_before (CreateTask)"
+        ),
+        Binding(
+            worker,
+            SERVICE_ACCOUNT_USER,
+            f"projects/{settings.project}/serviceAccounts/{account}",
+            f"name {account} as the OAuth account of those tasks (iam.serviceAccounts.actAs)",
+        ),
+        *(
+            Binding(
+                f"serviceAccount:{account}",
+                PUBSUB_PUBLISHER,
+                f"projects/{settings.project}/topics/{settings.lane_topic(lane)}",
+                f"the tasks publish each job back to its lane's topic ({lane}) at its not_before",
+            )
+            for lane in settings.lanes
+        ),
+    ]
+
+
+def operator_delay_bindings(settings: Settings, member: str) -> list[Binding]:
+    return [
+        Binding(member, CLOUDTASKS_VIEWER, delay_queue(settings), "list scheduled jobs (worker scheduled)"),
+        Binding(
+            member, CLOUDTASKS_TASK_DELETER, delay_queue(settings), "cancel a scheduled job (worker cancel)"
+        ),
+        Binding(
+            member,
+            PUBSUB_PUBLISHER,
+            f"projects/{settings.project}/topics/{settings.results_topic}",
+            "publish a cancelled job's result (worker cancel)",
+        ),
+    ]

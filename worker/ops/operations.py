@@ -10,17 +10,19 @@ resolved, so a job is never in neither place.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.api_core import exceptions
+from pydantic import ValidationError
 
 from worker.core.dead_letters import PUBSUB_SOURCE_PREFIX, REPLAY_OF, DeadLetterAttributes
 from worker.core.followup import FOLLOW_UP_ATTRIBUTE
 from worker.core.lanes import BATCH, INTERACTIVE, LANE_ATTRIBUTE
-from worker.core.messages import salvage_identity
+from worker.core.messages import Job, describe_validation_error, salvage_identity
 
 EXHAUSTED = "delivery attempts exhausted"
 _HOLD_S = 600  # lease held on scanned messages, so a long scan never sees one twice
@@ -260,6 +262,7 @@ def replay_dead_letters(
     pull_timeout_s: float = 2.0,
     on_selected: Callable[[list[DeadLetterEntry]], None] | None = None,
     on_settled: Callable[[DeadLetterEntry, str | None], None] | None = None,
+    not_before: datetime | None = None,
 ) -> ReplayReport:
     """Republish matching dead letters' original data, then ack them.
 
@@ -268,7 +271,9 @@ def replay_dead_letters(
 
     Non-matching ones (and, past `limit`, matching ones) are given back untouched.
     `on_selected` hears what will be replayed, `on_settled` each one's fate (None
-    for success, else the reason), for a progress display.
+    for success, else the reason), for a progress display. With `not_before` (`--at`,
+    `--in`) each job is republished with that `not_before` (the worker puts it off until
+    then); one that is not a job object, or whose `not_after` comes first, stays.
     """
     report = ReplayReport()
     with DeadLetterScan(subscriber, subscription, pull_timeout_s=pull_timeout_s) as scan:
@@ -286,12 +291,18 @@ def replay_dead_letters(
         if dry_run:
             return report
         topic_of = jobs_topic if callable(jobs_topic) else lambda _lane: jobs_topic
-        futures = {
-            publisher.publish(
-                topic_of(lane or entry.lane), entry.data, **entry.replay_attributes(lane)
-            ): entry
-            for entry in report.selected
-        }
+        futures = {}
+        for entry in report.selected:
+            data, refused = entry.data, None
+            if not_before is not None:
+                data, refused = with_not_before(entry.data, not_before)
+            if refused is not None:
+                scan.give_back([entry])
+                _settle(report, entry, refused, on_settled)
+                continue
+            futures[
+                publisher.publish(topic_of(lane or entry.lane), data, **entry.replay_attributes(lane))
+            ] = entry
         published: list[DeadLetterEntry] = []
 
         def ack_published() -> None:
@@ -324,6 +335,22 @@ def replay_dead_letters(
             if published:
                 ack_published()
     return report
+
+
+def with_not_before(data: bytes, not_before: datetime) -> tuple[bytes, str | None]:
+    """A dead letter's job with `not_before` set, or why it cannot have one."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        return data, "not a job object, so it cannot wait; replay it without --at/--in"
+    body["not_before"] = not_before.isoformat()
+    try:
+        Job.model_validate(body)
+    except ValidationError as exc:
+        return data, f"it cannot wait until {not_before.isoformat()}: {describe_validation_error(exc)}"
+    return json.dumps(body, separators=(",", ":")).encode(), None
 
 
 def _settle(

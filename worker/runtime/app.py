@@ -24,10 +24,11 @@ from worker.core.lanes import BATCH, INTERACTIVE, LaneSlots
 from worker.core.pipeline import Pipeline
 from worker.core.settings import Settings
 from worker.core.telemetry import Telemetry
-from worker.gcp import emulator
+from worker.gcp import delay, emulator
 from worker.gcp.batch import BatchFanOut
 from worker.gcp.consumer import Consumer, Lanes, read_max_delivery_attempts
 from worker.gcp.control import ControlChannel
+from worker.gcp.delay import TaskDeferrer
 from worker.gcp.identity import IdentityTokenSource, build_token_source
 from worker.gcp.invoker import MAX_IN_PROCESS_RETRY_AFTER_S, Invoker
 from worker.gcp.resolver import ServiceResolver
@@ -79,6 +80,30 @@ def run_client(settings: Settings, credentials: Any, kind: str = "ServicesClient
 
     options = {"api_endpoint": settings.run_api_endpoint} if settings.run_api_endpoint else None
     return getattr(run_v2, kind)(transport="rest", credentials=credentials, client_options=options)
+
+
+def tasks_client(settings: Settings, credentials: Any) -> Any:
+    """A `tasks_v2.CloudTasksClient` over REST, on WORKER_TASKS_API_ENDPOINT when set."""
+    from google.cloud import tasks_v2
+
+    options = {"api_endpoint": settings.tasks_api_endpoint} if settings.tasks_api_endpoint else None
+    return tasks_v2.CloudTasksClient(transport="rest", credentials=credentials, client_options=options)
+
+
+def build_deferrer(settings: Settings, credentials: Any, service_account: str | None) -> TaskDeferrer:
+    """Where jobs with a `not_before` wait: a task on WORKER_DELAY_QUEUE publishing to the
+    jobs topic's REST endpoint (the emulator's when PUBSUB_EMULATOR_HOST is set)."""
+    emulator_host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    return TaskDeferrer(
+        tasks_client(settings, credentials),
+        delay.queue_path(settings.project, settings.region, settings.delay_queue),
+        f"projects/{settings.project}/topics/{settings.jobs_topic}",
+        lane_topics={
+            lane: f"projects/{settings.project}/topics/{settings.lane_topic(lane)}" for lane in settings.lanes
+        },
+        service_account=settings.delay_service_account or service_account,
+        pubsub_endpoint=f"http://{emulator_host}" if emulator_host else delay.GOOGLE_PUBSUB_ENDPOINT,
+    )
 
 
 def pubsub_clients(settings: Settings, credentials: Any) -> tuple[Any, Any]:
@@ -203,6 +228,7 @@ async def build_worker(settings: Settings, stack: AsyncExitStack, telemetry: Tel
         batch_handler=fan_out,
         run_job_handler=run_jobs.start,
         telemetry=telemetry,
+        deferrer=build_deferrer(settings, credentials, tokens.principal.email),
     )
     slots = LaneSlots(settings.max_in_flight, settings.interactive_slots)
     handle = run_jobs.route(pipeline.handle)

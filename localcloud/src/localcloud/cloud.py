@@ -31,8 +31,11 @@ from localcloud.recording import RecordedRequest, Recorder
 from localcloud.runapi import RunApiContext, build_run_api_app
 from localcloud.runjobs import LocalRunJob
 from localcloud.services import LocalService, build_service_app
+from localcloud.tasks import LocalTasks, queue_resource
 
-COMPONENTS = ("metadata", "run_api", "iam", "services")
+COMPONENTS = ("metadata", "run_api", "iam", "services", "tasks")
+# The queue delayed jobs wait in (the worker's WORKER_DELAY_QUEUE default), made at start.
+DELAY_QUEUE = "jobs-delayed"
 _CONTROL_TIMEOUT_S = 30.0
 
 
@@ -95,12 +98,16 @@ class LocalCloud:
         self.iam = IamPolicy(project)
 
         metadata_port = metadata_port or free_port()
-        googleapis_port, run_api_port = free_port(), free_port()
+        googleapis_port, run_api_port, tasks_port = free_port(), free_port(), free_port()
         self.metadata_host = f"127.0.0.1:{metadata_port}"
         self.iam_endpoint = f"http://127.0.0.1:{googleapis_port}"
         self.token_uri = self.iam_endpoint + TOKEN_PATH
         self.certs_url = self.iam_endpoint + CERTS_PATH
         self.run_api_endpoint = f"http://127.0.0.1:{run_api_port}"
+        self.tasks_api_endpoint = f"http://127.0.0.1:{tasks_port}"
+        # Cloud Tasks: its API and the dispatcher, which runs whether the API listens or not.
+        self.tasks = LocalTasks(project, self.authority, self.iam, self.recorder)
+        self.add_queue(DELAY_QUEUE)
 
         identity = MetadataIdentity(project, self.project_number, region, worker_email)
         run_api = RunApiContext(
@@ -122,6 +129,7 @@ class LocalCloud:
                 googleapis_port,
             ),
             "run_api": _Listener(lambda: build_run_api_app(run_api), run_api_port),
+            "tasks": _Listener(self.tasks.build_app, tasks_port),
         }
         self._lock = threading.Lock()
         self._services: dict[str, LocalService] = {}
@@ -167,6 +175,7 @@ class LocalCloud:
         self.stop()
 
     async def _up_all(self) -> None:
+        await self.tasks.start()
         for name, listener in self._listeners.items():
             if name not in self._down:
                 await listener.up()
@@ -175,6 +184,7 @@ class LocalCloud:
                 await listener.up()
 
     async def _down_all(self) -> None:
+        await self.tasks.stop()
         for listener in [*self._listeners.values(), *self._service_listeners.values()]:
             await listener.down()
 
@@ -257,6 +267,19 @@ class LocalCloud:
     def _service_list(self) -> list[LocalService]:
         with self._lock:
             return list(self._services.values())
+
+    # -- Cloud Tasks -------------------------------------------------------------
+
+    def add_queue(self, queue_id: str, *, region: str | None = None, **retry: Any) -> Any:
+        """Create a Cloud Tasks queue; as `worker setup` grants it, the worker may create,
+        read and delete its tasks, and name itself as the tasks' OAuth account (actAs).
+        `retry`: max_attempts, min_backoff_s, max_backoff_s, max_doublings."""
+        queue = self.tasks.add_queue(queue_id, region or self.region, **retry)
+        worker = member_for(self.worker_email)
+        for role in ("roles/cloudtasks.enqueuer", "roles/cloudtasks.viewer", "roles/cloudtasks.taskDeleter"):
+            self.iam.grant(worker, role, queue_resource(queue_id))
+        self.iam.grant(worker, "roles/iam.serviceAccountUser", f"serviceAccount:{self.worker_email}")
+        return queue
 
     # -- Cloud Run jobs --------------------------------------------------------
 
@@ -416,6 +439,7 @@ class LocalCloud:
             "GCE_METADATA_IP": self.metadata_host,
             "WORKER_RUN_API_ENDPOINT": self.run_api_endpoint,
             "WORKER_IAM_API_ENDPOINT": self.iam_endpoint,
+            "WORKER_TASKS_API_ENDPOINT": self.tasks_api_endpoint,
             "GOOGLE_CLOUD_PROJECT": self.project,
             "WORKER_REGION": self.region,
             "WORKER_LOCAL_CLOUD": "1",

@@ -65,6 +65,24 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
 ROLE_PERMISSIONS["roles/run.developer"] = frozenset().union(*ROLE_PERMISSIONS.values())
 ROLE_PERMISSIONS["roles/run.admin"] = ROLE_PERMISSIONS["roles/run.developer"]
 
+# Cloud Tasks (localcloud/tasks.py): queues are "cloudtasks.queue:ID", service accounts
+# "serviceAccount:EMAIL" (a task naming an account needs actAs on it).
+_TASKS_READ = frozenset(
+    {"cloudtasks.queues.get", "cloudtasks.queues.list", "cloudtasks.tasks.get", "cloudtasks.tasks.list"}
+)
+ROLE_PERMISSIONS.update(
+    {
+        "roles/cloudtasks.enqueuer": frozenset({"cloudtasks.tasks.create"}),
+        "roles/cloudtasks.viewer": _TASKS_READ,
+        "roles/cloudtasks.taskDeleter": frozenset({"cloudtasks.tasks.delete"}),
+        "roles/cloudtasks.queueAdmin": _TASKS_READ | {"cloudtasks.queues.create", "cloudtasks.queues.update"},
+        "roles/cloudtasks.admin": _TASKS_READ
+        | {"cloudtasks.queues.create", "cloudtasks.queues.update"}
+        | {"cloudtasks.tasks.create", "cloudtasks.tasks.delete"},
+        "roles/iam.serviceAccountUser": frozenset({"iam.serviceAccounts.actAs"}),
+    }
+)
+
 
 def has_permission(iam: IamPolicy, member: str, permission: str, resource: str) -> bool:
     return any(
