@@ -277,7 +277,7 @@ def test_doctor_403_story_names_the_invoker_binding_that_fixes_it(ops: dict[str,
             f"--project=local-project --member=serviceAccount:{WORKER_SA} --role=roles/run.invoker"
         )
         assert fix in done.stdout
-        assert "The identity chain is broken at: HTTPS call." in done.stdout
+        assert "The identity chain is broken at: HTTP call." in done.stdout  # the local cloud: http
         # Doing what the fix says mends the chain.
         cloud.iam.grant(member_for(WORKER_SA), RUN_INVOKER, f"run.service:{locked.name}")
         assert worker_cli(env, "doctor", locked.name).returncode == 0

@@ -258,6 +258,8 @@ async def _call(
     # GET, not the kind's method: a probe must not run the function's work. Cloud
     # Run checks the token before the request reaches the function either way.
     target = url.rstrip("/") + "/"
+    # The local cloud's services are plain http on loopback: say what was called.
+    label = "HTTPS call" if target.startswith("https://") else "HTTP call"
     try:
         async with session.get(
             target,
@@ -267,12 +269,12 @@ async def _call(
         ) as response:
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return Check("HTTPS call", False, f"GET {target} did not answer", [f"{type(exc).__name__}: {exc}"])
+        return Check(label, False, f"GET {target} did not answer", [f"{type(exc).__name__}: {exc}"])
     where = {"region": region, "project": settings.project}
     if status == 401:
         if audience and audience != url:
             return Check(
-                "HTTPS call",
+                label,
                 False,
                 f"GET {target} -> 401 Unauthorized: the token's audience is wrong",
                 [
@@ -284,14 +286,14 @@ async def _call(
                 [gcloud("run", "services", "update", service, **where, add_custom_audiences=audience)],
             )
         return Check(
-            "HTTPS call",
+            label,
             False,
             f"GET {target} -> 401 Unauthorized: the service did not accept the token",
             [STORY_401, "The token was minted for the service URL: is it expired, or not Google-signed?"],
         )
     if status == 403:
         return Check(
-            "HTTPS call",
+            label,
             False,
             f"GET {target} -> 403 Forbidden: {principal.email} may not invoke {service}",
             [f"the token is valid, but {_member(principal)} lacks roles/run.invoker on {service}."],
@@ -305,13 +307,13 @@ async def _call(
         )
     if status >= 500:
         return Check(
-            "HTTPS call",
+            label,
             False,
             f"GET {target} -> {status}: the token was accepted, but the service failed",
             ["look at the service's logs: " + gcloud("run", "services", "logs", "read", service, **where)],
         )
     return Check(
-        "HTTPS call",
+        label,
         True,
         f"GET {target} -> {status}: the service accepted the token"
         + ("" if status < 300 else " (the function's own answer to an empty GET)"),
