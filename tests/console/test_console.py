@@ -361,3 +361,155 @@ def test_an_admin_api_refusal_names_the_role() -> None:
     assert shown["message"].startswith(
         "projects/p/locations/europe-west1/jobs/rescore-job: the Admin API refused"
     )
+
+
+# -- scheduled jobs: `worker scheduled` and `worker cancel`'s path, on the local Cloud Tasks
+
+
+def scheduled_console(cloud: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Backend, FakePublisher, Any]:
+    """The backend wired as `worker console` wires it; only the results publisher is a fake."""
+    from functools import partial
+
+    from worker.cli import later
+    from worker.cli.console import cancel_scheduled_job, list_scheduled
+    from worker.gcp.delay import TaskDeferrer, queue_path
+    from worker.runtime.app import access_credentials, tasks_client
+
+    settings = load_settings()
+    publisher = FakePublisher()
+    monkeypatch.setattr(later, "operator_clients", lambda _: (publisher, None))
+    made, _, _ = backend([])
+    made._scheduled = partial(list_scheduled, settings)
+    made._cancel_scheduled = partial(cancel_scheduled_job, settings)
+    timer = TaskDeferrer(
+        tasks_client(settings, access_credentials(settings)),
+        queue_path(settings.project, settings.region, settings.delay_queue),
+        f"projects/{settings.project}/topics/{settings.jobs_topic}",
+        service_account=cloud.worker_email,
+        pubsub_endpoint="http://127.0.0.1:9",  # never reached: every task is hours ahead
+    )
+    return made, publisher, timer
+
+
+def schedule(timer: Any, job_id: str, kind: str, due: datetime) -> str:
+    import asyncio
+
+    from worker.core.messages import decode_job
+    from worker.core.shapes import Delivery
+
+    body = {"job_id": job_id, "kind": kind, "payload": {}, "not_before": due.isoformat()}
+    d = Delivery(data=json.dumps(body).encode(), attributes={"job_id": job_id})
+    return asyncio.run(timer.defer(decode_job(d.data, d.attributes, max_bytes=10_000), d, due))
+
+
+def test_scheduled_jobs_page_and_cancel_one_as_worker_cancel_does(
+    local_cloud: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    made, publisher, timer = scheduled_console(local_cloud, monkeypatch)
+    kind = f"<b>later</b>-{uuid.uuid4().hex[:6]}"  # a kind is free text: the page puts it in as text
+    soon = datetime.now(UTC) + timedelta(hours=2)
+    ids = [f"j{i}:{uuid.uuid4().hex[:6]}" for i in range(3)]
+    tasks = [schedule(timer, job_id, kind, soon + timedelta(minutes=i)) for i, job_id in enumerate(ids)]
+
+    first = made.scheduled(kind=kind, limit=2)
+    assert (first["matching"], first["offset"]) == (3, 0)
+    assert [(j["job_id"], j["kind"], j["task"]) for j in first["jobs"]] == list(
+        zip(ids[:2], [kind] * 2, tasks[:2], strict=True)
+    )  # soonest first
+    assert first["jobs"][0]["not_before"] == soon.isoformat()
+    assert first["jobs"][0]["short"] == tasks[0].rsplit("/", 1)[1]
+    second = made.scheduled(kind=kind, offset=2, limit=2)
+    assert [j["job_id"] for j in second["jobs"]] == ids[2:]
+
+    # The wrong kind deletes nothing: the confirmation named job X of kind K.
+    wrong = made.cancel_scheduled(ids[0], "other-kind")
+    assert not wrong["ok"] and wrong["message"].startswith(f"job {ids[0]} is not scheduled (no task for it")
+    assert publisher.published == []
+
+    done = made.cancel_scheduled(ids[0], kind)
+    assert done["ok"], done["message"]
+    assert done["message"] == (
+        f"cancelled job {ids[0]} before its not_before ({soon}): deleted {tasks[0]}; "
+        "published its `cancelled` result"
+    )
+    assert ids[0] not in [j["job_id"] for j in done["jobs"]]
+    assert [j["job_id"] for j in made.scheduled(kind=kind)["jobs"]] == ids[1:]
+    ((topic, data, attrs),) = publisher.published
+    result = Result.model_validate_json(data)
+    assert topic.endswith("/topics/" + made.settings.results_topic)
+    assert (result.job_id, result.kind, result.status) == (ids[0], kind, JobStatus.CANCELLED)
+    assert result.error is not None and result.error.code == "scheduled_cancelled"
+    assert result.task == tasks[0] and attrs["job_id"] == ids[0]
+
+    again = made.cancel_scheduled(ids[0], kind)
+    assert not again["ok"] and "it ran already, was cancelled, or had no not_before" in again["message"]
+    for job_id in ids[1:]:
+        assert made.cancel_scheduled(job_id, kind)["ok"]
+    assert made.scheduled(kind=kind)["matching"] == 0
+
+
+def test_cloud_tasks_away_or_refusing_reads_as_the_clis_sentence(
+    local_cloud: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made, publisher, _ = scheduled_console(local_cloud, monkeypatch)
+    from worker.cli import later
+
+    def refused(_: Any) -> Any:
+        class Refusing:
+            def list_tasks(self, **_: Any) -> Any:
+                raise exceptions.Forbidden("caller lacks cloudtasks.tasks.list")
+
+            delete_task = list_tasks
+
+        return "projects/p/locations/r/queues/q", Refusing()
+
+    monkeypatch.setattr(later, "_queue_and_client", refused)
+    with pytest.raises(ConsoleError, match="listing needs roles/cloudtasks.viewer on the queue"):
+        made.scheduled()
+    failed = made.cancel_scheduled("a", "echo")
+    assert not failed["ok"] and failed["message"].startswith("Cloud Tasks refused on projects/p/")
+    assert "(the list was not refreshed: Cloud Tasks refused" in failed["message"]
+    assert publisher.published == []
+
+
+@run_async
+async def test_the_scheduled_api_needs_the_header_a_job_id_and_a_kind() -> None:
+    made, _, _ = backend([])
+    asked: list[tuple[str, str]] = []
+    made._scheduled = lambda: ("projects/p/locations/r/queues/q", [])
+    made._cancel_scheduled = lambda job_id, kind: (asked.append((job_id, kind)) or False, "the CLI's words")
+    client = await client_for(made)
+    try:
+        forged = await client.post("/api/scheduled/cancel", data=json.dumps({"job_id": "a", "kind": "echo"}))
+        assert forged.status == 403 and "X-Worker-Console" in (await forged.json())["error"]
+        no_kind = await client.post(
+            "/api/scheduled/cancel", json={"job_id": "a"}, headers={"X-Worker-Console": "1"}
+        )
+        assert no_kind.status == 400 and "job id and kind" in (await no_kind.json())["error"]
+        bad = await client.get("/api/scheduled?offset=x")
+        assert bad.status == 400
+        assert asked == []
+        said = await client.post(
+            "/api/scheduled/cancel", json={"job_id": "a", "kind": "echo"}, headers={"X-Worker-Console": "1"}
+        )
+        body = await said.json()
+        assert (asked, body["ok"], body["message"], body["jobs"]) == (
+            [("a", "echo")],
+            False,
+            "the CLI's words",
+            [],
+        )
+        unwired = Backend(
+            made.settings,
+            FakePublisher(),
+            FakeSubscriber([]),
+            explain=lambda e: None,
+            check_kind=lambda k: None,
+            parse_duration=float,
+        )
+        with pytest.raises(ConsoleError, match="start the console with `worker console`"):
+            unwired.scheduled()
+    finally:
+        await client.close()

@@ -79,6 +79,32 @@ def cancel_with_the_cli(job_id: str, timeout_s: float = 30) -> tuple[bool, str]:
     return done.returncode == 0, said or f"`worker cancel {job_id}` exited {done.returncode}"
 
 
+def list_scheduled(settings: Settings) -> tuple[str, list[dict[str, object]]]:
+    """`worker scheduled --json`'s rows (worker/cli/later.py), its failure in its words."""
+    from worker.cli.later import scheduled_rows
+    from worker.console.backend import ConsoleError
+
+    try:
+        return scheduled_rows(settings, None)
+    except CommandError as error:
+        raise ConsoleError(error.format_message()) from None
+
+
+def cancel_scheduled_job(settings: Settings, job_id: str, kind: str) -> tuple[bool, str]:
+    """`worker cancel JOB_ID --kind KIND` for a scheduled job, on its code path: its task
+    deleted, its `cancelled` result published, the CLI's sentences back. Unlike the CLI it
+    never goes on to a running execution: the page's confirmation named a scheduled job."""
+    from worker.cli.later import delete_scheduled, not_scheduled, publish_cancelled
+
+    try:
+        queue, cancelled = delete_scheduled(settings, job_id, kind)
+        if not cancelled:
+            return False, not_scheduled(job_id, queue)
+        return True, "\n".join(publish_cancelled(settings, job_id, cancelled))
+    except CommandError as error:
+        return False, error.format_message()
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -92,7 +118,8 @@ def cancel_with_the_cli(job_id: str, timeout_s: float = 30) -> tuple[bool, str]:
 )
 @exits_with_code
 def console(host: str, port: int, allow_remote: bool) -> int:
-    """Serve the operators' console: dead letters and replay, instances and pause, live results, batches."""
+    """Serve the operators' console: dead letters and replay, instances and pause, live results, batches,
+    scheduled jobs and executions."""
     if not is_loopback(host) and not allow_remote:
         raise CommandError(
             f"--host {host} is not a loopback address: the console has no login of its own, so anyone "
@@ -131,6 +158,8 @@ def console(host: str, port: int, allow_remote: bool) -> int:
         ],
         executions_client=lambda: run_client(settings, access_credentials(settings), "ExecutionsClient"),
         cancel=cancel_with_the_cli,
+        scheduled=partial(list_scheduled, settings),
+        cancel_scheduled=partial(cancel_scheduled_job, settings),
         explain_run=explain_admin_api,
         operator=os.environ.get("USER", ""),
     )

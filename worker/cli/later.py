@@ -4,6 +4,7 @@ for their `not_before`; `worker cancel` (worker/cli/jobs.py) deletes one's task 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -45,54 +46,70 @@ def _tasks_failure(exc: Exception, queue: str) -> CommandError:
     return CommandError(f"Cloud Tasks did not answer ({type(exc).__name__}: {str(exc)[:200]}); try again")
 
 
-def cancel_if_scheduled(settings: Settings, job_id: str, kind: str | None, *, quiet_failure: bool) -> bool:
-    """Delete `job_id`'s task and publish its `cancelled` result; False if it has none.
-    With `quiet_failure` (there are executions to look at next) a Cloud Tasks failure is
-    printed and passed over, else it is the command's error."""
-    from worker.ops.cancel import cancel_scheduled, scheduled_cancelled_result
+def not_scheduled(job_id: str, queue: str) -> str:
+    return (
+        f"job {job_id} is not scheduled (no task for it in {queue}: it ran already, was cancelled, "
+        "or had no not_before)"
+    )
+
+
+def delete_scheduled(settings: Settings, job_id: str, kind: str | None) -> tuple[str, list[tuple[Any, Any]]]:
+    """Delete `job_id`'s task(s) (only `kind`'s, with a kind): the queue and (task, job) of
+    each deleted. A Cloud Tasks failure is a CommandError naming cause and fix."""
+    from worker.ops.cancel import cancel_scheduled
 
     queue, client = _queue_and_client(settings)
     try:
-        cancelled = cancel_scheduled(client, queue, job_id)
+        return queue, cancel_scheduled(client, queue, job_id, kind)
     except Exception as exc:
-        failure = _tasks_failure(exc, queue)
-        if not quiet_failure:
-            raise failure from None
-        click.echo(f"worker: could not look for a scheduled task: {failure.message}", err=True)
-        return False
-    cancelled = [(task, job) for task, job in cancelled if kind in (None, job.kind)]
-    if not cancelled:
-        if quiet_failure:
-            return False
-        raise CommandError(
-            f"job {job_id} is not scheduled (no task for it in {queue}: it ran already, was cancelled, "
-            "or had no not_before) and the catalog has no run_job kind whose execution could be cancelled"
-        )
+        raise _tasks_failure(exc, queue) from None
+
+
+def publish_cancelled(settings: Settings, job_id: str, cancelled: list[tuple[Any, Any]]) -> Iterator[str]:
+    """Publish the `cancelled` result of each deleted task; the sentence `worker cancel`
+    prints for each, once it is published (the console shows the same)."""
+    from worker.ops.cancel import scheduled_cancelled_result
+
     publisher, _ = operator_clients(settings)
     topic = publisher.topic_path(settings.project, settings.results_topic)
     with google_errors(settings):
         for task, job in cancelled:
             result = scheduled_cancelled_result(job, task)
             publisher.publish(topic, result.to_bytes(), **result.attributes()).result(timeout=60)
-            click.echo(
+            yield (
                 f"cancelled job {job_id} before its not_before ({job.not_before}): deleted {task.name}; "
                 "published its `cancelled` result"
             )
+
+
+def cancel_if_scheduled(settings: Settings, job_id: str, kind: str | None, *, quiet_failure: bool) -> bool:
+    """Delete `job_id`'s task and publish its `cancelled` result; False if it has none.
+    With `quiet_failure` (there are executions to look at next) a Cloud Tasks failure is
+    printed and passed over, else it is the command's error."""
+    try:
+        queue, cancelled = delete_scheduled(settings, job_id, kind)
+    except CommandError as failure:
+        if not quiet_failure:
+            raise
+        click.echo(f"worker: could not look for a scheduled task: {failure.message}", err=True)
+        return False
+    if not cancelled:
+        if quiet_failure:
+            return False
+        raise CommandError(
+            f"{not_scheduled(job_id, queue)} and the catalog has no run_job kind whose execution could "
+            "be cancelled"
+        )
+    for said in publish_cancelled(settings, job_id, cancelled):
+        click.echo(said)
     return True
 
 
-@click.command()
-@click.option("--kind", help="Only jobs of this kind.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=1000, show_default=True, help="At most this many."
-)
-@exits_with_code
-def scheduled(kind: str | None, as_json: bool, limit: int) -> int:
-    """List the jobs waiting on Cloud Tasks for their not_before, soonest first."""
+def scheduled_rows(settings: Settings, kind: str | None) -> tuple[str, list[dict[str, Any]]]:
+    """The queue and its scheduled jobs (only `kind`'s, with a kind), soonest first, as
+    `worker scheduled --json` prints them; a Cloud Tasks failure is a CommandError."""
     from worker.gcp.delay import scheduled_tasks
 
-    settings = load_settings_or_fail()
     queue, client = _queue_and_client(settings)
     rows = []
     try:
@@ -112,6 +129,20 @@ def scheduled(kind: str | None, as_json: bool, limit: int) -> int:
     except Exception as exc:
         raise _tasks_failure(exc, queue) from None
     rows.sort(key=lambda r: r["publish_at"])
+    return queue, rows
+
+
+@click.command()
+@click.option("--kind", help="Only jobs of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=1000, show_default=True, help="At most this many."
+)
+@exits_with_code
+def scheduled(kind: str | None, as_json: bool, limit: int) -> int:
+    """List the jobs waiting on Cloud Tasks for their not_before, soonest first."""
+    settings = load_settings_or_fail()
+    queue, rows = scheduled_rows(settings, kind)
     rows = rows[:limit]
     if as_json:
         for row in rows:

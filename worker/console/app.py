@@ -148,6 +148,25 @@ def make_app(backend: Backend, *, check_host: bool = True) -> web.Application:
             return _error("cancel needs the job id of a running execution", 400)
         return await call(backend.cancel, job_id)
 
+    async def scheduled(request: web.Request) -> web.Response:
+        try:
+            offset = int(request.query.get("offset", "0"))
+        except ValueError:
+            return _error("offset must be a whole number", 400)
+        return await call(backend.scheduled, offset=offset, kind=request.query.get("kind") or None)
+
+    async def cancel_scheduled(request: web.Request) -> web.Response:
+        body = await _body(request)
+        job_id, kind = _text(body, "job_id"), _text(body, "kind")
+        if not job_id or not kind:
+            return _error(
+                "cancelling a scheduled job needs its job id and kind: use its row's Cancel button", 400
+            )
+        offset = body.get("offset", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            return _error("offset must be a whole number", 400)
+        return await call(backend.cancel_scheduled, job_id, kind, offset=offset)
+
     async def kinds(_: web.Request) -> web.Response:
         return _json({"kinds": backend.kinds, "project": backend.settings.project})
 
@@ -166,6 +185,8 @@ def make_app(backend: Backend, *, check_host: bool = True) -> web.Application:
     app.router.add_get("/api/batches", batches)
     app.router.add_get("/api/executions", executions)
     app.router.add_post("/api/cancel", cancel)
+    app.router.add_get("/api/scheduled", scheduled)
+    app.router.add_post("/api/scheduled/cancel", cancel_scheduled)
 
     async def live(app: web.Application) -> Any:
         await asyncio.to_thread(backend.start_live)

@@ -6,6 +6,8 @@
   by kind and reason, and replay is capped at the count the dry run showed.
 - instances: `status` questions on the control channel (`worker.gcp.control`), and
   pause/resume orders, each followed by a question so every instance's answer shows.
+- scheduled jobs: `worker scheduled`'s list of the jobs waiting on Cloud Tasks for their
+  not_before, paged; Cancel is `worker cancel`'s path for a scheduled job (worker/cli/later.py).
 - live results: a subscription of the console's own to the results topic, made at
   start with the control channel's expiration policy (gone a day after the console
   is) and deleted at a clean stop; what it hears is kept in bounded memory.
@@ -265,6 +267,8 @@ class Backend:
         executions_client: Callable[[], Any] | None = None,
         cancel: Callable[[str], tuple[bool, str]] | None = None,
         explain_run: Explain | None = None,
+        scheduled: Callable[[], tuple[str, list[dict[str, Any]]]] | None = None,
+        cancel_scheduled: Callable[[str, str], tuple[bool, str]] | None = None,
         status_wait_s: float = 2.0,
         operator: str = "",
     ) -> None:
@@ -274,6 +278,13 @@ class Backend:
         self._executions_client = executions_client or _no_client
         self._cancel = cancel or (lambda job_id: (False, "cancelling is not wired in this console"))
         self._explain_run = explain_run or (lambda exc: None)
+        self._scheduled = scheduled or _no_tasks
+        self._cancel_scheduled = cancel_scheduled or (
+            lambda job_id, kind: (
+                False,
+                "cancelling is not wired in this console: start it with `worker console`",
+            )
+        )
         self._publisher = publisher
         self._subscriber = subscriber
         self._explain = explain
@@ -519,6 +530,33 @@ class Backend:
         ok, said = self._cancel(job_id)
         return {"ok": ok, "message": said, "executions": self.executions()["executions"]}
 
+    # -- jobs waiting on Cloud Tasks for their not_before
+
+    def scheduled(
+        self, *, offset: int = 0, kind: str | None = None, limit: int = PAGE_SIZE
+    ) -> dict[str, Any]:
+        """A page of `worker scheduled`'s list, soonest first; listed afresh each time."""
+        queue, rows = self._scheduled()
+        chosen = [r for r in rows if kind is None or r["kind"] == kind]
+        offset = max(0, min(offset, len(chosen)))
+        return {
+            "queue": queue,
+            "total": len(rows),
+            "matching": len(chosen),
+            "offset": offset,
+            "limit": limit,
+            "jobs": [{**r, "short": r["task"].rsplit("/", 1)[-1]} for r in chosen[offset : offset + limit]],
+        }
+
+    def cancel_scheduled(self, job_id: str, kind: str, *, offset: int = 0) -> dict[str, Any]:
+        """`worker cancel JOB_ID --kind KIND` for a scheduled job, its own words back, and the list again."""
+        ok, said = self._cancel_scheduled(job_id, kind)
+        shown = {"ok": ok, "message": said, "job_id": job_id}
+        try:
+            return {**shown, **self.scheduled(offset=offset)}
+        except ConsoleError as exc:
+            return {**shown, "message": f"{said} (the list was not refreshed: {exc})"}
+
     # -- live results
 
     def start_live(self) -> None:
@@ -572,6 +610,10 @@ class Backend:
 
 def _no_client() -> Any:
     raise ConsoleError("no Cloud Run Admin API client: start the console with `worker console`")
+
+
+def _no_tasks() -> tuple[str, list[dict[str, Any]]]:
+    raise ConsoleError("no Cloud Tasks client: start the console with `worker console`")
 
 
 def _instance(reply: dict[str, Any]) -> dict[str, Any]:

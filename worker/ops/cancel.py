@@ -122,18 +122,22 @@ def cancelled_result(job_id: str, kind: JobKind, execution: Any) -> Result:
 # -- jobs put off to their not_before (worker/gcp/delay.py) ----------------------------
 
 
-def cancel_scheduled(tasks_client: Any, queue: str, job_id: str) -> list[tuple[Any, Job]]:
-    """Delete the Cloud Tasks task(s) that would publish `job_id` again; (task, job) of each
-    deleted. A task that ran (or was deleted) in the meantime is not counted."""
+def cancel_scheduled(
+    tasks_client: Any, queue: str, job_id: str, kind: str | None = None
+) -> list[tuple[Any, Job]]:
+    """Delete the Cloud Tasks task(s) that would publish `job_id` again (only `kind`'s, with
+    a kind: another kind's task is left alone); (task, job) of each deleted. A task that ran
+    (or was deleted) in the meantime is not counted."""
     cancelled = []
     for task in find_job_tasks(tasks_client, queue, job_id):
+        job, _ = job_of(task)
+        if job is None or kind not in (None, job.kind):
+            continue
         try:
             tasks_client.delete_task(name=task.name, timeout=_API_TIMEOUT_S)
         except exceptions.NotFound:
             continue  # dispatched meanwhile: the job runs, its result says so
-        job, _ = job_of(task)
-        if job is not None:
-            cancelled.append((task, job))
+        cancelled.append((task, job))
     return cancelled
 
 

@@ -381,6 +381,74 @@ async function loadBatches() {
 
 refreshers.batches = { once: loadBatches, every: loadBatches };
 
+// ---- jobs waiting on Cloud Tasks for their not_before
+
+const sc = { offset: 0, limit: 100, watching: [] };
+
+async function loadScheduled() {
+  let data;
+  try {
+    data = await api("/api/scheduled?" + new URLSearchParams({ offset: String(sc.offset) }));
+  } catch (err) {
+    $("sc-summary").textContent = "Could not list the scheduled jobs.";
+    flash(err.message, true);
+    return;
+  }
+  renderScheduled(data);
+}
+
+function renderScheduled(data) {
+  sc.offset = data.offset;
+  sc.limit = data.limit;
+  $("sc-summary").textContent = `${data.total} scheduled job(s) in ${data.queue}, soonest first.`;
+  $("sc-summary").dataset.total = String(data.total);
+  const last = Math.min(data.offset + data.jobs.length, data.matching);
+  $("sc-page").textContent = data.matching ? `${data.offset + 1}-${last} of ${data.matching}` : "none";
+  $("sc-prev").disabled = data.offset === 0;
+  $("sc-next").disabled = last >= data.matching;
+  fill($("sc-rows"), ...data.jobs.map((j) => el("tr", { "data-testid": "sc-row", "data-job-id": j.job_id, "data-kind": j.kind },
+    el("td", {}, j.job_id), el("td", {}, j.kind), el("td", {}, when(j.not_before)), el("td", {}, when(j.publish_at)),
+    el("td", { title: j.task }, j.short), el("td", { class: "n" }, j.times_put_off),
+    el("td", {}, el("button", { "data-testid": "sc-cancel", onclick: () => cancelScheduled(j) }, "Cancel…")))));
+  if (!data.jobs.length) fill($("sc-rows"), el("tr", {}, el("td", { colspan: 7 }, "No job is waiting for its not_before.")));
+}
+
+async function cancelScheduled(j) {
+  const scope = `cancel scheduled job ${j.job_id} of kind ${j.kind}`;
+  if (!(await confirmAction(`${capitalise(scope)}? Its Cloud Tasks task ${j.short} is deleted before ${when(j.not_before)}, so it never runs; its result is recorded as cancelled.`, capitalise(scope)))) {
+    flash("cancelled: nothing sent.", false);
+    return;
+  }
+  flash(`cancelling scheduled job ${j.job_id}…`, false);
+  try {
+    const done = await api("/api/scheduled/cancel", { job_id: j.job_id, kind: j.kind, offset: sc.offset });
+    flash(done.message, !done.ok);
+    if (done.ok && !sc.watching.includes(j.job_id)) sc.watching.unshift(j.job_id);
+    if (done.jobs) renderScheduled(done);
+    watchCancelled();
+  } catch (err) {
+    flash(err.message, true);
+  }
+}
+
+async function watchCancelled() {
+  if (!sc.watching.length) return;
+  $("sc-watch").hidden = false;
+  const rows = await Promise.all(sc.watching.map(async (id) => {
+    try {
+      return await api("/api/jobs/" + encodeURIComponent(id));
+    } catch (err) {
+      return { job_id: id, result: null, message: err.message };
+    }
+  }));
+  fill($("sc-watch-rows"), ...rows.map((r) => el("tr", { "data-testid": "sc-watched", "data-job-id": r.job_id, "data-status": r.result ? r.result.status : "waiting" },
+    el("td", {}, r.job_id),
+    el("td", { class: r.result ? r.result.status : "" }, r.result ? r.result.status : "waiting for its result…"),
+    el("td", {}, r.result ? r.result.error || "" : ""))));
+}
+
+refreshers.scheduled = { once: loadScheduled, every: watchCancelled };
+
 // ---- Cloud Run job executions
 
 async function loadExecutions() {
@@ -435,6 +503,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("dl-detail-close").addEventListener("click", () => { $("dl-detail").hidden = true; });
   $("in-refresh").addEventListener("click", loadInstances);
   $("ex-refresh").addEventListener("click", loadExecutions);
+  $("sc-refresh").addEventListener("click", loadScheduled);
+  $("sc-prev").addEventListener("click", () => { sc.offset = Math.max(0, sc.offset - sc.limit); loadScheduled(); });
+  $("sc-next").addEventListener("click", () => { sc.offset += sc.limit; loadScheduled(); });
   $("in-pause").addEventListener("click", () => order(true));
   $("in-resume").addEventListener("click", () => order(false));
   $("rs-lookup").addEventListener("submit", findJob);
