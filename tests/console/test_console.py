@@ -466,7 +466,7 @@ def test_cloud_tasks_away_or_refusing_reads_as_the_clis_sentence(
         return "projects/p/locations/r/queues/q", Refusing()
 
     monkeypatch.setattr(later, "_queue_and_client", refused)
-    with pytest.raises(ConsoleError, match="listing needs roles/cloudtasks.viewer on the queue"):
+    with pytest.raises(ConsoleError, match=r"listing needs roles/cloudtasks\.viewer on the queue"):
         made.scheduled()
     failed = made.cancel_scheduled("a", "echo")
     assert not failed["ok"] and failed["message"].startswith("Cloud Tasks refused on projects/p/")
