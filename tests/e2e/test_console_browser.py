@@ -409,3 +409,80 @@ def test_ten_thousand_dead_letters_page_in_under_two_seconds(stack: dict[str, An
         page.goto(stack["console"].url + "/")
         page.locator("[data-testid=dl-row]").first.wait_for()
         page.screenshot(path=screenshot)
+
+
+def test_a_scheduled_job_is_cancelled_from_the_page_and_the_other_still_waits(
+    stack: dict[str, Any], browser: Any
+) -> None:
+    from datetime import timedelta
+    from unittest import mock
+
+    from worker.client import enqueue
+    from worker.core.settings import load_settings
+
+    env = stack["env"]
+    keep, drop = f"keep-{uid()}", f"drop-{uid()}"
+    with WorkerProcess(env) as worker:
+        worker.wait_ready()
+        with mock.patch.dict(os.environ, env):
+            settings = load_settings()
+            for job_id, minutes in ((drop, 4), (keep, 5)):
+                enqueue("echo", {"n": 1}, job_id, settings=settings, not_before=timedelta(minutes=minutes))
+        page = browser.new_page(viewport={"width": 1280, "height": 600})
+        page.goto(stack["console"].url + "/#scheduled")
+        rows = {j: page.locator(f"[data-testid=sc-row][data-job-id='{j}']") for j in (keep, drop)}
+        deadline = time.monotonic() + 30  # the worker puts each off once it pulls it
+        while not (rows[keep].count() and rows[drop].count()):
+            assert time.monotonic() < deadline, page.locator("[data-testid=sc-summary]").inner_text()
+            page.click("[data-testid=sc-refresh]")
+            page.wait_for_timeout(700)
+        assert rows[drop].get_attribute("data-kind") == "echo"
+
+        # The confirmation states its scope; saying no changes nothing.
+        rows[drop].locator("[data-testid=sc-cancel]").click()
+        text = page.locator("[data-testid=confirm-text]").inner_text()
+        assert text.startswith(f"Cancel scheduled job {drop} of kind echo?"), text
+        page.click("[data-testid=confirm-no]")
+        assert page.locator("[data-testid=flash]").inner_text() == "cancelled: nothing sent."
+        page.click("[data-testid=sc-refresh]")
+        page.wait_for_timeout(500)
+        assert rows[drop].count() == 1
+
+        rows[drop].locator("[data-testid=sc-cancel]").click()
+        assert (
+            page.locator("[data-testid=confirm-yes]").inner_text()
+            == f"Cancel scheduled job {drop} of kind echo"
+        )
+        page.click("[data-testid=confirm-yes]")
+        flash = page.locator("[data-testid=flash]:has-text('published its')")
+        flash.wait_for(timeout=60_000)
+        said = flash.inner_text()
+        assert said.startswith(f"cancelled job {drop} before its not_before (") and said.endswith(
+            "; published its `cancelled` result"
+        ), said
+        assert page.locator("[data-testid=flash]").get_attribute("data-kind") == "ok"
+        assert rows[drop].count() == 0 and rows[keep].count() == 1  # the list came back with the answer
+        page.locator(f"[data-testid=sc-watched][data-job-id='{drop}'][data-status=cancelled]").wait_for(
+            timeout=30_000
+        )
+        page.click("[data-testid=tab-results]")
+        page.locator(f"[data-testid=rs-row][data-job-id='{drop}'][data-status=cancelled]").first.wait_for()
+
+        # Still scheduled for `worker scheduled` too; the cancelled one is not.
+        listed = worker_cli(env, "scheduled", "--kind", "echo", "--json")
+        assert listed.returncode == 0, listed.stderr
+        waiting = {json.loads(line)["job_id"] for line in listed.stdout.splitlines()}
+        assert keep in waiting and drop not in waiting
+
+        # Cancelling it again: the CLI's own sentence, as an error.
+        page.click("[data-testid=tab-scheduled]")
+        page.evaluate(
+            "fetch('/api/scheduled/cancel', {method: 'POST', headers: {'Content-Type': 'application/json', "
+            f"'X-Worker-Console': '1'}}, body: JSON.stringify({{job_id: '{drop}', kind: 'echo'}})}})"
+            ".then(r => r.json()).then(d => {{ window.again = d; }})"
+        )
+        page.wait_for_function("window.again !== undefined", timeout=60_000)
+        again = page.evaluate("window.again")
+        assert not again["ok"] and again["message"].startswith(f"job {drop} is not scheduled (no task for it")
+        worker_cli(env, "cancel", keep)
+        assert worker.stop() == 0
