@@ -110,6 +110,7 @@ def test_a_batch_delivered_twice_fans_out_to_each_source_account_once(stack: dic
         "expired": 0,
         "cancelled": 0,
         "running": 0,
+        "scheduled": 0,
         "outstanding": 0,
         "done": True,
     }
